@@ -1,1 +1,23 @@
+"""Preference losses in pure torch: AOT (paired, unpaired), DPO, IPO, surrogates and diagnostics.
 
+Start with ``preference_loss`` (``api.py``); the math is stated in ``aot.py`` (AOT),
+``transport.py`` (exact 1-D OT on the merged quantile grid), ``surrogates.py``, ``dpo.py``;
+``global_scope.py`` holds the whole-global-batch building blocks and ``metrics.py`` the
+diagnostics. This package never imports torch.distributed, megatron, nemo or TransformerEngine:
+cross-rank communication is passed in by the caller (see ``api.py``, "Sort scopes").
+"""
+
+from .aot import aot_paired_loss, aot_unpaired_loss, transport_inputs
+from .api import LOSSES, preference_loss
+from .dpo import dpo_loss, ipo_loss
+from .global_scope import GlobalSortPlan, matched_partner_loss, plan_global_sort
+from .metrics import QUANTILE_LEVELS, finalize_metrics, preference_metric_sums
+from .surrogates import SURROGATES, get_surrogate
+from .transport import dominance_violation, quantile_cells, transport_cost
+
+__all__ = [
+    "GlobalSortPlan", "LOSSES", "QUANTILE_LEVELS", "SURROGATES",
+    "aot_paired_loss", "aot_unpaired_loss", "dominance_violation", "dpo_loss", "finalize_metrics",
+    "get_surrogate", "ipo_loss", "matched_partner_loss", "plan_global_sort", "preference_loss",
+    "preference_metric_sums", "quantile_cells", "transport_cost", "transport_inputs",
+]

@@ -1,0 +1,156 @@
+"""``preference_loss``: one entry point for AOT (paired, unpaired), DPO and IPO.
+
+Sort scopes. The loss sorts whatever batch it is given; the caller picks that batch:
+
+* ``micro`` -- pass this rank's micro-batch, ``gather=None`` (TRL's behaviour).
+* ``data_parallel`` -- pass this rank's micro-batch and ``gather``, a callable that concatenates a
+  list of 1-D tensors across the data-parallel group along dim 0 *with autograd*, e.g.
+  ``functools.partial(nemo_aot.distributed.collectives.all_gather_list_with_grad, group=dp_group)``.
+  The four inputs are upcast, gathered in one call, and the loss is computed on the concatenated
+  (global) batch, so every rank returns the same loss value and the same metrics.
+
+  Caller contract (checked by tests/distributed/test_aot_gather.py): return this loss from the
+  megatron ``loss_func`` *unscaled*. The gather's backward sums the incoming gradients over the
+  group (the adjoint of all-gather), so each rank's parameters receive ``dp_size x`` their share
+  of ``dL/dtheta``; megatron-core DDP multiplies gradients by ``1/dp_size`` and sums them over
+  the DP group, which yields exactly ``dL/dtheta`` of the single-process loss on the concatenated
+  batch. Counts may differ per rank (a rank may hold zero rejected samples in the unpaired case).
+  Every rank must call the loss and its backward the same number of times, and the policy
+  log-probs must require grad on every rank or on none.
+* ``global`` -- see ``global_scope.py`` (a no-grad first pass, then matched-partner terms).
+
+Inputs must be finite; checking that costs one device-to-host sync per call, which
+``check_finite=False`` skips. Everything else is free of host syncs (no ``.item()``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Sequence
+
+import torch
+
+from .aot import aot_paired_loss, aot_unpaired_loss
+from .dpo import dpo_loss, ipo_loss
+from .metrics import preference_metric_sums
+from .surrogates import SMOOTHABLE, get_surrogate
+
+Gather = Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]
+ARG_NAMES = ("policy_chosen_logps", "policy_rejected_logps",
+             "reference_chosen_logps", "reference_rejected_logps")
+
+
+def _dpo(pc, pr, rc, rr, beta, surrogate, ls):
+    return dpo_loss(pc - rc, pr - rr, beta=beta, surrogate=surrogate, label_smoothing=ls)
+
+
+def _ipo(pc, pr, rc, rr, beta, surrogate, ls):
+    return ipo_loss(pc - rc, pr - rr, beta=beta)
+
+
+def _aot_paired(pc, pr, rc, rr, beta, surrogate, ls):
+    return aot_paired_loss(pc - pr, rc - rr, beta=beta, surrogate=surrogate, label_smoothing=ls)
+
+
+def _aot_unpaired(pc, pr, rc, rr, beta, surrogate, ls):
+    return aot_unpaired_loss(pc - rc, pr - rr, beta=beta, surrogate=surrogate, label_smoothing=ls)
+
+
+LOSSES = {"aot_paired": _aot_paired, "aot_unpaired": _aot_unpaired, "dpo": _dpo, "ipo": _ipo}
+# Loss types that need one rejected response per chosen one (index-aligned pairs).
+PAIRED = frozenset({"aot_paired", "dpo", "ipo"})
+
+
+def check_options(loss_type, beta, label_smoothing, surrogate) -> None:
+    """Raise ``ValueError`` naming the option for an unknown or out-of-range setting."""
+    if loss_type not in LOSSES:
+        raise ValueError(f"loss_type must be one of {sorted(LOSSES)}, got {loss_type!r}")
+    get_surrogate(surrogate)
+    if loss_type == "ipo" and surrogate != "logistic":
+        raise ValueError(f"surrogate does not apply to loss_type='ipo' (got {surrogate!r}); leave it at the default")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+    if label_smoothing and (loss_type == "ipo" or surrogate not in SMOOTHABLE):
+        raise ValueError(f"label_smoothing (cDPO) applies to the logistic surrogate only, not to "
+                         f"loss_type={loss_type!r} with surrogate={surrogate!r}")
+
+
+def _check_tensors(loss_type: str, tensors: Sequence[torch.Tensor]) -> None:
+    for name, t in zip(ARG_NAMES, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (one log-prob per sequence), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    pc, pr, rc, rr = tensors
+    partner = {1: 0, 2: 0, 3: 1} if loss_type in PAIRED else {2: 0, 3: 1}
+    for i, j in partner.items():
+        if tensors[i].shape[0] != tensors[j].shape[0]:
+            need = "pairs" if loss_type in PAIRED else "a reference log-prob per policy log-prob"
+            raise ValueError(f"{ARG_NAMES[i]} has {tensors[i].shape[0]} entries but {ARG_NAMES[j]} has "
+                             f"{tensors[j].shape[0]}; loss_type={loss_type!r} needs {need}")
+
+
+def _check_values(tensors: Sequence[torch.Tensor], check_finite: bool) -> None:
+    for name, t in zip(ARG_NAMES[:2], tensors[:2]):
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty (after gathering, if a gather was given)")
+    if check_finite and not bool(torch.isfinite(torch.cat([t.detach() for t in tensors])).all()):
+        bad = [n for n, t in zip(ARG_NAMES, tensors) if not bool(torch.isfinite(t.detach()).all())]
+        raise ValueError(f"{', '.join(bad)} contain NaN or Inf")
+
+
+def preference_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    *,
+    loss_type: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+    surrogate: str = "logistic",
+    gather: Gather | None = None,
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Preference loss on per-sequence log-probs (1-D, one entry per response).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps: summed (or length-averaged) response log-probs. Paired loss
+            types (``aot_paired``, ``dpo``, ``ipo``) need all four of one length; ``aot_unpaired``
+            takes n chosen and m rejected responses, n != m allowed.
+        loss_type: ``"aot_paired"`` (TRL ``"aot"``), ``"aot_unpaired"`` (TRL ``"aot_unpaired"``),
+            ``"dpo"`` (TRL ``"sigmoid"``) or ``"ipo"``.
+        beta: > 0; the logistic surrogate's scale, the margin of the other surrogates, IPO's tau.
+        label_smoothing: cDPO flip probability in [0, 0.5), logistic surrogate only.
+        surrogate: ``"logistic"``, ``"squared_hinge"``, ``"least_squares"`` or ``"hinge"``
+            (AOT and DPO; IPO has its own fixed form).
+        gather: ``None`` for the ``micro`` scope, or the ``data_parallel`` gather (module doc).
+        check_finite: raise on NaN/Inf inputs (one host sync).
+
+    Returns:
+        ``(loss, metric_sums)``: the scalar loss (fp32, or fp64 for fp64 inputs) and the additive
+        metric pieces of ``metrics.py`` (reduce by summing, then ``finalize_metrics``).
+    """
+    check_options(loss_type, beta, label_smoothing, surrogate)
+    tensors = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    _check_tensors(loss_type, tensors)
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    tensors = [t.to(dtype) for t in tensors]
+    if gather is not None:
+        tensors = list(gather(tensors))
+    _check_values(tensors, check_finite)
+    pc, pr, rc, rr = tensors
+    loss = LOSSES[loss_type](pc, pr, rc, rr, float(beta), surrogate, float(label_smoothing))
+    with torch.no_grad():
+        paired = loss_type in PAIRED or pc.shape[0] == pr.shape[0]
+        margins = dict(policy_margins=pc - pr, reference_margins=rc - rr) if loss_type in PAIRED else {}
+        metrics = preference_metric_sums(loss, pc - rc, pr - rr, beta=float(beta), paired=paired, **margins)
+    return loss, metrics
