@@ -1,0 +1,175 @@
+"""Preference record formats: parse a raw row into a validated, format-independent record.
+
+Formats (canonical field -> default column):
+  nemo_dpo       NeMo-Aligner DPO JSONL: prompt, chosen_response, rejected_response,
+                 optional chosen_reward, rejected_reward (numbers)
+  trl_paired     TRL: prompt, chosen, rejected
+  trl_unpaired   TRL unpaired (KTO-style): prompt, completion, label (boolean, true = desirable)
+  unpaired_files one positives file + one negatives file, each with prompt, completion
+                 (an optional label column must agree with the file it is in)
+Texts are plain strings or conversational: lists of ``{"role", "content"}`` messages. When any
+part of a record is conversational, plain-string parts are wrapped (prompt as a user turn,
+responses as an assistant turn), so ``prompt: [...], chosen: "42"`` is accepted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from nemo_aot.data.readers import RecordError
+
+Messages = tuple  # tuple of {"role": str, "content": str} dicts
+Text = Union[str, Messages]
+
+DEFAULT_COLUMNS = {
+    "nemo_dpo": {"prompt": "prompt", "chosen": "chosen_response", "rejected": "rejected_response",
+                 "chosen_reward": "chosen_reward", "rejected_reward": "rejected_reward"},
+    "trl_paired": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
+    "trl_unpaired": {"prompt": "prompt", "completion": "completion", "label": "label"},
+    "unpaired_files": {"prompt": "prompt", "completion": "completion", "label": "label"},
+}
+REQUIRED = {
+    "nemo_dpo": ("prompt", "chosen", "rejected"),
+    "trl_paired": ("prompt", "chosen", "rejected"),
+    "trl_unpaired": ("prompt", "completion", "label"),
+    "unpaired_files": ("prompt", "completion"),
+}
+DETECTION_ORDER = ("nemo_dpo", "trl_paired", "trl_unpaired")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A prompt with a preferred (chosen) and a dispreferred (rejected) response."""
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    location: str
+    chosen_reward: Optional[float] = None
+    rejected_reward: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class LabeledCompletion:
+    """A prompt with one response judged desirable (label True) or undesirable (False)."""
+
+    prompt: Text
+    completion: Text
+    label: bool
+    location: str
+
+
+Record = Union[PreferencePair, LabeledCompletion]
+
+
+def column_map(fmt: str, overrides: dict[str, str]) -> dict[str, str]:
+    """Canonical field -> column name for ``fmt`` after the user's ``data.columns`` renames."""
+    mapping = dict(DEFAULT_COLUMNS[fmt])
+    mapping.update({k: v for k, v in overrides.items() if k in mapping})
+    return mapping
+
+
+def detect_format(row: dict, overrides: dict[str, str], location: str) -> str:
+    """Pick the first format whose required columns are all present in ``row``."""
+    for fmt in DETECTION_ORDER:
+        mapping = column_map(fmt, overrides)
+        if all(mapping[f] in row for f in REQUIRED[fmt]):
+            return fmt
+    expected = "; ".join(f"{fmt}: {[column_map(fmt, overrides)[f] for f in REQUIRED[fmt]]}"
+                         for fmt in DETECTION_ORDER)
+    raise RecordError(location, f"cannot detect the format from keys {sorted(row)} (expected {expected})",
+                      "set data.format explicitly and map your column names with data.columns")
+
+
+def parse_record(fmt: str, row: dict, overrides: dict[str, str], roles: list[str], location: str,
+                 file_label: Optional[bool] = None) -> Record:
+    """Validate ``row`` as format ``fmt``; raise RecordError naming the location and the fix.
+
+    ``file_label`` is the label implied by the file for ``unpaired_files`` (True = positives).
+    """
+    mapping = column_map(fmt, overrides)
+    for name in REQUIRED[fmt]:
+        if mapping[name] not in row:
+            keys = [mapping[f] for f in REQUIRED[fmt]]
+            raise RecordError(location, f"missing key {mapping[name]!r} (format {fmt} needs {keys}; "
+                              f"found {sorted(row)})",
+                              f"add the key, or map your column with data.columns.{name}=<column>")
+    fields = {name: row.get(mapping[name]) for name in mapping}
+    conversational = any(isinstance(fields[n], (list, tuple)) for n in ("prompt", "chosen", "rejected", "completion"))
+    prompt = _text(fields["prompt"], mapping["prompt"], location, roles, conversational, "user")
+    if fmt in ("nemo_dpo", "trl_paired"):
+        return PreferencePair(
+            prompt=prompt,
+            chosen=_text(fields["chosen"], mapping["chosen"], location, ["assistant"], conversational, "assistant"),
+            rejected=_text(fields["rejected"], mapping["rejected"], location, ["assistant"], conversational,
+                           "assistant"),
+            location=location,
+            chosen_reward=_reward(fields.get("chosen_reward"), mapping.get("chosen_reward"), location),
+            rejected_reward=_reward(fields.get("rejected_reward"), mapping.get("rejected_reward"), location),
+        )
+    completion = _text(fields["completion"], mapping["completion"], location, ["assistant"], conversational,
+                       "assistant")
+    label = fields.get("label")
+    if fmt == "trl_unpaired" or label is not None:
+        label = _boolean(label, mapping["label"], location)
+    if file_label is not None:
+        if label is not None and label != file_label:
+            which = "positives" if file_label else "negatives"
+            raise RecordError(location, f"{mapping['label']!r} is {label} in the {which} file",
+                              "move the record to the other file, or drop the label column")
+        label = file_label
+    return LabeledCompletion(prompt=prompt, completion=completion, label=label, location=location)
+
+
+def _text(value, key: str, location: str, roles: list[str], conversational: bool, wrap_role: str) -> Text:
+    if value is None:
+        raise RecordError(location, f"{key!r} is null", f"give {key!r} a value or remove the record")
+    if isinstance(value, str):
+        if not value.strip():
+            raise RecordError(location, f"{key!r} is empty", f"give {key!r} text or remove the record")
+        return ({"role": wrap_role, "content": value},) if conversational else value
+    if isinstance(value, (list, tuple)):
+        return _messages(value, key, location, roles)
+    raise RecordError(location, f"{key!r} must be a string or a list of {{role, content}} messages, "
+                      f"got {type(value).__name__}", f"store {key!r} as text or as a message list")
+
+
+def _messages(value, key: str, location: str, roles: list[str]) -> Messages:
+    if not value:
+        raise RecordError(location, f"{key!r} is an empty message list", f"give {key!r} at least one message")
+    out = []
+    for i, message in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise RecordError(location, f"{where} must be an object with 'role' and 'content', got {message!r:.80}",
+                              "write each message as {\"role\": ..., \"content\": ...}")
+        role, content = message["role"], message["content"]
+        if role not in roles:
+            fix = ("responses hold only assistant messages; move other turns into the prompt"
+                   if roles == ["assistant"] else "use an allowed role, or extend data.message_roles")
+            raise RecordError(location, f"{where} has unknown role {role!r} (allowed here: {roles})", fix)
+        if not isinstance(content, str):
+            raise RecordError(location, f"{where}.content must be a string, got {type(content).__name__}",
+                              "flatten multi-part content into one string")
+        out.append({"role": role, "content": content})
+    if not any(m["content"].strip() for m in out):
+        raise RecordError(location, f"{key!r} has only empty messages", f"give {key!r} text or remove the record")
+    return tuple(out)
+
+
+def _reward(value, key: Optional[str], location: str) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RecordError(location, f"{key!r} must be a finite number, got {value!r:.40}",
+                          f"store {key!r} as a number, or leave it out")
+    return float(value)
+
+
+def _boolean(value, key: str, location: str) -> bool:
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy.bool_ from parquet/pandas
+        return bool(value)
+    raise RecordError(location, f"{key!r} must be a boolean (true = desirable, false = undesirable), "
+                      f"got {type(value).__name__} {value!r:.40}", f"write {key!r} as JSON true/false")

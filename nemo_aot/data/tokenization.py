@@ -1,0 +1,137 @@
+"""Prompt/response tokenization with an exact boundary.
+
+The prompt and each response are tokenized *separately* (``add_special_tokens=False``) and
+concatenated, so no token straddles the boundary and the label mask covers exactly the response
+tokens; the prompt ids are the ones the model is given at generation time.
+
+Conversational records go through the tokenizer's chat template: the prompt is rendered with
+``add_generation_prompt=True`` and the response text is what the template adds when the
+response follows (``render(prompt + response)`` minus the rendered prompt; a template for which
+the rendered prompt is not such a prefix is refused). Whitespace the template writes after the
+response's final EOS is trimmed (generation stops at EOS, so it is never sampled).
+
+Special tokens: the prompt starts with exactly one BOS when the template writes one, or, for
+plain text, when the tokenizer adds one by default or the text already starts with one;
+repeated leading BOS are collapsed. With ``add_eos`` each response ends with exactly one EOS.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from nemo_aot.data.config import resolve_path
+from nemo_aot.data.formats import Text
+from nemo_aot.data.readers import RecordError
+
+
+def load_tokenizer(path: str):
+    """Load a Hugging Face tokenizer from a local folder (``bundled:`` paths allowed), offline."""
+    resolved = resolve_path(path)
+    if not os.path.isdir(resolved):
+        raise ValueError(f"data.tokenizer_path {path!r} is not a folder. Fix: point it at a folder "
+                         f"holding tokenizer.json and tokenizer_config.json")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolved, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad folder
+        raise ValueError(f"data.tokenizer_path {path!r} could not be loaded ({type(e).__name__}: {e}). "
+                         f"Fix: save the tokenizer there with tokenizer.save_pretrained()") from e
+
+
+class PromptResponseTokenizer:
+    """Turns a prompt and its responses into token id arrays (int32) with an exact boundary."""
+
+    def __init__(self, tokenizer, apply_chat_template: str = "auto", add_eos: bool = True):
+        self.tokenizer = tokenizer
+        self.mode = apply_chat_template
+        self.add_eos = add_eos
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.eos_text = tokenizer.eos_token if self.eos_id is not None else None
+        pad = tokenizer.pad_token_id
+        # Padding positions are always masked, so any valid id will do when there is no pad token.
+        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+        self.plain_adds_bos = self.bos_id is not None and probe[:1] == [self.bos_id]
+
+    def render(self, prompt: Text, responses: Sequence[Text], location: str) -> tuple[str, list[str], bool]:
+        """Return ``(prompt_text, response_texts, templated)`` for one record."""
+        conversational = not isinstance(prompt, str)
+        if not conversational and self.mode != "always":
+            return prompt, list(responses), False
+        if conversational and self.mode == "never":
+            raise RecordError(location, "record is conversational but data.apply_chat_template is 'never'",
+                              "set data.apply_chat_template to auto, or store pre-rendered text")
+        if not self.has_template:
+            raise RecordError(location, "the tokenizer has no chat template to render messages with",
+                              "use a tokenizer with a chat_template, or set data.apply_chat_template=never "
+                              "with plain-text records")
+        messages = _as_messages(prompt, "user")
+        prompt_text = self._apply(messages, location, add_generation_prompt=True)
+        response_texts = []
+        for response in responses:
+            full = self._apply(messages + _as_messages(response, "assistant"), location, add_generation_prompt=False)
+            if not full.startswith(prompt_text):
+                raise RecordError(location, "the chat template renders the prompt differently once a response "
+                                  "follows (the rendered prompt is not a prefix of prompt + response)",
+                                  "use a prefix-consistent template, or pre-render the text and set "
+                                  "data.apply_chat_template=never")
+            text = full[len(prompt_text):]
+            if self.eos_text and text.rstrip().endswith(self.eos_text):
+                text = text.rstrip()
+            response_texts.append(text)
+        return prompt_text, response_texts, True
+
+    def encode(self, rendered: list[tuple[str, list[str], bool]]) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """Tokenize many rendered records at once (one batched call per side)."""
+        prompts = self._ids([r[0] for r in rendered])
+        responses = iter(self._ids([t for r in rendered for t in r[1]]))
+        out = []
+        for (_, texts, templated), prompt_ids in zip(rendered, prompts):
+            prompt = self._finish_prompt(prompt_ids, templated)
+            out.append((prompt, [self._finish_response(next(responses)) for _ in texts]))
+        return out
+
+    def _apply(self, messages: list[dict], location: str, add_generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # noqa: BLE001 - jinja raises template-defined errors
+            raise RecordError(location, f"the chat template failed on this record ({type(e).__name__}: {e})",
+                              "fix the record's messages (roles/order the template expects)") from e
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _finish_prompt(self, ids: list[int], templated: bool) -> np.ndarray:
+        if self.bos_id is not None:
+            leading = 0
+            while leading < len(ids) and ids[leading] == self.bos_id:
+                leading += 1
+            want_bos = leading > 0 or (not templated and self.plain_adds_bos)
+            ids = ([self.bos_id] if want_bos else []) + list(ids[leading:])
+        assert ids, "a non-empty prompt tokenizes to at least one token"
+        return np.asarray(ids, dtype=np.int32)
+
+    def _finish_response(self, ids: list[int]) -> np.ndarray:
+        ids = list(ids)
+        if self.eos_id is not None:
+            while len(ids) >= 2 and ids[-1] == self.eos_id and ids[-2] == self.eos_id:
+                ids.pop()
+            if self.add_eos and (not ids or ids[-1] != self.eos_id):
+                ids.append(self.eos_id)
+        assert ids, "a non-empty response tokenizes to at least one token"
+        return np.asarray(ids, dtype=np.int32)
+
+
+def _as_messages(text: Text, role: str) -> list[dict]:
+    if isinstance(text, str):
+        return [{"role": role, "content": text}]
+    return [dict(m) for m in text]
