@@ -1,0 +1,131 @@
+"""Loss and gradients equal Hugging Face TRL's DPOTrainer for the cases both implement.
+
+Two references:
+* an independent transcription of TRL's per-loss-type formulas (always runs), and
+* TRL itself (``trl`` + ``accelerate`` installed): ``DPOTrainer._compute_loss`` is called on a
+  stand-in trainer and a stand-in model that returns the per-token log-probs we choose, with the
+  reference log-probs precomputed. Skipped when TRL is not importable.
+
+Mapping: TRL ``aot`` = our ``aot_paired``; TRL ``aot_unpaired`` (formerly ``aot_pair``) = our
+``aot_unpaired``; TRL ``sigmoid`` = our ``dpo``; TRL ``ipo`` = our ``ipo`` on length-averaged
+log-probs (TRL divides each log-ratio by its completion length).
+"""
+
+import collections
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nemo_aot.losses import preference_loss
+
+OURS = {"aot": "aot_paired", "aot_unpaired": "aot_unpaired", "sigmoid": "dpo", "ipo": "ipo"}
+
+
+def transcribed_trl_loss(loss_type, pc, pr, rc, rr, beta, label_smoothing=0.0):
+    """TRL's formulas, re-typed from its documentation of each loss type (not from our code)."""
+    if loss_type == "sigmoid":
+        logits = (pc - pr) - (rc - rr)
+        per = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    elif loss_type == "ipo":
+        logits = (pc - pr) - (rc - rr)
+        per = (logits - 1 / (2 * beta)) ** 2
+    elif loss_type == "aot":
+        delta = torch.sort(pc - pr, dim=0)[0] - torch.sort(rc - rr, dim=0)[0]
+        per = -F.logsigmoid(beta * delta) * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
+    elif loss_type == "aot_unpaired":
+        delta = torch.sort(pc - rc, dim=0)[0] - torch.sort(pr - rr, dim=0)[0]
+        per = -F.logsigmoid(beta * delta) * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
+    return per.mean()
+
+
+def _inputs(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [(-20 + 6 * torch.randn(n, generator=g, dtype=torch.float64)) for _ in range(4)]
+
+
+def _loss_and_grads(fn, pc, pr, rc, rr):
+    pc, pr = pc.clone().requires_grad_(), pr.clone().requires_grad_()
+    loss = fn(pc, pr, rc, rr)
+    loss.backward()
+    return loss.detach(), pc.grad, pr.grad
+
+
+@pytest.mark.parametrize("trl_type", sorted(OURS))
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("n", [1, 3, 32])
+def test_matches_transcribed_trl(trl_type, label_smoothing, n):
+    if trl_type == "ipo" and label_smoothing:
+        pytest.skip("no label smoothing for ipo")
+    pc, pr, rc, rr = _inputs(n, seed=n)
+    beta = 0.1
+    ref = _loss_and_grads(lambda *a: transcribed_trl_loss(trl_type, *a, beta, label_smoothing), pc, pr, rc, rr)
+    ours = _loss_and_grads(lambda *a: preference_loss(*a, loss_type=OURS[trl_type], beta=beta,
+                                                     label_smoothing=label_smoothing)[0], pc, pr, rc, rr)
+    for r, o in zip(ref, ours):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-15)
+
+
+# ---------------------------------------------------------------- TRL itself
+def _trl_trainer_cls():
+    pytest.importorskip("accelerate")
+    trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+    if not hasattr(trl_dpo.DPOTrainer, "_compute_loss"):
+        pytest.skip("installed TRL has no DPOTrainer._compute_loss")
+    return trl_dpo.DPOTrainer
+
+
+class _StandInModel:
+    """Returns the per-token log-probs we set; TRL sums them over completion tokens."""
+    training = True
+
+    def __init__(self, per_token_logps):
+        self.per_token_logps = per_token_logps
+
+    def __call__(self, **kwargs):
+        lp = self.per_token_logps
+        return types.SimpleNamespace(log_probs=lp, entropy=torch.zeros_like(lp.detach()),
+                                     mean_logits=torch.zeros_like(lp.detach()),
+                                     is_top1=torch.zeros(lp.shape, dtype=torch.bool))
+
+
+def _trl_loss(trainer_cls, trl_type, pc, pr, rc, rr, completion_lengths, beta, label_smoothing):
+    """Run TRL's _compute_loss with the reference log-probs precomputed."""
+    n, seq = pc.shape[0], int(completion_lengths.max()) + 1
+    # Put each sequence's whole log-prob on its first completion token; the rest are 0.
+    per_token = torch.zeros(2 * n, seq - 1, dtype=pc.dtype)
+    per_token = per_token + F.one_hot(torch.zeros(2 * n, dtype=torch.long), seq - 1) * torch.cat([pc, pr])[:, None]
+    mask = (torch.arange(seq)[None, :] < completion_lengths[:, None]).long()
+    accel = types.SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
+    model = _StandInModel(per_token)
+    fake = types.SimpleNamespace(
+        model=model, accelerator=accel, aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+        f_divergence_type="reverse_kl", loss_types=[trl_type], loss_weights=[1.0], beta=beta,
+        label_smoothing=label_smoothing, use_weighting=False, _tp_size=1, _total_train_tokens=0,
+        _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
+    )
+    inputs = {"input_ids": torch.ones(2 * n, seq, dtype=torch.long), "attention_mask": mask,
+              "completion_mask": mask, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
+    return trainer_cls._compute_loss(fake, model, inputs, False)
+
+
+@pytest.mark.parametrize("trl_type", ["aot", "aot_unpaired", "sigmoid", "ipo"])
+@pytest.mark.parametrize("n", [1, 4, 16])
+def test_matches_trl_dpo_trainer(trl_type, n):
+    trainer_cls = _trl_trainer_cls()
+    pc, pr, rc, rr = _inputs(n, seed=100 + n)
+    g = torch.Generator().manual_seed(n)
+    lengths = torch.randint(1, 9, (2 * n,), generator=g)
+    beta = 0.1
+    smoothing = 0.2 if trl_type.startswith("aot") else 0.0   # TRL's sigmoid no longer smooths
+    ref = _loss_and_grads(lambda *a: _trl_loss(trainer_cls, trl_type, *a, lengths, beta, smoothing), pc, pr, rc, rr)
+    if trl_type == "ipo":   # TRL's IPO divides each log-ratio by its completion length
+        lc, lr = lengths[:n].double(), lengths[n:].double()
+        scale = lambda a, b, c, d: (a / lc, b / lr, c / lc, d / lr)
+    else:
+        scale = lambda *a: a
+    ours = _loss_and_grads(lambda *a: preference_loss(*scale(*a), loss_type=OURS[trl_type], beta=beta,
+                                                     label_smoothing=smoothing)[0], pc, pr, rc, rr)
+    for r, o in zip(ref, ours):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-15)
