@@ -37,6 +37,7 @@ REQUIRED = {
     "unpaired_files": ("prompt", "completion"),
 }
 DETECTION_ORDER = ("nemo_dpo", "trl_paired", "trl_unpaired")
+TEXT_FIELDS = ("prompt", "chosen", "rejected", "completion")
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def parse_record(fmt: str, row: dict, overrides: dict[str, str], roles: list[str
                               f"found {sorted(row)})",
                               f"add the key, or map your column with data.columns.{name}=<column>")
     fields = {name: row.get(mapping[name]) for name in mapping}
-    conversational = any(isinstance(fields[n], (list, tuple)) for n in ("prompt", "chosen", "rejected", "completion"))
+    conversational = any(isinstance(v, (list, tuple)) for n, v in fields.items() if n in TEXT_FIELDS)
     prompt = _text(fields["prompt"], mapping["prompt"], location, roles, conversational, "user")
     if fmt in ("nemo_dpo", "trl_paired"):
         return PreferencePair(

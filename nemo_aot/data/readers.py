@@ -119,19 +119,18 @@ def _load_hf(path: str, split: str):
     try:
         if os.path.isfile(os.path.join(path, "dataset_dict.json")):
             loaded = datasets.load_from_disk(path)
-            if split not in loaded:
-                raise ValueError(f"{path}: saved DatasetDict has no split {split!r} (has {list(loaded)}). "
-                                 f"Fix: set data.train_split / data.validation_split")
-            return loaded[split]
-        if os.path.isfile(os.path.join(path, "state.json")):
+        elif os.path.isfile(os.path.join(path, "state.json")):
             return datasets.load_from_disk(path)
-        return datasets.load_dataset(path, split=split)
-    except ValueError:
-        raise
+        else:
+            return datasets.load_dataset(path, split=split)
     except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "could not load"
-        raise ValueError(f"{path}: datasets.load_dataset(split={split!r}) failed ({type(e).__name__}: {e}). "
-                         f"Fix: check the dataset name and split; offline, only local files and "
-                         f"folders load") from e
+        raise ValueError(f"{path}: datasets could not load split {split!r} ({type(e).__name__}: {e}). "
+                         f"Fix: check the dataset name and data.train_split / data.validation_split; "
+                         f"offline, only local files and folders load") from e
+    if split not in loaded:
+        raise ValueError(f"{path}: saved DatasetDict has no split {split!r} (has {list(loaded)}). "
+                         f"Fix: set data.train_split / data.validation_split")
+    return loaded[split]
 
 
 def _decode(raw: bytes, location: str, strip_bom: bool) -> Union[str, RecordError]:
