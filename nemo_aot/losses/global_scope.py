@@ -114,7 +114,8 @@ def matched_partner_loss(
     u = chosen_values.to(plan.chosen_sorted.dtype)
     v = rejected_values.to(plan.chosen_sorted.dtype)
     w = plan.cell_weight.to(u.dtype)
-    total = u.new_zeros(())
+    # Empty sums keep an empty micro-batch's zero in the autograd graph, so backward() still works.
+    total = u.sum() + v.sum() if not (u.numel() or v.numel()) else u.new_zeros(())
     if u.numel():
         slot = _local_slot(plan.chosen_rank, chosen_index, plan.cell_chosen)
         terms = h(u[slot.clamp_min(0)] - plan.rejected_sorted[plan.cell_rejected], beta, label_smoothing)
