@@ -35,8 +35,9 @@ QUANTILE_LEVELS = (0.1, 0.5, 0.9)
 
 
 def _moments(name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    # new_full, not new_tensor: a Python scalar copied to a GPU would synchronise the host.
     return {f"{name}_sum": x.sum(), f"{name}_sqsum": x.square().sum(),
-            f"{name}_count": x.new_tensor(float(x.numel()))}
+            f"{name}_count": x.new_full((), float(x.numel()))}
 
 
 @torch.no_grad()
@@ -53,18 +54,19 @@ def preference_metric_sums(
     """Additive metric pieces for one loss call (see the module docstring for the recipe)."""
     chosen = beta * chosen_logratios.detach().float()
     rejected = beta * rejected_logratios.detach().float()
-    sums = {"loss_sum": loss.detach().float(), "calls": chosen.new_tensor(1.0)}
+    sums = {"loss_sum": loss.detach().float(), "calls": chosen.new_ones(())}
     sums.update(_moments("chosen_reward", chosen))
     sums.update(_moments("rejected_reward", rejected))
     if paired:
         sums["accuracy_sum"] = (chosen > rejected).float().sum()
-        sums["pair_count"] = chosen.new_tensor(float(chosen.numel()))
+        sums["pair_count"] = chosen.new_full((), float(chosen.numel()))
     else:
         sums["accuracy_sum"] = chosen.new_zeros(())
         sums["pair_count"] = chosen.new_zeros(())
-    sums["fsd_violation_sum"] = dominance_violation(chosen, rejected)
-    for side, x in (("chosen", chosen), ("rejected", rejected)):
-        qs = empirical_quantiles(x, QUANTILE_LEVELS)
+    chosen_sorted, rejected_sorted = torch.sort(chosen).values, torch.sort(rejected).values
+    sums["fsd_violation_sum"] = dominance_violation(chosen_sorted, rejected_sorted, presorted=True)
+    for side, x in (("chosen", chosen_sorted), ("rejected", rejected_sorted)):
+        qs = empirical_quantiles(x, QUANTILE_LEVELS, presorted=True)
         for t, q in zip(QUANTILE_LEVELS, qs):
             sums[f"{side}_reward_q{round(100 * t)}_sum"] = q
     if policy_margins is not None and reference_margins is not None:
