@@ -4,8 +4,9 @@ Sort scopes. The loss sorts whatever batch it is given; the caller picks that ba
 
 * ``micro`` -- pass this rank's micro-batch, ``gather=None`` (TRL's behaviour).
 * ``data_parallel`` -- pass this rank's micro-batch and ``gather``, a callable that concatenates a
-  list of 1-D tensors across the data-parallel group along dim 0 *with autograd*, e.g.
-  ``functools.partial(nemo_aot.distributed.collectives.all_gather_list_with_grad, group=dp_group)``.
+  list of 1-D tensors across the data-parallel group along dim 0 *with autograd*:
+  ``nemo_aot.distributed.collectives.data_parallel_gather(dp_group)`` (this package never imports
+  torch.distributed itself).
   The four inputs are upcast, gathered in one call, and the loss is computed on the concatenated
   (global) batch, so every rank returns the same loss value and the same metrics.
 
@@ -86,7 +87,8 @@ def _check_tensors(loss_type: str, tensors: Sequence[torch.Tensor]) -> None:
             raise ValueError(f"{name} must be 1-D (one log-prob per sequence), got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    pc, pr, rc, rr = tensors
+        if t.device != tensors[0].device:
+            raise ValueError(f"{name} is on {t.device} but policy_chosen_logps is on {tensors[0].device}")
     partner = {1: 0, 2: 0, 3: 1} if loss_type in PAIRED else {2: 0, 3: 1}
     for i, j in partner.items():
         if tensors[i].shape[0] != tensors[j].shape[0]:
