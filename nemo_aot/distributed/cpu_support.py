@@ -1,0 +1,229 @@
+"""Run megatron-core on CPU over gloo: laptops, CI, and the multi-rank tests.
+
+megatron-core is written for CUDA and hard-codes it in a handful of places that have nothing
+to do with the math. On a host where ``torch.cuda.is_available()`` is False every one of those
+places raises, so redirecting them to the CPU changes no behaviour that could otherwise run.
+:func:`enable_cpu_execution` applies the redirects below, once per process, and only there:
+
+=====================================  ==========================================================
+what megatron-core does                 what happens on a CPU-only host
+=====================================  ==========================================================
+``torch.cuda.current_device()`` as a    returns ``torch.device("cpu")`` (TP layers, the global
+tensor ``device=``                      memory buffer, rotary ``inv_freq``, p2p shape exchange)
+``tensor.cuda()``                       returns the tensor (broadcast helpers, param hashes)
+``torch.cuda.synchronize()``            no-op (p2p communication, DDP buffer management)
+CUDA RNG tracker (``fork`` for TP       a tracker with the same seeding scheme over the CPU
+dropout/init, ``add`` per seed)         generator, so TP-region dropout and init stay
+                                        reproducible and rank-dependent exactly as on GPU
+``device="cuda"`` literals in the       tensor factories inside the listed functions allocate
+pipeline schedules, causal-mask         on the CPU (a ``TorchFunctionMode`` active only while
+helpers and grad clipping               those functions run)
+``param.type() == 'torch.cuda.Float``   inside the listed optimizer functions, CPU tensors report
+Tensor'`` in the optimizers             the CUDA type name of their dtype
+batched pipeline p2p                    megatron's unbatched, parity-ordered p2p (see below)
+(``batch_isend_irecv``)
+=====================================  ==========================================================
+
+Why the p2p redirect: gloo matches messages between two ranks in posting order. The batched
+path posts ``send_prev, recv_prev, send_next, recv_next`` on every rank, so when the previous
+and the next stage are the same rank (PP=2 with interleaving) an activation is received as a
+gradient and vice versa - silently, since both have the same shape (seen as wrong losses at
+PP=2 x VPP=2 with 4+ micro-batches). The unbatched path orders sends and receives by rank
+parity, which pairs them correctly.
+
+Written for and checked against megatron-core 0.15 - 0.16; any other version is refused with a
+clear message rather than half-patched. Nothing here is ever active on a machine with a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MEGATRON_CORE = ((0, 15), (0, 16))
+_ENABLED = False
+
+# (module, attribute) whose tensor factories must allocate on the CPU while they run.
+_DEVICE_REDIRECTED = [
+    ("megatron.core.pipeline_parallel.schedules", "forward_backward_no_pipelining"),
+    ("megatron.core.pipeline_parallel.schedules", "forward_backward_pipelining_without_interleaving"),
+    ("megatron.core.pipeline_parallel.schedules", "forward_backward_pipelining_with_interleaving"),
+    ("megatron.core.transformer.utils", "get_default_causal_mask"),
+    ("megatron.core.transformer.utils", "get_sliding_window_causal_mask"),
+    ("megatron.core.fusions.fused_softmax", "get_default_causal_mask"),
+    ("megatron.core.fusions.fused_softmax", "get_sliding_window_causal_mask"),
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),
+]
+# (module, class or None, attribute) that compare ``tensor.type()`` with CUDA type names.
+_TYPE_REDIRECTED = [
+    ("megatron.core.optimizer.clip_grads", None, "get_grad_norm_fp32"),
+    ("megatron.core.optimizer.optimizer", None, "get_grad_norm_fp32"),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer",
+     "_build_model_and_main_param_groups"),
+]
+
+
+def megatron_core_version() -> tuple[int, int, int]:
+    from megatron.core import package_info
+
+    return tuple(int(x) for x in package_info.VERSION[:3])
+
+
+def cpu_execution_enabled() -> bool:
+    return _ENABLED
+
+
+def enable_cpu_execution() -> bool:
+    """Make megatron-core runnable on this host if it has no GPU. Returns True when active.
+
+    Call it before building models or schedules. Idempotent; a no-op where CUDA is available.
+    """
+    global _ENABLED
+    if torch.cuda.is_available():
+        return False
+    if _ENABLED:
+        return True
+    version = megatron_core_version()
+    if version[:2] not in SUPPORTED_MEGATRON_CORE:
+        supported = ", ".join(f"{a}.{b}" for a, b in SUPPORTED_MEGATRON_CORE)
+        raise RuntimeError(
+            f"nemo_aot's CPU execution support was written for megatron-core {supported}.x, "
+            f"found {'.'.join(map(str, version))}. Install a supported version "
+            f"(pip install 'megatron-core==0.16.1') or run on a GPU machine."
+        )
+    _redirect_current_device()
+    _install_cpu_rng_tracker()
+    _unbatch_pipeline_p2p()
+    for module, attr in _DEVICE_REDIRECTED:
+        _wrap(module, None, attr, _cuda_factories_on_cpu)
+    for module, cls, attr in _TYPE_REDIRECTED:
+        _wrap(module, cls, attr, _cpu_types_named_cuda)
+    _ENABLED = True
+    logger.info("megatron-core %s: CPU execution enabled (no CUDA device)", version)
+    return True
+
+
+def _redirect_current_device() -> None:
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda device=None: None
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+class _CpuRNGStatesTracker:
+    """megatron's CudaRNGStatesTracker seeding scheme over the CPU default generator."""
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        original = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(original)
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        original = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(original)
+
+
+def _install_cpu_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    base = mrandom.CudaRNGStatesTracker
+    tracker_cls = type("CpuRNGStatesTracker", (_CpuRNGStatesTracker, base), {})
+    # initialize_rng_tracker() instantiates the module-level name; subclassing keeps
+    # megatron's isinstance checks (get_all_rng_states) working.
+    mrandom.CudaRNGStatesTracker = tracker_cls
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    mrandom.initialize_rng_tracker(force_reset=True)
+
+
+def _unbatch_pipeline_p2p() -> None:
+    from megatron.core.pipeline_parallel import p2p_communication as p2p
+
+    unbatched = p2p._p2p_ops
+
+    def parity_ordered(**kwargs):
+        return list(unbatched(**kwargs).values())
+
+    p2p._batched_p2p_ops = parity_ordered
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, int):
+        return True
+    return torch.device(device).type == "cuda"
+
+
+class _CudaFactoriesOnCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if kwargs.get("device") is not None and _is_cuda(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+def _cuda_factories_on_cpu(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _CudaFactoriesOnCpu():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+def _cpu_types_named_cuda(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        original = torch.Tensor.type
+
+        def type_(self, dtype=None, *a, **k):
+            if dtype is None and not a and not k and self.device.type == "cpu":
+                return _CUDA_TYPE_NAMES.get(self.dtype, original(self))
+            return original(self, dtype, *a, **k)
+
+        torch.Tensor.type = type_
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original
+
+    return wrapper
+
+
+def _wrap(module_name: str, cls_name: str | None, attr: str, decorator) -> None:
+    module = importlib.import_module(module_name)
+    owner = getattr(module, cls_name) if cls_name else module
+    original = owner.__dict__[attr] if cls_name else getattr(owner, attr)
+    if isinstance(original, staticmethod):
+        setattr(owner, attr, staticmethod(decorator(original.__func__)))
+    else:
+        setattr(owner, attr, decorator(original))

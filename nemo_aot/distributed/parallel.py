@@ -1,0 +1,119 @@
+"""Parallel layout: a typed config, up-front validation, and process-group start-up.
+
+The layout is TP x PP x DP = world size (context and expert parallelism are not used by the
+dense Llama-family models nemo_aot aligns). Every impossible combination is refused before any
+process group or model exists, naming the config key and what to change.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and the batch are split across ranks."""
+
+    tensor_model_parallel_size: int = 1
+    """Ranks that split each weight matrix (TP). Keep within one node (NVLink)."""
+    pipeline_model_parallel_size: int = 1
+    """Ranks that split the layer stack (PP)."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline rank (interleaved 1F1B); None disables interleaving."""
+    sequence_parallel: bool = False
+    """Split norm/dropout activations along the sequence across the TP group (needs TP > 1)."""
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+    def validate(self, world_size: int, model=None, prefix: str = "parallel") -> None:
+        """Refuse layouts that cannot work; ``model`` is a GPTModelConfig when known."""
+        tp, pp, vpp = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+                       self.virtual_pipeline_model_parallel_size)
+        for key, value in (("tensor_model_parallel_size", tp),
+                           ("pipeline_model_parallel_size", pp)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{prefix}.{key} must be a positive integer, got {value!r}")
+        if world_size % (tp * pp):
+            raise ValueError(
+                f"{prefix}: world size {world_size} is not divisible by tensor_model_parallel_size "
+                f"({tp}) x pipeline_model_parallel_size ({pp}) = {tp * pp}; launch a multiple of "
+                f"{tp * pp} ranks or change the layout")
+        if vpp is not None:
+            if pp < 2:
+                raise ValueError(f"{prefix}.virtual_pipeline_model_parallel_size needs "
+                                 f"pipeline_model_parallel_size >= 2 (got {pp}); set it to null")
+            if vpp < 2:
+                raise ValueError(f"{prefix}.virtual_pipeline_model_parallel_size must be >= 2 or "
+                                 f"null, got {vpp}")
+        if self.sequence_parallel and tp == 1:
+            raise ValueError(f"{prefix}.sequence_parallel needs tensor_model_parallel_size > 1; "
+                             "set it to false")
+        if model is None:
+            return
+        if model.num_attention_heads % tp:
+            raise ValueError(f"{prefix}.tensor_model_parallel_size={tp} must divide "
+                             f"model.num_attention_heads={model.num_attention_heads}")
+        if model.query_groups % tp:
+            raise ValueError(f"{prefix}.tensor_model_parallel_size={tp} must divide "
+                             f"model.num_query_groups={model.query_groups} (KV heads)")
+        if model.ffn_hidden_size % tp:
+            raise ValueError(f"{prefix}.tensor_model_parallel_size={tp} must divide "
+                             f"model.ffn_hidden_size={model.ffn_hidden_size}")
+        stages = pp * (vpp or 1)
+        if model.num_layers % stages:
+            raise ValueError(
+                f"model.num_layers={model.num_layers} must be divisible by "
+                f"pipeline_model_parallel_size x virtual_pipeline_model_parallel_size = {stages}")
+
+
+def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -> None:
+    """Join the default process group from torchrun/SLURM environment variables, if not yet."""
+    if torch.distributed.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "RANK" not in os.environ:  # plain `python`: a world of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.distributed.init_process_group(
+        backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def initialize_model_parallel(parallel: ParallelConfig, model=None, seed: int = 1234) -> None:
+    """Validate the layout, then set up megatron-core's groups and its seeded RNG tracker.
+
+    On a host without CUDA this also enables nemo_aot's CPU execution support first.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    from nemo_aot.distributed.cpu_support import enable_cpu_execution
+
+    enable_cpu_execution()
+    init_distributed()
+    parallel.validate(torch.distributed.get_world_size(), model)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
