@@ -25,6 +25,7 @@ from nemo_aot.data.sampler import (
     make_batch_sampler,
     micro_batch_counts,
 )
+from nemo_aot.data.synthetic import synthetic_preference_data
 from nemo_aot.data.tokenization import PromptResponseTokenizer, load_tokenizer
 
 __all__ = [
@@ -32,5 +33,5 @@ __all__ = [
     "PreferenceData", "PreferencePair", "PromptResponseTokenizer", "RecordError", "TokenizedExample",
     "TrainBatchSampler", "ValidationBatchSampler", "collate_micro_batch", "collate_step", "detect_format",
     "iter_rows", "load_preference_data", "load_tokenizer", "make_batch_sampler", "make_batches",
-    "micro_batch_counts", "parse_record", "resolve_path", "score_answer",
+    "micro_batch_counts", "parse_record", "resolve_path", "score_answer", "synthetic_preference_data",
 ]

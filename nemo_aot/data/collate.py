@@ -8,8 +8,8 @@ A micro-batch dict (B rows, L = padded length):
   loss_mask      float32 [B, L]  1.0 where labels[:, t] is a response token, else 0.0; so
                                  (logprob(labels) * loss_mask).sum(-1) is log pi(response | prompt)
   position_ids   int64   [B, L]  0..L-1 on every row
-  seq_lengths    int64   [B]     real (unpadded) tokens per row; padding is on the right, so a
-                                 causal mask alone is exact for the real tokens
+  seq_lengths    int64   [B]     real (unpadded) tokens per row (1 for a filler row); padding
+                                 is on the right, so a causal mask alone is exact for real tokens
   prompt_lengths int64   [B]     prompt tokens per row (BOS included)
   label          bool    [B]     True for chosen/positive rows, False for rejected/negative rows
   pair_index     int64   [B]     paired: the pair's slot in the micro-batch (rows i and i + B/2

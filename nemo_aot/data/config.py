@@ -127,6 +127,11 @@ class DataConfig:
         if not self.message_roles or "assistant" not in self.message_roles:
             raise ValueError("data.message_roles must include 'assistant'")
         self._validate_negatives()
+        if (not self.train_path.startswith(BUNDLED_PREFIX) and self.validation_path is not None
+                and self.validation_path.startswith(BUNDLED_PREFIX)):
+            raise ValueError(f"data.validation_path is still the bundled demo ({self.validation_path}) while "
+                             f"data.train_path is {self.train_path!r}; set data.validation_path to your "
+                             f"validation data, or to null to skip validation")
         return self
 
     def _validate_negatives(self) -> None:

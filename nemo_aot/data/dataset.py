@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from nemo_aot.data.config import PAIRED_FORMATS, DataConfig, resolve_path
-from nemo_aot.data.formats import LabeledCompletion, PreferencePair, Record, detect_format, parse_record
+from nemo_aot.data.formats import PreferencePair, Record, detect_format, parse_record
 from nemo_aot.data.readers import RecordError, iter_rows
 from nemo_aot.data.tokenization import PromptResponseTokenizer, load_tokenizer
 

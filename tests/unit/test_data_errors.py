@@ -224,6 +224,7 @@ def test_validation_split_smaller_than_one_global_batch_is_padded(tok, tmp_path)
     ({"pad_to_multiple_of": 0}, "data.pad_to_multiple_of"),
     ({"apply_chat_template": "yes"}, "data.apply_chat_template"),
     ({"train_negatives_path": "n.jsonl", "format": "trl_paired"}, "data.train_negatives_path"),
+    ({"train_path": "mine.jsonl"}, "data.validation_path is still the bundled demo"),
 ])
 def test_config_validation_names_the_key(overrides, key):
     with pytest.raises(ValueError, match=re.escape(key)):
@@ -233,3 +234,28 @@ def test_config_validation_names_the_key(overrides, key):
 def test_missing_tokenizer_folder(tmp_path):
     with pytest.raises(ValueError, match=r"data\.tokenizer_path .* is not a folder"):
         load_tokenizer(str(tmp_path / "no_tokenizer"))
+
+
+def test_config_is_a_structured_schema_that_rejects_unknown_keys():
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
+
+    schema = OmegaConf.structured(DataConfig)
+    merged = OmegaConf.to_object(OmegaConf.merge(schema, {"columns": {"chosen": "good"}, "max_seq_length": 64}))
+    assert isinstance(merged, DataConfig) and merged.validate().columns == {"chosen": "good"}
+    with pytest.raises(ConfigKeyError):
+        OmegaConf.merge(schema, {"max_seq_len": 64})
+
+
+def test_saved_dataset_dict_split_selection(tok, tmp_path):
+    import datasets
+
+    rows = [GOOD, _with(GOOD, prompt="What is 2 + 2?")]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:1]),
+                          "test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
+    cfg = DataConfig(train_path=str(tmp_path / "dd"), train_split="test", validation_path=None,
+                     apply_chat_template="never")
+    assert len(load_preference_data(cfg, "train", tok).streams[0]) == 2
+    cfg.train_split = "validation"
+    with pytest.raises(ValueError, match=r"dd: saved DatasetDict has no split 'validation'.*data\.train_split"):
+        load_preference_data(cfg, "train", tok)
