@@ -11,8 +11,8 @@ Per batch size B (pairs per rank) it times, as the median of many runs, forward 
   global (4 mb)    plan_global_sort on B + matched_partner_loss over 4 micro-batches
   dp gather        aot_unpaired with the data_parallel gather over --ranks gloo processes
                    (B per rank; rank 0's time; includes the two all-gathers and the backward all-reduce)
-Times in microseconds (best of --rounds interleaved medians); ratios against dpo at the same B. Numbers depend on the machine; compare
-only within one run.
+Times in microseconds (best of --rounds interleaved medians); ratios against dpo at the same B.
+Numbers depend on the machine; compare only within one run.
 """
 
 from __future__ import annotations

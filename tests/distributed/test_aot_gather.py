@@ -24,7 +24,8 @@ TIMEOUT = 120
 def _data(n, m, seed):
     g = torch.Generator().manual_seed(seed)
     theta = torch.randn(DIM, generator=g, dtype=torch.float64)
-    xc, xr = torch.randn(n, DIM, generator=g, dtype=torch.float64), torch.randn(m, DIM, generator=g, dtype=torch.float64)
+    xc = torch.randn(n, DIM, generator=g, dtype=torch.float64)
+    xr = torch.randn(m, DIM, generator=g, dtype=torch.float64)
     rc, rr = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(m, generator=g, dtype=torch.float64)
     return theta, xc, xr, rc, rr
 
@@ -44,7 +45,8 @@ def _ddp_average(grad):
 def single_process(case):
     """The reference: one process, the whole concatenated batch."""
     if case["kind"] == "global":
-        n, m = (sum(c for mbs in case["microbatches"] for c, _ in mbs), sum(c for mbs in case["microbatches"] for _, c in mbs))
+        pairs = [mb for rank_mbs in case["microbatches"] for mb in rank_mbs]
+        n, m = sum(c for c, _ in pairs), sum(r for _, r in pairs)
     else:
         n, m = sum(case["chosen"]), sum(case["rejected"])
     theta, xc, xr, rc, rr = _data(n, m, case["seed"])

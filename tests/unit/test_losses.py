@@ -74,8 +74,8 @@ HAND = {
 @pytest.mark.parametrize("surrogate", SURROGATE_NAMES)
 def test_hand_checked_value(surrogate):
     zeros = torch.zeros(2, dtype=torch.float64)
-    loss, _ = preference_loss(torch.tensor([3.0, -1.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64),
-                              zeros, zeros, loss_type="aot_unpaired", beta=1.0, surrogate=surrogate)
+    pc, pr = torch.tensor([3.0, -1.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    loss, _ = preference_loss(pc, pr, zeros, zeros, loss_type="aot_unpaired", beta=1.0, surrogate=surrogate)
     assert loss.item() == pytest.approx(HAND[surrogate], rel=1e-12)
     assert HAND["logistic"] == pytest.approx(0.72009485, abs=1e-8)
 
