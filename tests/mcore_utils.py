@@ -26,7 +26,8 @@ def global_batch(seed: int = 0, batch: int = GLOBAL_BATCH, seq: int = SEQ, vocab
             "loss_mask": loss_mask}
 
 
-def setup(tp=1, pp=1, vpp=None, sp=False, model_cfg=TINY, seed=1234, attention_backend=None):
+def setup(tp=1, pp=1, vpp=None, sp=False, model_cfg=TINY, seed=1234, attention_backend=None,
+          per_token_loss=True):
     """Initialize megatron parallel state and return DDP-wrapped model chunks for this rank."""
     import dataclasses
 
@@ -41,7 +42,7 @@ def setup(tp=1, pp=1, vpp=None, sp=False, model_cfg=TINY, seed=1234, attention_b
         model_cfg = dataclasses.replace(model_cfg, attention_backend=attention_backend)
     parallel = ParallelConfig(tp, pp, vpp, sp)
     initialize_model_parallel(parallel, model_cfg, seed=seed)
-    config = to_transformer_config(model_cfg, parallel, calculate_per_token_loss=True)
+    config = to_transformer_config(model_cfg, parallel, calculate_per_token_loss=per_token_loss)
     chunks = build_model_chunks(model_cfg, config)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, average_in_collective=False)
     chunks = [DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0)
@@ -140,3 +141,33 @@ def full_state(directory):
     load(chunks, directory)
     return {k: v.detach().clone() for k, v in chunks[0].module.state_dict().items()
             if not k.endswith("_extra_state")}
+
+
+def preference_rows(n_chosen, n_rejected, seed, seq=SEQ, vocab=250, paired=False):
+    """A micro-batch in nemo_aot.data.collate's layout with random tokens and references."""
+    g = torch.Generator().manual_seed(seed)
+    rows = n_chosen + n_rejected
+    tokens = torch.randint(0, vocab, (rows, seq + 1), generator=g)
+    loss_mask = torch.zeros(rows, seq)
+    prompt = torch.randint(3, seq // 2, (rows,), generator=g)
+    for i in range(rows):
+        loss_mask[i, prompt[i]:] = 1.0
+    label = torch.tensor([True] * n_chosen + [False] * n_rejected)
+    index = torch.arange(rows) + 1000 * seed
+    return {
+        "input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+        "loss_mask": loss_mask, "position_ids": torch.arange(seq).expand(rows, seq).contiguous(),
+        "label": label, "sample_weight": torch.ones(rows),
+        "pair_index": torch.arange(rows) % n_chosen if paired else torch.full((rows,), -1),
+        "sample_index": index,
+        # references near a random model's log-probs, so rewards are O(1) after beta scaling
+        "reference_logps": -5.5 * loss_mask.sum(-1) + torch.randn(rows, generator=g) * 3,
+    }
+
+
+def merge_rows(parts, paired=False):
+    """Concatenate micro-batches into one, keeping chosen rows before rejected rows."""
+    keys = parts[0].keys()
+    chosen = {k: torch.cat([p[k][p["label"]] for p in parts]) for k in keys}
+    rejected = {k: torch.cat([p[k][~p["label"]] for p in parts]) for k in keys}
+    return {k: torch.cat([chosen[k], rejected[k]]) for k in keys}

@@ -1,0 +1,245 @@
+"""One AOT step inside megatron-core's forward/backward schedules, for every sort scope.
+
+Each micro-batch holds chosen and rejected sequences together (``nemo_aot.data.collate``). The
+last pipeline stage turns vocab-parallel logits into per-sequence log-probs, drops filler rows,
+and hands the four log-prob vectors to ``nemo_aot.losses.preference_loss``:
+
+* ``micro``         sort within this micro-batch (TRL's behaviour). The micro-batch loss is
+                    returned as is; megatron divides by the number of micro-batches and DDP
+                    averages over DP ranks, so the step loss is the mean of micro-batch losses.
+* ``data_parallel`` the four vectors are all-gathered over the DP group with autograd and every
+                    rank computes the loss of the gathered batch; returned unscaled (the gather's
+                    backward sums over ranks, DDP divides by dp: the single-process gradient).
+* ``global``        a no-grad forward over all micro-batches collects the transport inputs of
+                    the whole global batch (all micro-batches, all DP ranks), sorts them once,
+                    then the grad pass returns each micro-batch's matched-partner terms times
+                    ``num_microbatches * dp`` (undoing megatron's two averagings), whose sum is
+                    the full-batch loss in value and gradient. The grad pass must reproduce the
+                    first pass's values (``alignment.reproduce_atol``) or the step fails loudly.
+
+Metrics are additive sums (``nemo_aot.losses.metrics``) reduced once per step over micro-batches,
+DP ranks, and from the last pipeline stage to every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from nemo_aot.distributed.collectives import all_gather_list_with_grad, data_parallel_gather
+from nemo_aot.losses import (finalize_metrics, matched_partner_loss, plan_global_sort,
+                             preference_loss, transport_inputs)
+from nemo_aot.models.logprobs import sequence_logprobs, tp_vocab_range, vocab_parallel_logprobs
+from nemo_aot.models.options import AlignmentConfig
+
+MicroBatch = dict[str, torch.Tensor]
+
+
+def split_rows(mb: MicroBatch, logps: torch.Tensor, paired: bool):
+    """(policy chosen, policy rejected, reference chosen, reference rejected), real rows only.
+
+    Paired micro-batches keep row i and row i + B/2 as one pair; a filler pair has weight 0 on
+    both rows, so dropping filler rows keeps the pairs aligned.
+    """
+    real = mb["sample_weight"] > 0
+    chosen, rejected = mb["label"] & real, ~mb["label"] & real
+    ref = mb["reference_logps"].to(logps.dtype)
+    if paired:
+        half = logps.shape[0] // 2
+        keep = real[:half]
+        return logps[:half][keep], logps[half:][keep], ref[:half][keep], ref[half:][keep]
+    return logps[chosen], logps[rejected], ref[chosen], ref[rejected]
+
+
+class AOTStep:
+    """Runs forward(/backward) of one global batch through megatron's schedule."""
+
+    def __init__(self, chunks: list, transformer_config, vocab_size: int, padded_vocab_size: int,
+                 alignment: AlignmentConfig):
+        self.chunks = chunks
+        self.config = transformer_config
+        self.vocab_size = vocab_size
+        self.padded_vocab_size = padded_vocab_size
+        self.alignment = alignment
+        self.paired = alignment.loss_type != "aot_unpaired"
+        # The metric names depend only on the loss type: learn them once from a dummy call, so
+        # ranks without real samples (validation filler) still join the reductions.
+        dummy = torch.zeros(2)
+        _, names = preference_loss(dummy, dummy, dummy, dummy, loss_type=alignment.loss_type,
+                                   **self._loss_kwargs())
+        self.metric_keys = sorted(names)
+
+    # ----------------------------------------------------------------- last-stage pieces
+    def _sequence_logps(self, logits: torch.Tensor, mb: MicroBatch):
+        start, group = tp_vocab_range(self.padded_vocab_size)
+        token_logps = vocab_parallel_logprobs(
+            logits, mb["labels"], vocab_size=self.vocab_size, vocab_start=start, group=group,
+            chunk_tokens=self.alignment.logprob_chunk_size)
+        return sequence_logprobs(token_logps, mb["loss_mask"], self.alignment.length_normalize)
+
+    def _loss_kwargs(self) -> dict[str, Any]:
+        a = self.alignment
+        return dict(beta=a.beta, label_smoothing=a.label_smoothing, surrogate=a.surrogate)
+
+    def _scoped_loss(self, pc, pr, rc, rr):
+        a = self.alignment
+        if a.sort_scope == "data_parallel" and parallel_state.get_data_parallel_world_size() > 1:
+            pc, pr, rc, rr = data_parallel_gather(parallel_state.get_data_parallel_group())(
+                [pc, pr, rc, rr])
+        if pc.numel() == 0 or pr.numel() == 0:  # an all-filler (validation) batch
+            zero = pc.sum() + pr.sum()
+            return zero, None
+        return preference_loss(pc, pr, rc, rr, loss_type=a.loss_type, check_finite=False,
+                               **self._loss_kwargs())
+
+    # ----------------------------------------------------------------- schedule
+    def _run(self, micro_batches: list[MicroBatch], loss_for: Callable, forward_only: bool):
+        seq = micro_batches[0]["input_ids"].shape[1]
+        if any(mb["input_ids"].shape[1] != seq for mb in micro_batches) and \
+                parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise ValueError("pipeline parallelism needs every micro-batch of a step padded to one "
+                             "length: set data.uniform_step_length=true")
+
+        def forward_step(data_iterator, model):
+            index, mb = next(data_iterator)
+            output = model(mb["input_ids"], mb["position_ids"], None)
+            return output, lambda logits: loss_for(index, mb, logits)
+
+        def iterator():
+            yield from enumerate(micro_batches)
+
+        many = len(self.chunks) > 1
+        if not forward_only:
+            for chunk in self.chunks:
+                chunk.zero_grad_buffer()
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iterator() for _ in self.chunks] if many else iterator(),
+            model=self.chunks if many else self.chunks[0],
+            num_microbatches=len(micro_batches), seq_length=seq,
+            micro_batch_size=micro_batches[0]["input_ids"].shape[0], forward_only=forward_only)
+
+    def step(self, micro_batches: list[MicroBatch], forward_only: bool = False) -> dict[str, float]:
+        """Forward (and backward unless ``forward_only``) of one global batch; step metrics."""
+        if self.alignment.sort_scope == "global":
+            return self._global_step(micro_batches, forward_only)
+
+        def loss_for(index, mb, logits):
+            logps, _ = self._sequence_logps(logits, mb)
+            loss, sums = self._scoped_loss(*split_rows(mb, logps, self.paired))
+            return loss, {"sums": sums}
+
+        stats = self._run(micro_batches, loss_for, forward_only)
+        return self._reduce_metrics([s["sums"] for s in stats])
+
+    def score(self, micro_batches: list[MicroBatch]) -> list[tuple[torch.Tensor, ...]]:
+        """Per micro-batch (label, sample_index, summed log-prob, token count) on the last stage."""
+        alignment_normalize = self.alignment.length_normalize
+        self.alignment.length_normalize = False  # the cache stores sums; normalization is later
+
+        def loss_for(index, mb, logits):
+            logps, counts = self._sequence_logps(logits, mb)
+            return logps.sum() * 0, {"scores": (mb["label"], mb["sample_index"], logps.detach(),
+                                                counts)}
+
+        try:
+            with torch.no_grad():
+                stats = self._run(micro_batches, loss_for, forward_only=True)
+        finally:
+            self.alignment.length_normalize = alignment_normalize
+        return [s["scores"] for s in stats]
+
+    # ----------------------------------------------------------------- global scope
+    def _global_step(self, micro_batches, forward_only):
+        a = self.alignment
+        captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def first_pass(index, mb, logits):
+            logps, _ = self._sequence_logps(logits, mb)
+            rows = split_rows(mb, logps.detach(), self.paired)
+            captured.append(rows)
+            return logps.sum() * 0, {}
+
+        with torch.no_grad():
+            self._run(micro_batches, first_pass, forward_only=True)
+        last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        plan = offsets = None
+        sums = []
+        if last_stage:
+            plan, offsets, sums = self._plan(captured)
+        if forward_only:
+            return self._reduce_metrics(sums, already_global=True)
+        scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
+
+        def grad_pass(index, mb, logits):
+            logps, _ = self._sequence_logps(logits, mb)
+            u, v = transport_inputs(a.loss_type, *split_rows(mb, logps, self.paired))
+            (u0, v0) = offsets[index]
+            term = matched_partner_loss(
+                u, v, torch.arange(u0, u0 + u.numel()), torch.arange(v0, v0 + v.numel()), plan,
+                reproduce_atol=a.reproduce_atol, **self._loss_kwargs())
+            return term * scale, {}
+
+        self._run(micro_batches, grad_pass, forward_only=False)
+        return self._reduce_metrics(sums, already_global=True)
+
+    def _plan(self, captured):
+        """Gather every rank's first-pass transport inputs in rank-major order and sort them."""
+        a = self.alignment
+        us, vs, full = [], [], [[], [], [], []]
+        for rows in captured:
+            u, v = transport_inputs(a.loss_type, *rows)
+            us.append(u)
+            vs.append(v)
+            for acc, t in zip(full, rows):
+                acc.append(t)
+        local = [torch.cat(us), torch.cat(vs)] + [torch.cat(t) for t in full]
+        group = parallel_state.get_data_parallel_group()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        if parallel_state.get_data_parallel_world_size() > 1:
+            counts = torch.tensor([local[0].numel(), local[1].numel()])
+            every = [torch.zeros_like(counts) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(every, counts, group=group)
+            base = torch.stack(every)[:dp_rank].sum(0).tolist() if dp_rank else [0, 0]
+            local = all_gather_list_with_grad(local, group)
+        else:
+            base = [0, 0]
+        u_all, v_all, pc, pr, rc, rr = local
+        if u_all.numel() == 0 or v_all.numel() == 0:
+            raise ValueError("the global batch holds no chosen or no rejected samples")
+        plan = plan_global_sort(u_all, v_all)
+        offsets, (u0, v0) = [], base
+        for u, v in zip(us, vs):
+            offsets.append((u0, v0))
+            u0, v0 = u0 + u.numel(), v0 + v.numel()
+        _, metric_sums = preference_loss(pc, pr, rc, rr, loss_type=a.loss_type,
+                                         check_finite=False, **self._loss_kwargs())
+        return plan, offsets, [metric_sums]
+
+    # ----------------------------------------------------------------- metrics
+    def _reduce_metrics(self, sums: list[Optional[dict]], already_global: bool = False):
+        """Sum over micro-batches and DP ranks on the last stage; share with every rank."""
+        keys = self.metric_keys
+        result = None
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            vec = torch.zeros(len(keys))
+            for s in sums:
+                if s is not None:  # None: an all-filler micro-batch contributes nothing
+                    vec += torch.stack([s[k].detach().float().cpu() for k in keys])
+            if not already_global and parallel_state.get_data_parallel_world_size() > 1:
+                dist.all_reduce(vec, group=parallel_state.get_data_parallel_group())
+            if vec[keys.index("calls")] > 0:
+                result = {k: float(v) for k, v in finalize_metrics(dict(zip(keys, vec))).items()}
+            else:
+                result = {}
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            box = [result]
+            dist.broadcast_object_list(
+                box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group())
+            result = box[0]
+        return result or {}
