@@ -1,0 +1,280 @@
+"""Crash-safe checkpoint folders and the RNG state bundle.
+
+Layout under ``root``::
+
+    step_00000100/            a complete checkpoint (payload + COMPLETE.json)
+    step_00000200/
+    .tmp_step_00000300/       a save in progress, or one killed mid-write (cleaned later)
+
+Contract of ``CheckpointManager.save(step, write_fn, metadata)``, called on every rank:
+1. rank 0 creates ``.tmp_step_N`` (removing a stale one); all ranks barrier;
+2. every rank runs ``write_fn(tmp_dir)`` (e.g. a synchronous megatron-core dist checkpoint save
+   into the empty folder; it must return once its files are written) and fsyncs its node's
+   share of the files; the ranks agree that every write succeeded (a failure on any rank
+   raises on all ranks, instead of one rank hanging in a barrier);
+3. rank 0 writes ``COMPLETE.json`` (step, time, metadata such as consumed samples and the
+   config hash), fsyncs it, renames the folder to ``step_N`` in one ``rename`` and fsyncs
+   ``root``; then deletes complete checkpoints beyond ``keep_last`` (rename first, then delete,
+   so a half-deleted folder never looks complete); all ranks barrier.
+So a ``step_*`` folder exists only once its payload and marker are on disk: a kill -9 at any
+moment leaves the previous checkpoint intact. ``latest_valid()`` returns the newest ``step_*``
+folder whose marker parses and names its step, identical on all ranks (rank 0 decides and
+broadcasts), and lets rank 0 remove leftovers of killed saves. Multi-node runs need ``root``
+on a filesystem every node sees (as megatron dist checkpoints do).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+MARKER = "COMPLETE.json"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_LEFTOVER = re.compile(r"^\.(tmp|trash)_step_\d+(\.\d+)?$")
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """A complete checkpoint: its folder, step and the metadata stored in its marker."""
+
+    path: str
+    step: int
+    metadata: dict
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+class CheckpointManager:
+    """Atomic step_N checkpoint folders under ``root`` with keep-last-K pruning."""
+
+    def __init__(self, root: str, keep_last: Optional[int] = 2, group=None, fsync: bool = True):
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1 (or None to keep all), got {keep_last}")
+        self.root = os.path.abspath(root)
+        self.keep_last = keep_last
+        self.group = group
+        self.fsync = fsync
+
+    # ------------------------------------------------------------------ ranks
+    def _rank(self) -> int:
+        dist = _dist()
+        return dist.get_rank(self.group) if dist else 0
+
+    def _barrier(self) -> None:
+        dist = _dist()
+        if dist:
+            dist.barrier(group=self.group)
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.root, f"step_{step:08d}")
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, write_fn: Callable[[str], Any], metadata: Optional[dict] = None) -> str:
+        """Write checkpoint ``step`` on all ranks; returns its final folder."""
+        from nemo_aot.algorithms.signals import any_rank
+
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"checkpoint step must be a non-negative integer, got {step!r}")
+        rank = self._rank()
+        tmp = os.path.join(self.root, f".tmp_step_{step:08d}")
+        if rank == 0:
+            os.makedirs(self.root, exist_ok=True)
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+            os.makedirs(tmp)
+        self._barrier()
+        error: Optional[BaseException] = None
+        try:
+            write_fn(tmp)
+            if self.fsync:
+                _fsync_tree(tmp)
+        except Exception as err:  # noqa: BLE001 - reported on every rank below
+            error = err
+        if any_rank(error is not None, self.group):
+            if error is not None:
+                raise error
+            raise RuntimeError(f"checkpoint step {step}: another rank failed while writing {tmp}")
+        if rank == 0:
+            self._publish(step, tmp, metadata or {})
+            self._prune()
+        self._barrier()
+        return self.step_dir(step)
+
+    def _publish(self, step: int, tmp: str, metadata: dict) -> None:
+        marker = {"format_version": FORMAT_VERSION, "step": step, "time": time.time(), **metadata}
+        _write_json_durably(os.path.join(tmp, MARKER), marker)
+        final = self.step_dir(step)
+        if os.path.exists(final):  # re-saving a step (e.g. after a resume): swap atomically
+            self._discard(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+
+    def _prune(self) -> None:
+        if self.keep_last is None:
+            return
+        for ckpt in self.complete()[:-self.keep_last]:
+            self._discard(ckpt.path)
+
+    def _discard(self, path: str) -> None:
+        # Rename first: the folder stops being a step_* checkpoint atomically, then delete.
+        trash = os.path.join(self.root, f".trash_{os.path.basename(path)}.{time.time_ns()}")
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # ------------------------------------------------------------------ find
+    def complete(self) -> list[SavedCheckpoint]:
+        """Complete checkpoints under root, oldest first (this rank's view of the filesystem)."""
+        if not os.path.isdir(self.root):
+            return []
+        found = []
+        for name in os.listdir(self.root):
+            match = _STEP_DIR.match(name)
+            if match:
+                meta = read_marker(os.path.join(self.root, name))
+                if meta is not None and meta.get("step") == int(match.group(1)):
+                    found.append(SavedCheckpoint(os.path.join(self.root, name), meta["step"], meta))
+        return sorted(found, key=lambda c: c.step)
+
+    def latest_valid(self) -> Optional[SavedCheckpoint]:
+        """The newest complete checkpoint (the same on every rank), or None."""
+        rank = self._rank()
+        latest = None
+        if rank == 0:
+            self.remove_leftovers()
+            complete = self.complete()
+            latest = complete[-1] if complete else None
+        dist = _dist()
+        if dist:
+            box = [latest]
+            dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0)
+                                       if self.group is not None else 0, group=self.group)
+            latest = box[0]
+        return latest
+
+    def remove_leftovers(self) -> list[str]:
+        """Delete temporary/trash folders of killed saves (call on one rank, not during a save)."""
+        if not os.path.isdir(self.root):
+            return []
+        removed = [os.path.join(self.root, n) for n in os.listdir(self.root) if _LEFTOVER.match(n)]
+        for path in removed:
+            shutil.rmtree(path, ignore_errors=True)
+        return removed
+
+
+def read_marker(path: str) -> Optional[dict]:
+    """The metadata of a checkpoint folder, or None if its marker is missing or unreadable."""
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("step"), int) else None
+
+
+def _write_json_durably(path: str, payload: dict) -> None:
+    partial = path + ".partial"
+    with open(partial, "w") as f:
+        json.dump(payload, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(partial, path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    """fsync the files under path: each node must flush what its ranks wrote, and cannot tell
+    which files those are, so the local ranks of a node split all files between them."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or 1
+    if "LOCAL_WORLD_SIZE" not in os.environ:
+        local_rank = 0  # unknown node layout: this rank flushes everything
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+    for name in files[local_rank::local_world]:
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if local_rank == 0:
+        for directory, _, _ in os.walk(path):
+            _fsync_dir(directory)
+
+
+# ---------------------------------------------------------------------- RNG state bundle
+
+
+def capture_rng_state() -> dict:
+    """This rank's RNG states: python, numpy, torch CPU, every CUDA device, and megatron's
+    model-parallel CUDA RNG tracker when megatron is already in use."""
+    import numpy as np
+    import torch
+
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    if "megatron.core" in sys.modules:  # never import megatron just for this
+        from megatron.core import tensor_parallel
+
+        tracker_states = tensor_parallel.get_cuda_rng_tracker().get_states()
+        if tracker_states:
+            state["megatron_tracker"] = tracker_states
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of ``capture_rng_state``; refuses a bundle from a machine with other devices."""
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state:
+        if not torch.cuda.is_available() or torch.cuda.device_count() != len(state["torch_cuda"]):
+            raise ValueError("the checkpoint's RNG state holds CUDA generators for "
+                             f"{len(state['torch_cuda'])} devices, this process sees "
+                             f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; "
+                             "resume on the same kind of node, or skip the RNG state")
+        torch.cuda.set_rng_state_all(state["torch_cuda"])
+    if "megatron_tracker" in state:
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
+
+
+def sharded_rng_state(key: str = "rng_state"):
+    """This rank's RNG bundle as a megatron ``ShardedObject`` for a dist checkpoint: one entry
+    per (pipeline, tensor, data) parallel rank, so every rank restores its own stream. Loading it
+    needs the same layout; after a layout change, resume without it."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_data_parallel_rank())
+    return ShardedObject(key, capture_rng_state(), shape, offset, replica_id=0)
+
+
+__all__ = ["CheckpointManager", "SavedCheckpoint", "read_marker", "MARKER", "capture_rng_state",
+           "restore_rng_state", "sharded_rng_state"]

@@ -1,0 +1,90 @@
+"""Graceful preemption: a signal sets a flag; the loop asks, once per step, whether to stop.
+
+Contract: ``PreemptionHandler`` installs handlers for SIGTERM and SIGUSR1 that only record the
+signal (no I/O, no exceptions inside the handler), and restores the previous handlers on
+``close()``. The training loop calls ``should_stop()`` at the end of every step; it all-reduces
+the local flag with MAX over the default process group, so a signal that reached only some ranks
+(or reached them in different steps) stops every rank after the same step. The loop then saves a
+checkpoint and exits 0.
+
+Schedulers:
+* SLURM: ``#SBATCH --signal=USR1@300`` (no ``B:``) sends SIGUSR1 to every task 300 s before the
+  time limit; at the limit (or on preemption) SLURM sends SIGTERM, then SIGKILL after KillWait
+  (often 30 s). Launch one task per GPU with ``srun`` so each rank receives the signal.
+* torchrun forwards SIGTERM (not SIGUSR1) to its workers and kills them 30 s later, so keep
+  ``trainer.max_time_minutes`` or ``--signal=USR1@...`` as the primary mechanism there.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionHandler:
+    """Record SIGTERM/SIGUSR1 in a flag; use as a context manager or call ``install``/``close``."""
+
+    def __init__(self, signals: Sequence[int] = DEFAULT_SIGNALS, enabled: bool = True):
+        self.signals = tuple(signals)
+        self.enabled = enabled
+        self.received: Optional[int] = None  # the first signal number received, if any
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> "PreemptionHandler":
+        if not self.enabled or self._previous:
+            return self
+        if threading.current_thread() is not threading.main_thread():
+            # Python only lets the main thread install handlers; stay usable, but say so.
+            log.warning("PreemptionHandler: not on the main thread, signals will not be handled")
+            return self
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def close(self) -> None:
+        """Restore the handlers that were installed before ``install``."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def __enter__(self) -> "PreemptionHandler":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.received is None:
+            self.received = signum
+
+    @property
+    def signal_name(self) -> Optional[str]:
+        return None if self.received is None else signal.Signals(self.received).name
+
+    def should_stop(self, group=None) -> bool:
+        """True on every rank when any rank has received a signal (one tiny all-reduce)."""
+        return any_rank(self.received is not None, group)
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """Logical OR of ``flag`` over ``group`` (MAX all-reduce); just ``flag`` without a group."""
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return bool(flag)
+    device = "cpu"
+    if torch.distributed.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=group)
+    return bool(value.item())
+
+
+__all__ = ["PreemptionHandler", "any_rank", "DEFAULT_SIGNALS"]
