@@ -1,0 +1,459 @@
+"""The ``.nemo`` file: an uncompressed tar that NeMo's MegatronGPTModel (mcore) layout also uses.
+
+Layout (member names relative to the tar root)::
+
+    model_config.yaml      NeMo MegatronGPTModel keys + a few of ours (see below)
+    model_weights/         megatron-core dist checkpoint (torch_dist): metadata.json, .metadata,
+                           common.pt, __*_*.distcp; sharded keys carry NeMo's ``model.`` prefix
+                           (``model.decoder.layers.self_attention.linear_qkv.weight`` ...), one
+                           ``model_{i}`` nesting level per virtual pipeline chunk as NeMo does
+    tokenizer/             Hugging Face tokenizer files (config: ``tokenizer.type: nemo:tokenizer``)
+    hf_config/             optional: the source config.json / generation_config.json
+
+Weights are a dist checkpoint, so they load at any TP/PP layout. The embedding and output layer
+are padded to ``make_vocab_size_divisible_by * TP`` rows; when the loading layout pads to a
+different size the table is read whole and re-padded (rows past the vocabulary are padding).
+
+Compatibility with NeMo 1.x/2.x MegatronGPTModel ``.nemo`` files (mcore, torch_dist):
+read: config keys (``rmsnorm``/``fast-swiglu``/``rotary_percentage``/``override_vocab_size``/
+``scale_positional_embedding``), ``model.`` keys, TE or local layer spec (megatron's local spec
+stores its norms under the TE names), ``./``-prefixed members, gzip tars. Not read: zarr or
+pre-dist (``model_weights.ckpt``) checkpoints, linear RoPE (``seq_len_interpolation_factor``),
+sentencepiece-only tokenizers (the weights load; the tokenizer must be supplied). NeMo loading
+ours: keys and shapes match its local spec (``transformer_engine: false``); its TE spec also
+expects TE attention ``_extra_state`` entries the local spec does not write; the HF tokenizer is
+an artifact directory, so NeMo needs ``tokenizer.type`` pointed at it (or at a hub id).
+
+Safety: extraction refuses absolute paths, ``..``, links and special files; loading never
+unpickles code: ``.metadata`` goes through an allow-listed unpickler, ``common.pt`` through
+torch's weights-only loader, requested keys must be tensors (pickled byte entries such as
+``_extra_state`` are never read), and tensors themselves load weights-only (torch DCP).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+from typing import Any, Optional, Sequence
+
+import torch
+import yaml
+
+from nemo_aot.models.config import GPTModelConfig, RopeScaling
+
+CONFIG_NAME = "model_config.yaml"
+WEIGHTS_DIR = "model_weights"
+TOKENIZER_DIR = "tokenizer"
+KEY_PREFIX = "model."
+_VOCAB_KEYS = ("model.embedding.word_embeddings.weight", "model.output_layer.weight")
+_SAME_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+              "num_query_groups", "kv_channels", "encoder_seq_length", "max_position_embeddings",
+              "position_embedding_type", "rotary_base", "layernorm_epsilon", "bias", "qkv_bias",
+              "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
+              "init_method_std", "vocab_size", "attention_backend")
+# NeMo's defaults where a key is absent (MegatronGPTModel), so old configs read as NeMo read them.
+_NEMO_DEFAULTS = {"position_embedding_type": "learned_absolute", "normalization": "layernorm",
+                  "activation": "gelu", "bias": True, "share_embeddings_and_output_weights": True,
+                  "make_vocab_size_divisible_by": 128}
+_NORMS = {"rmsnorm": "RMSNorm"}
+_ACTIVATIONS = {"fast-swiglu": "swiglu", "swiglu": "swiglu"}
+
+
+# ----------------------------------------------------------------------------- config
+def nemo_config_dict(cfg: GPTModelConfig, tokenizer: Optional[dict] = None,
+                     extra_cfg: Optional[dict] = None) -> dict:
+    """model_config.yaml content: NeMo key names first, then ours (vocab_size, rope_scaling...)."""
+    ours = cfg.to_dict()
+    out: dict[str, Any] = {"mcore_gpt": True, "transformer_engine": False}
+    out.update({k: ours[k] for k in _SAME_KEYS})
+    out.update(normalization="rmsnorm" if cfg.normalization == "RMSNorm" else cfg.normalization,
+               activation="fast-swiglu" if cfg.activation == "swiglu" else cfg.activation,
+               rotary_percentage=cfg.rotary_percent, override_vocab_size=cfg.vocab_size,
+               rope_scaling=ours["rope_scaling"],
+               scale_positional_embedding=cfg.rope_scaling is not None,
+               seq_len_interpolation_factor=None, hidden_dropout=0.0, attention_dropout=0.0,
+               ffn_dropout=0.0, apply_query_key_layer_scaling=False, tokenizer=tokenizer)
+    clash = sorted(set(extra_cfg or {}) & set(out))
+    if clash:
+        raise ValueError(f"extra_cfg keys {clash} would overwrite architecture keys")
+    out.update(extra_cfg or {})
+    return out
+
+
+def model_config_from_nemo(cfg: dict, source: str = CONFIG_NAME) -> GPTModelConfig:
+    """GPTModelConfig from a model_config.yaml dict (ours or NeMo's); NeMo defaults apply."""
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "max_position_embeddings"):
+        if cfg.get(key) is None:
+            raise ValueError(f"{source}: required key {key!r} is missing")
+    if cfg.get("seq_len_interpolation_factor") is not None:
+        raise ValueError(f"{source}: seq_len_interpolation_factor (linear RoPE scaling) is not "
+                         "supported")
+    values = {k: cfg.get(k, _NEMO_DEFAULTS.get(k)) for k in _SAME_KEYS}
+    values = {k: v for k, v in values.items() if v is not None}
+    values.setdefault("encoder_seq_length", cfg["max_position_embeddings"])
+    values["vocab_size"] = cfg.get("vocab_size") or cfg.get("override_vocab_size")
+    norm = str(cfg.get("normalization", _NEMO_DEFAULTS["normalization"]))
+    values["normalization"] = _NORMS.get(norm.lower(), norm)
+    act = str(cfg.get("activation", _NEMO_DEFAULTS["activation"]))
+    values["activation"] = _ACTIVATIONS.get(act, act)
+    values["rotary_percent"] = float(cfg.get("rotary_percent", cfg.get("rotary_percentage", 1.0)))
+    scaling = cfg.get("rope_scaling")
+    if isinstance(scaling, dict):
+        values["rope_scaling"] = RopeScaling(**scaling)
+    elif cfg.get("scale_positional_embedding"):  # NeMo's Llama-3.1 flag: megatron's defaults
+        values["rope_scaling"] = RopeScaling()
+    if values["vocab_size"] is None:
+        raise ValueError(f"{source}: neither vocab_size nor override_vocab_size is set")
+    model = GPTModelConfig.from_dict(values, source=source)
+    model.validate(prefix=source)
+    return model
+
+
+def read_nemo_config(path: str) -> tuple[GPTModelConfig, dict]:
+    """(architecture, full resolved model_config.yaml dict) of a .nemo file or extracted dir."""
+    if os.path.isdir(path):
+        with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
+            text = f.read()
+    else:
+        with _open_tar(path) as tar:
+            member = next((m for m in tar.getmembers() if _parts(m.name) == [CONFIG_NAME]), None)
+            if member is None or not member.isfile():
+                raise ValueError(f"{path}: no {CONFIG_NAME} at the archive root; not a .nemo file")
+            text = tar.extractfile(member).read().decode("utf-8")
+    try:
+        from omegaconf import OmegaConf
+
+        full = OmegaConf.to_container(OmegaConf.create(yaml.safe_load(text)), resolve=True)
+    except Exception as err:  # yaml or interpolation errors
+        raise ValueError(f"{path}: cannot parse {CONFIG_NAME}: {err}") from err
+    if not isinstance(full, dict):
+        raise ValueError(f"{path}: {CONFIG_NAME} must be a mapping")
+    return model_config_from_nemo(full, source=f"{path}:{CONFIG_NAME}"), full
+
+
+# ----------------------------------------------------------------------------- writing
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while isinstance(getattr(module, "module", None), torch.nn.Module):  # DDP, Float16Module
+        module = module.module
+    return module
+
+
+def nemo_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict:
+    """NeMo's layout: ``model.``-prefixed keys; ``model_{i}`` per virtual pipeline chunk."""
+    modules = [_unwrap(c) for c in chunks]
+    if len(modules) == 1:
+        return modules[0].sharded_state_dict(prefix=KEY_PREFIX)
+    return {f"model_{i}": m.sharded_state_dict(prefix=KEY_PREFIX) for i, m in enumerate(modules)}
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _broadcast(value: Any) -> Any:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def save_nemo(path: str, model_cfg: GPTModelConfig, weights, tokenizer_dir: Optional[str],
+              extra_cfg: Optional[dict] = None,
+              extra_files: Optional[dict[str, bytes]] = None) -> None:
+    """Write ``path`` atomically; collective when torch.distributed is up (all ranks call it).
+
+    ``weights``: model chunks of this rank, or a ready sharded state dict with ``model.`` keys.
+    ``extra_files``: small additional members, archive name -> content.
+    """
+    from megatron.core import dist_checkpointing
+
+    model_cfg.validate()
+    sharded = weights if isinstance(weights, dict) else nemo_sharded_state_dict(weights)
+    path = os.path.abspath(path)
+    staging = None
+    if _rank() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        staging = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
+        os.makedirs(os.path.join(staging, WEIGHTS_DIR))
+    staging = _broadcast(staging)
+    error = None
+    try:
+        dist_checkpointing.save(sharded, os.path.join(staging, WEIGHTS_DIR))
+        if _rank() == 0:
+            _write_members(staging, model_cfg, tokenizer_dir, extra_cfg, extra_files or {})
+            _write_tar(staging, path)
+    except BaseException as err:  # noqa: BLE001 - reported to every rank below
+        error = err
+    finally:
+        if _rank() == 0 and staging:
+            shutil.rmtree(staging, ignore_errors=True)
+    failed = _broadcast(None if error is None else repr(error))
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"writing {path} failed on rank 0: {failed}")
+
+
+def _write_members(staging: str, cfg: GPTModelConfig, tokenizer_dir: Optional[str],
+                   extra_cfg: Optional[dict], extra_files: dict[str, bytes]) -> None:
+    tokenizer = None
+    if tokenizer_dir is not None:
+        files = sorted(n for n in os.listdir(tokenizer_dir)
+                       if os.path.isfile(os.path.join(tokenizer_dir, n)))
+        if not files:
+            raise ValueError(f"tokenizer directory {tokenizer_dir} holds no files")
+        os.makedirs(os.path.join(staging, TOKENIZER_DIR))
+        for name in files:
+            shutil.copyfile(os.path.join(tokenizer_dir, name),
+                            os.path.join(staging, TOKENIZER_DIR, name))
+        spm = "tokenizer.model" in files
+        tokenizer = {"library": "huggingface", "type": f"nemo:{TOKENIZER_DIR}",
+                     "model": f"nemo:{TOKENIZER_DIR}/tokenizer.model" if spm else None,
+                     "vocab_file": None, "merge_file": None, "delimiter": None, "use_fast": True}
+    for name, content in extra_files.items():
+        parts = _parts(name)
+        if not parts or parts[0] in (CONFIG_NAME, WEIGHTS_DIR, TOKENIZER_DIR):
+            raise ValueError(f"extra file name {name!r} is invalid or reserved")
+        os.makedirs(os.path.join(staging, *parts[:-1]), exist_ok=True)
+        with open(os.path.join(staging, *parts), "wb") as f:
+            f.write(content)
+    with open(os.path.join(staging, CONFIG_NAME), "w", encoding="utf-8") as f:
+        yaml.safe_dump(nemo_config_dict(cfg, tokenizer, extra_cfg), f, sort_keys=False)
+
+
+def _write_tar(staging: str, path: str) -> None:
+    def clean(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        info.mode = 0o755 if info.isdir() else 0o644
+        return info
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.",
+                               suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
+            for root, dirs, files in os.walk(staging):
+                dirs.sort()
+                for name in sorted(dirs) + sorted(files):
+                    full = os.path.join(root, name)
+                    tar.add(full, arcname=os.path.relpath(full, staging), recursive=False,
+                            filter=clean)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- reading
+def _parts(name: str) -> list[str]:
+    return [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+
+
+def _open_tar(path: str) -> tarfile.TarFile:
+    if not os.path.isfile(path):
+        raise ValueError(f".nemo file not found: {path}")
+    try:
+        return tarfile.open(path, "r:*")
+    except tarfile.TarError as err:
+        raise ValueError(f"{path} is not a .nemo (tar) file: {err}") from err
+
+
+def extract_nemo(path: str, dest: str) -> str:
+    """Extract into ``dest`` (new or empty); refuse any member that could land outside it."""
+    os.makedirs(dest, exist_ok=True)
+    if os.listdir(dest):
+        raise ValueError(f"extraction directory {dest} is not empty")
+    root = os.path.realpath(dest)
+    with _open_tar(path) as tar:
+        members = tar.getmembers()
+        plan = []
+        for m in members:
+            what = f"{path}: member {m.name!r}"
+            if m.name.startswith(("/", "\\")) or (len(m.name) > 1 and m.name[1] == ":"):
+                raise ValueError(f"{what} has an absolute path; refusing to extract")
+            parts = _parts(m.name)
+            if ".." in parts:
+                raise ValueError(f"{what} climbs out of the archive ('..'); refusing to extract")
+            if m.issym() or m.islnk():
+                raise ValueError(f"{what} is a link (to {m.linkname!r}); .nemo files hold none")
+            if not (m.isfile() or m.isdir()):
+                raise ValueError(f"{what} is a device, fifo or other special file; refusing")
+            target = os.path.join(root, *parts)
+            if parts and os.path.commonpath([root, os.path.realpath(target)]) != root:
+                raise ValueError(f"{what} resolves outside {dest}; refusing to extract")
+            plan.append((m, target, parts))
+        for m, target, parts in plan:
+            if not parts or m.isdir():
+                os.makedirs(target, exist_ok=True)
+                continue
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            try:
+                with tar.extractfile(m) as src, open(target, "xb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+            except FileExistsError as err:
+                raise ValueError(f"{path}: member {m.name!r} appears twice") from err
+    return dest
+
+
+def weights_dir(extracted_dir: str) -> str:
+    """``model_weights/`` of an extracted .nemo, checked to be a torch_dist dist checkpoint."""
+    wdir = os.path.join(extracted_dir, WEIGHTS_DIR)
+    if not os.path.isdir(wdir):
+        old = os.path.exists(os.path.join(extracted_dir, "model_weights.ckpt"))
+        raise ValueError(f"{extracted_dir}: no {WEIGHTS_DIR}/ dist checkpoint" + (
+            "; model_weights.ckpt is a pre-dist-checkpoint NeMo file (pickled), re-save it with "
+            "a NeMo version that writes dist checkpoints" if old else ""))
+    import json
+
+    try:
+        with open(os.path.join(wdir, "metadata.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{wdir}/metadata.json is missing or invalid: {err}") from err
+    if meta.get("sharded_backend") != "torch_dist" or meta.get("common_backend", "torch") != "torch":
+        raise ValueError(f"{wdir}: backend {meta.get('sharded_backend')!r} is not supported "
+                         "(only torch_dist); convert zarr checkpoints with NeMo first")
+    return wdir
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles torch DCP ``.metadata``: plain DCP dataclasses and torch dtypes, nothing else."""
+
+    _ALLOWED = {
+        ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+        *(("torch.distributed.checkpoint.metadata", n) for n in (
+            "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+            "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+        *(("torch.distributed.checkpoint.planner", n) for n in (
+            "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        return super().find_class(module, name)
+
+
+def read_checkpoint_metadata(wdir: str):
+    """The DCP Metadata of ``wdir/.metadata``, unpickled through an allow-list."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path = os.path.join(wdir, ".metadata")
+    try:
+        with open(path, "rb") as f:
+            meta = _MetadataUnpickler(io.BytesIO(f.read())).load()
+    except OSError as err:
+        raise ValueError(f"{path} is missing: {err}") from err
+    except Exception as err:  # UnpicklingError and anything a crafted stream raises
+        raise ValueError(f"{path} is not a plain torch_dist metadata file ({err}); refusing to "
+                         "unpickle it (tampered or foreign checkpoint)") from err
+    if not isinstance(meta, Metadata):
+        raise ValueError(f"{path} holds a {type(meta).__name__}, not checkpoint metadata")
+    return meta
+
+
+def _check_common(wdir: str) -> None:
+    path = os.path.join(wdir, "common.pt")
+    if not os.path.exists(path):
+        return  # megatron reports a missing common file itself
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} holds more than tensors and plain containers ({err}); refusing "
+                         "to unpickle it (tampered or foreign checkpoint)") from err
+
+
+def checkpoint_dtype(extracted_dir: str) -> torch.dtype:
+    """Storage dtype of the weights (that of the word embedding)."""
+    meta = read_checkpoint_metadata(weights_dir(extracted_dir))
+    entry = meta.state_dict_metadata.get(_VOCAB_KEYS[0])
+    if entry is None or not hasattr(entry, "properties"):
+        raise ValueError(f"{extracted_dir}: no {_VOCAB_KEYS[0]} tensor in the checkpoint")
+    return entry.properties.dtype
+
+
+def load_nemo_weights(chunks: Sequence[torch.nn.Module], extracted_dir: str) -> None:
+    """Load model_weights/ into this rank's chunks (any TP/PP layout; collective)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+
+    wdir = weights_dir(extracted_dir)
+    stored = read_checkpoint_metadata(wdir).state_dict_metadata
+    _check_common(wdir)
+    modules = [_unwrap(c) for c in chunks]
+    request = nemo_sharded_state_dict(modules)
+    subs = [request] if len(modules) == 1 else [request[f"model_{i}"] for i in range(len(modules))]
+    repad, problems = {}, []
+    for sub in subs:
+        for name in list(sub):
+            item = sub[name]
+            if not hasattr(item, "key"):  # plain (common) state: nothing to check
+                continue
+            if isinstance(item, ShardedObject):  # _extra_state: pickled bytes, never read
+                del sub[name]
+                continue
+            entry = stored.get(item.key)
+            if entry is None:
+                problems.append(f"missing {item.key}")
+            elif not hasattr(entry, "size"):
+                problems.append(f"{item.key} is stored as pickled bytes, not a tensor")
+            elif isinstance(item, ShardedTensor) and tuple(entry.size) != item.global_shape:
+                if item.key in _VOCAB_KEYS and tuple(entry.size)[1:] == item.global_shape[1:]:
+                    repad[(id(sub), name)] = item
+                    sub[name] = ShardedTensor.from_rank_offsets(
+                        item.key, torch.empty(tuple(entry.size), dtype=item.data.dtype))
+                else:
+                    problems.append(f"{item.key} stored {tuple(entry.size)}, model needs "
+                                    f"{item.global_shape}")
+    if problems:
+        raise ValueError(f"{wdir} does not fit the model built from model_config.yaml: "
+                         + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
+    wanted = [set(sub) for sub in subs]
+    state = dist_checkpointing.load(request, wdir)
+    loaded = [state] if len(modules) == 1 else [state[f"model_{i}"] for i in range(len(modules))]
+    for module, sub, part, keys in zip(modules, subs, loaded, wanted):
+        values = {}
+        for name in keys:
+            value = part[name]
+            original = repad.get((id(sub), name))
+            if original is not None:  # re-pad a vocabulary table read whole
+                start, rows = original.global_offset[0], original.local_shape[0]
+                local = torch.zeros(original.local_shape, dtype=value.dtype)
+                take = max(0, min(rows, value.shape[0] - start))
+                local[:take] = value[start:start + take]
+                value = local
+            values[name[len(KEY_PREFIX):]] = value
+        result = module.load_state_dict(values, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{wdir}: parameters not loaded {missing}, unexpected "
+                             f"{result.unexpected_keys}")
+
+
+def nemo_artifact(extracted_dir: str, ref: Optional[str]) -> Optional[str]:
+    """Resolve a config reference ``nemo:<member>`` to a path inside ``extracted_dir``."""
+    if not isinstance(ref, str) or not ref.startswith("nemo:"):
+        return None
+    parts = _parts(ref[len("nemo:"):])
+    if not parts or ".." in parts:
+        raise ValueError(f"artifact reference {ref!r} is invalid")
+    path = os.path.join(extracted_dir, *parts)
+    return path if os.path.exists(path) else None
+
+
+__all__ = ["save_nemo", "read_nemo_config", "extract_nemo", "load_nemo_weights",
+           "nemo_sharded_state_dict", "nemo_config_dict", "model_config_from_nemo",
+           "checkpoint_dtype", "read_checkpoint_metadata", "weights_dir", "nemo_artifact",
+           "CONFIG_NAME", "WEIGHTS_DIR", "TOKENIZER_DIR", "KEY_PREFIX"]
