@@ -50,22 +50,35 @@ logger = logging.getLogger(__name__)
 SUPPORTED_MEGATRON_CORE = ((0, 15), (0, 16))
 _ENABLED = False
 
-# (module, attribute) whose tensor factories must allocate on the CPU while they run.
+# (module, class or None, attribute) whose tensor factories must allocate on the CPU while
+# they run. Module-level names are patched where they are *used* (imported copies included).
 _DEVICE_REDIRECTED = [
-    ("megatron.core.pipeline_parallel.schedules", "forward_backward_no_pipelining"),
-    ("megatron.core.pipeline_parallel.schedules", "forward_backward_pipelining_without_interleaving"),
-    ("megatron.core.pipeline_parallel.schedules", "forward_backward_pipelining_with_interleaving"),
-    ("megatron.core.transformer.utils", "get_default_causal_mask"),
-    ("megatron.core.transformer.utils", "get_sliding_window_causal_mask"),
-    ("megatron.core.fusions.fused_softmax", "get_default_causal_mask"),
-    ("megatron.core.fusions.fused_softmax", "get_sliding_window_causal_mask"),
-    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
-    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),
+    ("megatron.core.pipeline_parallel.schedules", None, "forward_backward_no_pipelining"),
+    ("megatron.core.pipeline_parallel.schedules", None,
+     "forward_backward_pipelining_without_interleaving"),
+    ("megatron.core.pipeline_parallel.schedules", None,
+     "forward_backward_pipelining_with_interleaving"),
+    ("megatron.core.transformer.utils", None, "get_default_causal_mask"),
+    ("megatron.core.transformer.utils", None, "get_sliding_window_causal_mask"),
+    ("megatron.core.fusions.fused_softmax", None, "get_default_causal_mask"),
+    ("megatron.core.fusions.fused_softmax", None, "get_sliding_window_causal_mask"),
+    ("megatron.core.optimizer.clip_grads", None, "clip_grad_by_total_norm_fp32"),
+    ("megatron.core.optimizer.clip_grads", None, "get_grad_norm_fp32"),
+    ("megatron.core.optimizer.clip_grads", None, "count_zeros_fp32"),
+    ("megatron.core.optimizer.optimizer", None, "clip_grad_by_total_norm_fp32"),
+    ("megatron.core.optimizer.optimizer", None, "get_grad_norm_fp32"),
+    ("megatron.core.optimizer.optimizer", None, "count_zeros_fp32"),
+    ("megatron.core.optimizer.optimizer", "MixedPrecisionOptimizer", "__init__"),
+    ("megatron.core.optimizer.optimizer", "FP32Optimizer", "__init__"),
+    ("megatron.core.optimizer.grad_scaler", "MegatronGradScaler", "__init__"),
+    ("megatron.core.optimizer.grad_scaler", "DynamicGradScaler", "__init__"),
 ]
 # (module, class or None, attribute) that compare ``tensor.type()`` with CUDA type names.
 _TYPE_REDIRECTED = [
     ("megatron.core.optimizer.clip_grads", None, "get_grad_norm_fp32"),
+    ("megatron.core.optimizer.clip_grads", None, "clip_grad_by_total_norm_fp32"),
     ("megatron.core.optimizer.optimizer", None, "get_grad_norm_fp32"),
+    ("megatron.core.optimizer.optimizer", None, "clip_grad_by_total_norm_fp32"),
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer",
      "_build_model_and_main_param_groups"),
@@ -103,8 +116,8 @@ def enable_cpu_execution() -> bool:
     _redirect_current_device()
     _install_cpu_rng_tracker()
     _unbatch_pipeline_p2p()
-    for module, attr in _DEVICE_REDIRECTED:
-        _wrap(module, None, attr, _cuda_factories_on_cpu)
+    for module, cls, attr in _DEVICE_REDIRECTED:
+        _wrap(module, cls, attr, _cuda_factories_on_cpu)
     for module, cls, attr in _TYPE_REDIRECTED:
         _wrap(module, cls, attr, _cpu_types_named_cuda)
     _ENABLED = True

@@ -72,6 +72,10 @@ class AOTStep:
         _, names = preference_loss(dummy, dummy, dummy, dummy, loss_type=alignment.loss_type,
                                    **self._loss_kwargs())
         self.metric_keys = sorted(names)
+        self.collect_rewards = False  # validation: keep per-sample rewards for the CDF plots
+        self._rewards: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.last_sums: dict[str, float] = {}
+        self.last_rewards: Optional[dict[str, torch.Tensor]] = None
 
     # ----------------------------------------------------------------- last-stage pieces
     def _sequence_logps(self, logits: torch.Tensor, mb: MicroBatch):
@@ -130,7 +134,14 @@ class AOTStep:
 
         def loss_for(index, mb, logits):
             logps, _ = self._sequence_logps(logits, mb)
-            loss, sums = self._scoped_loss(*split_rows(mb, logps, self.paired))
+            rows = split_rows(mb, logps, self.paired)
+            if self.collect_rewards:
+                pc, pr, rc, rr = (t.detach().double().cpu() for t in rows)
+                self._rewards.append((self.alignment.beta * (pc - rc),
+                                      self.alignment.beta * (pr - rr)))
+            loss, sums = self._scoped_loss(*rows)
+            # megatron divides the returned loss in place; the metric pieces must not share it
+            sums = None if sums is None else {k: v.detach().clone() for k, v in sums.items()}
             return loss, {"sums": sums}
 
         stats = self._run(micro_batches, loss_for, forward_only)
@@ -162,6 +173,10 @@ class AOTStep:
             logps, _ = self._sequence_logps(logits, mb)
             rows = split_rows(mb, logps.detach(), self.paired)
             captured.append(rows)
+            if self.collect_rewards:
+                pc, pr, rc, rr = (t.double().cpu() for t in rows)
+                self._rewards.append((self.alignment.beta * (pc - rc),
+                                      self.alignment.beta * (pr - rr)))
             return logps.sum() * 0, {}
 
         with torch.no_grad():
@@ -222,24 +237,45 @@ class AOTStep:
 
     # ----------------------------------------------------------------- metrics
     def _reduce_metrics(self, sums: list[Optional[dict]], already_global: bool = False):
-        """Sum over micro-batches and DP ranks on the last stage; share with every rank."""
+        """Sum over micro-batches and DP ranks on the last stage; share with every rank.
+
+        Sets ``self.last_sums`` (the reduced additive pieces, to accumulate over validation
+        batches) and, when ``collect_rewards`` is on, ``self.last_rewards``.
+        """
         keys = self.metric_keys
-        result = None
+        payload = None
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            vec = torch.zeros(len(keys))
+            vec = torch.zeros(len(keys), dtype=torch.float64)
             for s in sums:
                 if s is not None:  # None: an all-filler micro-batch contributes nothing
-                    vec += torch.stack([s[k].detach().float().cpu() for k in keys])
+                    vec += torch.stack([s[k].detach().double().cpu() for k in keys])
+            dp_group = parallel_state.get_data_parallel_group()
             if not already_global and parallel_state.get_data_parallel_world_size() > 1:
-                dist.all_reduce(vec, group=parallel_state.get_data_parallel_group())
-            if vec[keys.index("calls")] > 0:
-                result = {k: float(v) for k, v in finalize_metrics(dict(zip(keys, vec))).items()}
-            else:
-                result = {}
+                dist.all_reduce(vec, group=dp_group)
+            rewards = None
+            if self.collect_rewards:
+                local = [torch.cat(x) if x else torch.zeros(0) for x in zip(*self._rewards)] \
+                    if self._rewards else [torch.zeros(0), torch.zeros(0)]
+                if parallel_state.get_data_parallel_world_size() > 1:
+                    box = [None] * parallel_state.get_data_parallel_world_size()
+                    dist.all_gather_object(box, local, group=dp_group)
+                    local = [torch.cat([b[i] for b in box]) for i in range(2)]
+                rewards = {"chosen": local[0], "rejected": local[1]}
+            payload = (dict(zip(keys, vec.tolist())), rewards)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            box = [result]
+            box = [payload]
             dist.broadcast_object_list(
                 box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                 group=parallel_state.get_pipeline_model_parallel_group())
-            result = box[0]
-        return result or {}
+            payload = box[0]
+        self.last_sums, self.last_rewards = payload
+        self._rewards = []
+        return finalize_sums(self.last_sums)
+
+
+def finalize_sums(sums: dict[str, float]) -> dict[str, float]:
+    """Logged metrics from reduced additive pieces ({} when nothing real was seen)."""
+    if not sums or sums.get("calls", 0.0) <= 0:
+        return {}
+    tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in sums.items()}
+    return {k: float(v) for k, v in finalize_metrics(tensors).items()}

@@ -1,0 +1,202 @@
+"""``AOTTrainer``: the preference-training loop, in NeMo-Aligner's shape.
+
+    for each global batch:
+        attach reference log-probs          (cached table lookup, or a CPU weight swap)
+        train_single_step:
+            model.prepare_for_training_step()    zero DDP grad buffers
+            model.get_loss_and_metrics(...)      forward/backward in megatron's schedule
+            optimizer.step()                     grad sync already done; clip; Adam; LR schedule
+            model.finish_training_step()
+        non-finite loss or grad norm -> skip the update (counted) or abort, by config
+        log; validate every N steps; checkpoint every M steps or on SIGTERM/SIGUSR1; stop on
+        max_steps / max_epochs / time budget
+
+The trainer depends only on the model interface above (see ``nemo_aot.models.aot_model``), the
+megatron optimizer and scheduler, and resumable batch iterables.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def build_optimizer(cfg, model):
+    """megatron-core optimizer (optionally distributed) and its LR/WD scheduler."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o, precision = cfg.optim, cfg.precision.precision
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        clip_grad=cfg.trainer.grad_clip, bf16=precision == "bf16", fp16=precision == "fp16",
+        params_dtype=model.transformer_config.params_dtype,
+        use_distributed_optimizer=o.use_distributed_optimizer,
+        # fp16 only: a dynamic loss scale (bf16 and fp32 need none)
+        initial_loss_scale=2.0 ** 16 if precision == "fp16" else None)
+    optimizer = get_megatron_optimizer(opt_config, list(model.chunks))
+    gbs, total = cfg.trainer.global_batch_size, total_steps(cfg)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps * gbs, lr_decay_steps=max(total, 1) * gbs,
+        lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=max(total, 1) * gbs, wd_incr_style="constant")
+    model.transformer_config.grad_scale_func = optimizer.scale_loss
+    return optimizer, scheduler
+
+
+def total_steps(cfg, steps_per_epoch: Optional[int] = None) -> int:
+    t = cfg.trainer
+    if t.max_steps is not None:
+        return t.max_steps
+    if steps_per_epoch is None:
+        return 0
+    return steps_per_epoch * (t.max_epochs or 1)
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resume needs."""
+
+    step: int = 0
+    epoch: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+    history: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "consumed_samples": self.consumed_samples,
+                "skipped_steps": self.skipped_steps}
+
+
+class AOTTrainer:
+    """Runs steps, validation and checkpointing; knows nothing about megatron internals."""
+
+    def __init__(self, cfg, model, optimizer, scheduler, train_batches, val_batches,
+                 save_fn: Callable[["AOTTrainer"], None], log_fn: Callable[[str, int, dict], None],
+                 validation_hook: Optional[Callable[[int, dict, dict], None]] = None,
+                 should_stop: Optional[Callable[[], bool]] = None):
+        self.cfg, self.model = cfg, model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_batches, self.val_batches = train_batches, val_batches
+        self.save_fn, self.log_fn = save_fn, log_fn
+        self.validation_hook = validation_hook
+        self.should_stop = should_stop or (lambda: False)
+        self.state = TrainState()
+        self.max_steps = total_steps(cfg, len(train_batches))
+        self.started = time.monotonic()
+        self.stop_reason: Optional[str] = None
+
+    # ------------------------------------------------------------------ one step
+    def train_single_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        self.model.prepare_for_training_step()
+        self.optimizer.zero_grad()
+        t0 = time.monotonic()
+        metrics = self.model.get_loss_and_metrics(micro_batches, forward_only=False)
+        loss_finite = math.isfinite(metrics.get("loss", 0.0))
+        if loss_finite:
+            success, grad_norm, _ = self.optimizer.step()
+        else:
+            success, grad_norm = False, float("nan")
+        grad_finite = grad_norm is None or math.isfinite(grad_norm)
+        if not (loss_finite and grad_finite) or not success:
+            self.state.skipped_steps += 1
+            if self.cfg.trainer.nonfinite == "abort":
+                raise FloatingPointError(
+                    f"step {self.state.step}: non-finite loss ({metrics.get('loss')}) or grad norm "
+                    f"({grad_norm}); weights were not updated. Lower optim.lr, check the data, or "
+                    "set trainer.nonfinite=skip to skip such steps")
+            logger.warning("step %d: skipped (loss %s, grad norm %s)", self.state.step,
+                           metrics.get("loss"), grad_norm)
+        else:
+            self.scheduler.step(increment=self.cfg.trainer.global_batch_size)
+        self.model.finish_training_step()
+        tokens = sum(int(mb["input_ids"].numel()) for mb in micro_batches)
+        metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                       lr=self.optimizer.param_groups[0]["lr"], step_time=time.monotonic() - t0,
+                       skipped_steps=self.state.skipped_steps, local_tokens=tokens)
+        return metrics
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> dict[str, float]:
+        """Metrics over the validation split (or its first limit_val_batches global batches),
+        reduced exactly: additive pieces summed over every batch, finalized once."""
+        from nemo_aot.models.aot_step import finalize_sums
+
+        runner = self.model.step_runner
+        totals: dict[str, float] = {}
+        chosen, rejected = [], []
+        limit = self.cfg.trainer.limit_val_batches
+        runner.collect_rewards = True
+        try:
+            for i, micro_batches in enumerate(self.val_batches):
+                if limit is not None and i >= limit:
+                    break
+                self.model.get_loss_and_metrics(
+                    self.model.attach_reference(micro_batches, split="validation"),
+                    forward_only=True)
+                for k, v in runner.last_sums.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                chosen.append(runner.last_rewards["chosen"])
+                rejected.append(runner.last_rewards["rejected"])
+        finally:
+            runner.collect_rewards = False
+        metrics = finalize_sums(totals)
+        rewards = {"chosen": torch.cat(chosen) if chosen else torch.zeros(0),
+                   "rejected": torch.cat(rejected) if rejected else torch.zeros(0)}
+        if self.validation_hook is not None:
+            self.validation_hook(self.state.step, metrics, rewards)
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+    def _out_of_time(self) -> bool:
+        budget = self.cfg.trainer.max_time_minutes
+        return budget is not None and time.monotonic() - self.started > 60 * budget
+
+    def fit(self) -> TrainState:
+        t = self.cfg.trainer
+        max_epochs = t.max_epochs if t.max_steps is None else None
+        while self.stop_reason is None:
+            for micro_batches in self.train_batches:
+                micro_batches = self.model.attach_reference(micro_batches)
+                metrics = self.train_single_step(micro_batches)
+                self.state.step += 1
+                self.state.consumed_samples += t.global_batch_size
+                self.log_fn("train", self.state.step, metrics)
+                if t.val_check_interval and self.state.step % t.val_check_interval == 0:
+                    self.log_fn("validation", self.state.step, self.validate())
+                self.stop_reason = self._stop_reason()
+                if self.stop_reason is not None or self._save_due():
+                    self.save_fn(self)
+                if self.stop_reason is not None:
+                    break
+            else:
+                self.state.epoch += 1
+                if max_epochs is not None and self.state.epoch >= max_epochs:
+                    self.stop_reason = "max_epochs"
+                    self.save_fn(self)
+        return self.state
+
+    def _save_due(self) -> bool:
+        interval = self.cfg.checkpoint.save_interval
+        return bool(interval) and self.state.step % interval == 0
+
+    def _stop_reason(self) -> Optional[str]:
+        if self.should_stop():
+            return "signal"
+        if self.max_steps and self.state.step >= self.max_steps:
+            return "max_steps"
+        if self._out_of_time():
+            return "max_time"
+        return None
+
+
+__all__ = ["AOTTrainer", "TrainState", "build_optimizer", "total_steps"]

@@ -1,0 +1,224 @@
+"""``MegatronGPTAOTModel``: a NeMo model holding megatron-core GPTModel chunks, trained with AOT.
+
+The class is a ``nemo.core.ModelPT`` (so it saves and restores as a ``.nemo`` and carries its
+config), and exposes the small interface the trainer depends on:
+
+    prepare_for_training_step()          zero the DDP grad buffers
+    get_loss_and_metrics(mbs, forward_only) -> metrics   forward(/backward) of one global batch
+    finish_training_step()               nothing to do after the optimizer step today
+    attach_reference(mbs)                add reference log-probs to micro-batches
+    sharded_state_dict()                 megatron dist-checkpoint view of the weights
+
+Parallel state must be initialized (``nemo_aot.distributed.parallel.initialize_model_parallel``)
+before construction. The chunks are wrapped in megatron-core DDP; the optimizer is built by the
+trainer on top of ``self.chunks``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_aot.distributed.parallel import ParallelConfig
+from nemo_aot.models.aot_step import AOTStep
+from nemo_aot.models.config import GPTModelConfig, to_transformer_config
+from nemo_aot.models.gpt import build_model_chunks
+from nemo_aot.models.options import AlignmentConfig, PrecisionConfig
+from nemo_aot.models.reference import CpuSwapReference, ReferenceTable, attach_reference
+
+logger = logging.getLogger(__name__)
+
+try:  # NeMo is a hard dependency of the product, but keep the error readable.
+    from nemo.core.classes.modelPT import ModelPT
+except ImportError as err:  # pragma: no cover
+    raise ImportError("nemo_aot needs nemo-toolkit (pip install 'nemo-toolkit[core]')") from err
+
+
+def fp8_overrides(precision: PrecisionConfig) -> dict:
+    if precision.fp8 is None:
+        return {}
+    return dict(fp8=precision.fp8, fp8_recipe=precision.fp8_recipe,
+                fp8_amax_history_len=precision.fp8_amax_history_len,
+                fp8_amax_compute_algo=precision.fp8_amax_compute_algo,
+                fp8_param=precision.fp8_param)
+
+
+RUNTIME_SECTIONS = ("precision", "parallel", "alignment")
+
+
+def architecture_from_cfg(cfg: DictConfig) -> GPTModelConfig:
+    """The flat architecture keys of a model cfg (NeMo MegatronGPTModel layout)."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(GPTModelConfig)}
+    flat = OmegaConf.to_container(cfg, resolve=True)
+    return GPTModelConfig.from_dict({k: v for k, v in flat.items() if k in known})
+
+
+def model_cfg_node(model: GPTModelConfig, precision: PrecisionConfig, parallel: ParallelConfig,
+                   alignment: AlignmentConfig) -> DictConfig:
+    """The ModelPT cfg: architecture keys at the top level (as NeMo's model_config.yaml has
+    them) plus the run-time sections."""
+    import dataclasses
+
+    node = OmegaConf.create(model.to_dict())
+    for name, section in zip(RUNTIME_SECTIONS, (precision, parallel, alignment)):
+        node[name] = dataclasses.asdict(section)
+    return node
+
+
+def load_nemo_into(path: str, chunks: list) -> None:
+    """Read a .nemo's weights into model chunks at the current layout (collective)."""
+    import tempfile
+
+    from nemo_aot.models.nemo_format import extract_nemo, load_nemo_weights
+
+    with tempfile.TemporaryDirectory(prefix="nemo_aot_restore_") as tmp:
+        load_nemo_weights(chunks, extract_nemo(path, tmp))
+
+
+class MegatronGPTAOTModel(ModelPT):
+    """A Llama-family GPT policy on megatron-core, aligned with AOT / DPO / IPO."""
+
+    def __init__(self, cfg: DictConfig, trainer=None, *, use_distributed_optimizer: bool = False):
+        super().__init__(cfg=cfg, trainer=trainer)
+        self.model_cfg = architecture_from_cfg(cfg)
+        self.precision_cfg = PrecisionConfig(**OmegaConf.to_container(cfg.precision, resolve=True))
+        self.parallel_cfg = ParallelConfig(**OmegaConf.to_container(cfg.parallel, resolve=True))
+        self.alignment = AlignmentConfig(**OmegaConf.to_container(cfg.alignment, resolve=True))
+        self.precision_cfg.validate()
+        self.precision_cfg.check_runtime()
+        self.alignment.validate()
+        self.transformer_config = to_transformer_config(
+            self.model_cfg, self.parallel_cfg, self.precision_cfg.precision,
+            **fp8_overrides(self.precision_cfg))
+        chunks = build_model_chunks(self.model_cfg, self.transformer_config,
+                                    self.precision_cfg.transformer_impl)
+        self.chunks = torch.nn.ModuleList(self._wrap_ddp(chunks, use_distributed_optimizer))
+        self.step_runner = AOTStep(
+            list(self.chunks), self.transformer_config, vocab_size=self.model_cfg.vocab_size,
+            padded_vocab_size=self.model_cfg.padded_vocab_size(
+                self.parallel_cfg.tensor_model_parallel_size),
+            alignment=self.alignment)
+        self.reference_tables: dict[str, ReferenceTable] = {}
+        self.cpu_swap: Optional[CpuSwapReference] = None
+
+    def _wrap_ddp(self, chunks, use_distributed_optimizer: bool):
+        from megatron.core.distributed import (DistributedDataParallel,
+                                               DistributedDataParallelConfig)
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+        config = self.transformer_config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=use_distributed_optimizer, average_in_collective=False)
+        wrapped = [DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0)
+                   for i, c in enumerate(chunks)]
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = ([c.no_sync for c in wrapped] if len(wrapped) > 1
+                               else wrapped[0].no_sync)
+        return wrapped
+
+    # ------------------------------------------------------------------ trainer interface
+    def prepare_for_training_step(self) -> None:
+        for chunk in self.chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+
+    def get_loss_and_metrics(self, micro_batches: list[dict], forward_only: bool) -> dict:
+        if forward_only:
+            for chunk in self.chunks:
+                chunk.eval()
+            with torch.no_grad():
+                return self.step_runner.step(micro_batches, forward_only=True)
+        return self.step_runner.step(micro_batches, forward_only=False)
+
+    def finish_training_step(self) -> None:
+        pass
+
+    def attach_reference(self, micro_batches: list[dict], split: str = "train") -> list[dict]:
+        if self.alignment.reference_policy == "cpu_swap":
+            if self.cpu_swap is None:
+                raise RuntimeError("cpu_swap reference not set up: call enable_cpu_swap() first")
+            table = self.cpu_swap.score_step(self.step_runner, micro_batches)
+        else:
+            if split not in self.reference_tables:
+                raise RuntimeError(f"cached reference for split {split!r} not set up")
+            table = self.reference_tables[split]
+        return attach_reference(micro_batches, table, self.alignment.length_normalize)
+
+    def enable_cpu_swap(self) -> None:
+        """Snapshot the current weights as the reference (call before any update)."""
+        self.cpu_swap = CpuSwapReference(list(self.chunks))
+
+    def score(self, micro_batches: list[dict]):
+        for chunk in self.chunks:
+            chunk.eval()
+        return self.step_runner.score(micro_batches)
+
+    def sharded_state_dict(self, prefix: str = "", **kwargs) -> dict:
+        if len(self.chunks) == 1:
+            return self.chunks[0].module.sharded_state_dict(prefix=prefix)
+        return {f"model{i}": c.module.sharded_state_dict(prefix=prefix)
+                for i, c in enumerate(self.chunks)}
+
+    def load_sharded_state(self, state: dict) -> None:
+        if len(self.chunks) == 1:
+            self.chunks[0].module.load_state_dict(state, strict=True)
+        else:
+            for i, c in enumerate(self.chunks):
+                c.module.load_state_dict(state[f"model{i}"], strict=True)
+
+    # ------------------------------------------------------------------ .nemo
+    def save_to(self, save_path: str, tokenizer_dir: Optional[str] = None) -> None:
+        """Write a .nemo (collective: every rank calls it). See nemo_aot.models.nemo_format."""
+        from nemo_aot.data.tokenization import resolve_path
+        from nemo_aot.models.nemo_format import save_nemo
+
+        tokenizer_dir = resolve_path(tokenizer_dir) if tokenizer_dir else None
+        save_nemo(save_path, self.model_cfg, list(self.chunks), tokenizer_dir)
+
+    @classmethod
+    def restore_from(cls, restore_path: str, override_config_path=None, map_location=None,
+                     strict: bool = True, return_config: bool = False, trainer=None,
+                     save_restore_connector=None, *, precision: Optional[PrecisionConfig] = None,
+                     parallel: Optional[ParallelConfig] = None,
+                     alignment: Optional[AlignmentConfig] = None, seed: int = 1234):
+        """Build the model from a .nemo at the current (or given) parallel layout.
+
+        Our own loader replaces NeMo's SaveRestoreConnector: it never instantiates classes
+        named in the file (NeMo 3.0's ``_target_`` allow-list stays on and is never needed),
+        never unpickles code, and reads the weights at any TP/PP layout.
+        """
+        from nemo_aot.distributed.parallel import initialize_model_parallel
+        from nemo_aot.models.nemo_format import read_nemo_config
+
+        if save_restore_connector is not None or override_config_path is not None:
+            raise ValueError("restore_from: custom connectors and config overrides are not "
+                             "supported; pass precision/parallel/alignment instead")
+        model_cfg, full = read_nemo_config(restore_path)
+        precision = precision or PrecisionConfig(
+            precision="fp32" if not torch.cuda.is_available() else "bf16")
+        parallel = parallel or ParallelConfig()
+        alignment = alignment or AlignmentConfig()
+        node = model_cfg_node(model_cfg, precision, parallel, alignment)
+        if return_config:
+            return node
+        initialize_model_parallel(parallel, model_cfg, seed=seed)
+        model = cls(node, trainer=trainer)
+        load_nemo_into(restore_path, list(model.chunks))
+        return model
+
+    # ------------------------------------------------------------------ NeMo plumbing
+    def setup_training_data(self, train_data_config):
+        """Data is owned by the AOT trainer (nemo_aot.data); nothing to set up here."""
+
+    def setup_validation_data(self, val_data_config):
+        """Data is owned by the AOT trainer (nemo_aot.data); nothing to set up here."""
+
+    @classmethod
+    def list_available_models(cls):
+        return None

@@ -1,0 +1,188 @@
+"""Reference policy log-probs: cached from one scoring pass, or by swapping weights on the CPU.
+
+Both run the *same* forward code as the policy (``AOTStep.score``), so at step 0 - before any
+update - the policy and reference log-probs of a batch are bitwise equal and every reward is
+exactly 0 (a failure seen elsewhere when the reference runs a different code path).
+
+* ``cached`` (default): before training, score every sample once - in the training sampler's
+  epoch-0 order, so step 0 sees identical batches - and keep (summed log-prob, token count) per
+  response, keyed by (chosen/rejected, sample index). Saved as a tensors-only file named by a
+  fingerprint of the data and the model's origin, reused across epochs and runs.
+* ``cpu_swap``: reference weights live in CPU memory; each global batch swaps them into the
+  model, scores the batch, and swaps the policy back. Costs one forward and two weight copies
+  per step, needs no scoring pass and no disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+logger = logging.getLogger(__name__)
+
+
+def fingerprint(**parts) -> str:
+    """Stable short hash of JSON-serializable parts (data identity, model origin, options)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def _gather_scores(local: list[tuple[torch.Tensor, ...]]):
+    """Every rank's (label, index, logp, count) rows, on every rank (last stage -> all)."""
+    rows = None
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        rows = [torch.cat([t[i].double() if i >= 2 else t[i].long() for t in local])
+                for i in range(4)] if local else [torch.zeros(0)] * 4
+        if parallel_state.get_data_parallel_world_size() > 1:
+            box = [None] * parallel_state.get_data_parallel_world_size()
+            dist.all_gather_object(box, rows, group=parallel_state.get_data_parallel_group())
+            rows = [torch.cat([b[i] for b in box]) for i in range(4)]
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        box = [rows]
+        dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                   group=parallel_state.get_pipeline_model_parallel_group())
+        rows = box[0]
+    return rows
+
+
+class ReferenceTable:
+    """(summed log-prob, token count) per response, looked up by (label, sample_index)."""
+
+    def __init__(self, sizes: tuple[int, int]):
+        self.logp = [torch.full((n,), float("nan"), dtype=torch.float64) for n in sizes]
+        self.count = [torch.zeros(n, dtype=torch.float64) for n in sizes]
+
+    def add(self, rows) -> None:
+        """Fill missing entries only: the first scoring of a response (step order) wins."""
+        label, index, logp, count = rows
+        real = index >= 0
+        for side, mask in ((0, label.bool() & real), (1, ~label.bool() & real)):
+            mask = mask.clone()
+            mask[mask.clone()] = torch.isnan(self.logp[side][index[mask]])
+            self.logp[side][index[mask]] = logp[mask]
+            self.count[side][index[mask]] = count[mask]
+
+    def covers(self, micro_batches: list[dict]) -> bool:
+        for mb in micro_batches:
+            for side, mask in ((0, mb["label"]), (1, ~mb["label"])):
+                idx = mb["sample_index"][mask & (mb["sample_index"] >= 0)]
+                if torch.isnan(self.logp[side][idx]).any():
+                    return False
+        return True
+
+    def missing(self) -> int:
+        return sum(int(torch.isnan(t).sum()) for t in self.logp)
+
+    def lookup(self, mb: dict, length_normalize: bool) -> torch.Tensor:
+        out = torch.zeros(mb["label"].shape[0], dtype=torch.float64)
+        for side, mask in ((0, mb["label"]), (1, ~mb["label"])):
+            mask = mask & (mb["sample_index"] >= 0)
+            idx = mb["sample_index"][mask]
+            values = self.logp[side][idx]
+            if length_normalize:
+                values = values / self.count[side][idx].clamp(min=1)
+            out[mask] = values
+        if torch.isnan(out).any():
+            raise RuntimeError("reference log-prob missing for a sample: the reference cache does "
+                               "not cover this data; delete it or change reference_cache_dir")
+        return out.float()
+
+    def state(self) -> dict:
+        return {"logp": self.logp, "count": self.count}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "ReferenceTable":
+        table = cls((0, 0))
+        table.logp, table.count = list(state["logp"]), list(state["count"])
+        return table
+
+
+def score_into_table(step, batches: Iterable[list[dict]], sizes: tuple[int, int]) -> ReferenceTable:
+    """Score batches into a new table, skipping global batches whose responses all have a value
+    already (decided jointly by every rank, so the collectives stay matched)."""
+    table = ReferenceTable(sizes)
+    for micro_batches in batches:
+        needed = torch.tensor([0 if table.covers(micro_batches) else 1])
+        if dist.is_initialized():
+            dist.all_reduce(needed, op=dist.ReduceOp.MAX)
+        if needed.item():
+            table.add(_gather_scores(step.score(micro_batches)))
+    return table
+
+
+def cached_reference(step, batches: Iterable[list[dict]], sizes: tuple[int, int],
+                     cache_path: str) -> ReferenceTable:
+    """Load the table from ``cache_path`` or score it and write it there (rank 0, atomically)."""
+    if os.path.exists(cache_path):
+        state = torch.load(cache_path, map_location="cpu", weights_only=True)
+        table = ReferenceTable.from_state(state)
+        if tuple(t.numel() for t in table.logp) == tuple(sizes) and table.missing() == 0:
+            logger.info("reference log-probs: reusing %s", cache_path)
+            return table
+        logger.warning("reference cache %s does not match this data; rescoring", cache_path)
+    table = score_into_table(step, batches, sizes)
+    if table.missing():
+        raise RuntimeError(f"the scoring pass left {table.missing()} responses without a reference "
+                           "log-prob (sampler did not cover the split)")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+        tmp = f"{cache_path}.tmp{os.getpid()}"
+        torch.save(table.state(), tmp)
+        os.replace(tmp, cache_path)
+        logger.info("reference log-probs: wrote %s", cache_path)
+    return table
+
+
+class CpuSwapReference:
+    """Reference weights in CPU memory, swapped into the model to score each global batch."""
+
+    def __init__(self, chunks: list):
+        self.params = [p for c in chunks for p in c.parameters()]
+        self.reference = [p.detach().to("cpu", copy=True) for p in self.params]
+
+    def _swap(self, into: list[torch.Tensor]) -> list[torch.Tensor]:
+        held = []
+        with torch.no_grad():
+            for p, ref in zip(self.params, into):
+                held.append(p.detach().to("cpu", copy=True))
+                p.copy_(ref, non_blocking=True)
+        return held
+
+    def score_step(self, step, micro_batches: list[dict]) -> ReferenceTable:
+        """Reference log-probs of this global batch's responses (all ranks)."""
+        sizes = [0, 0]
+        for mb in micro_batches:
+            for side, mask in ((0, mb["label"]), (1, ~mb["label"])):
+                if (mb["sample_index"][mask] >= 0).any():
+                    sizes[side] = max(sizes[side], int(mb["sample_index"][mask].max()) + 1)
+        sizes = self._global_sizes(sizes)
+        policy = self._swap(self.reference)
+        try:
+            return score_into_table(step, [micro_batches], tuple(sizes))
+        finally:
+            self._swap(policy)
+
+    @staticmethod
+    def _global_sizes(sizes: list[int]) -> list[int]:
+        t = torch.tensor(sizes)
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+
+def attach_reference(micro_batches: list[dict], table: ReferenceTable,
+                     length_normalize: bool) -> list[dict]:
+    for mb in micro_batches:
+        mb["reference_logps"] = table.lookup(mb, length_normalize)
+    return micro_batches
+
+
+__all__ = ["ReferenceTable", "CpuSwapReference", "cached_reference", "attach_reference",
+           "fingerprint", "score_into_table"]
