@@ -1,0 +1,203 @@
+"""Every YAML under conf/ composes and validates; typos and impossible layouts fail early,
+naming the key; the cross-section rules of AOTConfig.validate hold."""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from nemo_aot.algorithms.config import (AOTConfig, compose_config, compose_raw, config_hash,
+                                        find_config_dir, load_config, required_keys, to_yaml)
+
+CONF = find_config_dir()
+TOP_LEVEL = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(f"{CONF}/*.yaml"))
+GROUP_OPTIONS = sorted(os.path.relpath(p, CONF)[:-len(".yaml")]
+                       for p in glob.glob(f"{CONF}/*/*.yaml"))
+# Group options are composed on top of the demo; parallel layouts need a model they divide
+# (llama3_70b: 64 heads, 8 KV groups, 80 layers).
+CONTEXT = {"parallel": ["model=llama3_70b"]}
+
+
+def _fill_required(config_name, overrides):
+    """Overrides giving placeholder values to the keys a config marks ${required:...}."""
+    required = required_keys(compose_raw(config_name, overrides))
+    fills = [f"{key}={'null' if 'validation' in key else 'placeholder.nemo'}" for key in required]
+    return required, fills
+
+
+def _compose_all(config_name, overrides):
+    required, fills = _fill_required(config_name, overrides)
+    if required:  # without values the config must refuse, naming every key
+        with pytest.raises(ValueError) as err:
+            compose_config(config_name, overrides)
+        assert all(key in str(err.value) for key in required)
+    return compose_config(config_name, overrides + fills)
+
+
+def test_discovery_finds_the_shipped_configs():
+    assert "gpt_aot" in TOP_LEVEL
+    for option in ("model/tiny", "model/llama3_8b", "model/llama3_70b", "parallel/tp2",
+                   "recipe/demo", "recipe/llama3_8b", "recipe/llama3_70b", "recipe/paper"):
+        assert option in GROUP_OPTIONS
+
+
+@pytest.mark.parametrize("config_name", TOP_LEVEL)
+def test_top_level_config_composes(config_name):
+    assert isinstance(_compose_all(config_name, []), AOTConfig)
+
+
+@pytest.mark.parametrize("option", GROUP_OPTIONS)
+def test_group_option_composes(option):
+    group, name = option.split("/")
+    cfg = _compose_all("gpt_aot", CONTEXT.get(group, []) + [f"{group}={name}"])
+    cfg.validate(world_size=cfg.world_size())
+
+
+def test_default_is_the_embedded_demo():
+    cfg = compose_config()
+    assert cfg.model.num_layers == 2 and cfg.model.vocab_size == 512
+    assert cfg.precision.precision == "fp32" and cfg.data.train_path.startswith("bundled:")
+    assert 10 <= cfg.trainer.max_steps <= 100 and cfg.init_from is None
+    AOTConfig().validate(world_size=1)  # the bare dataclass defaults are valid too
+
+
+def test_recipes_lay_out_their_clusters():
+    def recipe(name):
+        return _compose_all("gpt_aot", [f"recipe={name}"])
+
+    r8 = recipe("llama3_8b")
+    assert r8.world_size() == 8 and r8.parallel.data_parallel_size(8) == 4
+    assert r8.optim.use_distributed_optimizer and r8.precision.precision == "bf16"
+    r70 = recipe("llama3_70b")
+    world = r70.world_size()
+    assert world == 64 and r70.trainer.num_nodes > 1
+    assert r70.parallel.tensor_model_parallel_size * r70.parallel.pipeline_model_parallel_size \
+        * r70.parallel.data_parallel_size(world) == world and r70.parallel.data_parallel_size(world) > 1
+    paper = recipe("paper")
+    a = paper.alignment
+    assert (a.loss_type, a.surrogate, a.beta, a.sort_scope) == ("aot_unpaired", "logistic", 0.01, "global")
+
+
+@pytest.mark.parametrize("override, key, suggestion", [
+    ("trainer.max_stepz=3", "trainer.max_stepz", "trainer.max_steps"),
+    ("trainr.max_steps=3", "trainr", "trainer"),
+    ("optim.learning_rate=1e-3", "optim.learning_rate", None),
+    ("alignment.sort_scop=global", "alignment.sort_scop", "alignment.sort_scope"),
+    ("model.num_layer=4", "model.num_layer", "model.num_layers"),
+])
+def test_typo_key_fails_naming_it(override, key, suggestion):
+    with pytest.raises(ValueError) as err:
+        compose_raw("gpt_aot", [override])
+    assert key in str(err.value)
+    if suggestion:
+        assert f"Did you mean {suggestion}" in str(err.value)
+
+
+def test_typo_in_a_yaml_file_fails_naming_it(tmp_path):
+    shutil.copytree(CONF, tmp_path / "conf")
+    with open(tmp_path / "conf" / "model" / "llama3_8b.yaml", "a") as f:
+        f.write("rotary_bse: 10000.0\n")
+    with pytest.raises(ValueError, match=r"model.rotary_bse.*Did you mean model.rotary_base"):
+        compose_config("gpt_aot", ["model=llama3_8b"], config_dir=str(tmp_path / "conf"))
+
+
+def test_wrong_type_and_unknown_option_fail():
+    with pytest.raises(ValueError, match="trainer.max_steps"):
+        compose_config("gpt_aot", ["trainer.max_steps=abc"])
+    with pytest.raises(ValueError, match="model/llama3_9b"):
+        compose_config("gpt_aot", ["model=llama3_9b"])
+
+
+@pytest.mark.parametrize("overrides, world_size, match", [
+    (["parallel.tensor_model_parallel_size=3"], None, "num_attention_heads"),
+    (["parallel=tp2"], 3, "not divisible"),
+    (["parallel.pipeline_model_parallel_size=4", "data.uniform_step_length=true"], None, "num_layers"),
+    (["parallel.sequence_parallel=true"], None, "sequence_parallel"),
+    (["parallel=pp2", "parallel.virtual_pipeline_model_parallel_size=2", "model.num_layers=4",
+      "trainer.global_batch_size=12"], 2, "multiple of parallel.pipeline_model_parallel_size"),
+    (["trainer.devices=4"], 2, "trainer.devices"),
+])
+def test_impossible_layout_fails_at_compose(overrides, world_size, match):
+    with pytest.raises(ValueError, match=match):
+        compose_config("gpt_aot", overrides, world_size=world_size)
+
+
+def test_world_size_comes_from_the_launcher(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="world size 3"):
+        compose_config("gpt_aot", ["parallel=tp2"])
+
+
+@pytest.mark.parametrize("overrides, world_size, match", [
+    (["trainer.global_batch_size=16", "trainer.micro_batch_size=8"], 4, "global_batch_size"),
+    (["trainer.global_batch_size=18"], None, "global_batch_size"),
+    (["data.max_seq_length=512"], None, "data.max_seq_length"),
+    (["alignment.loss_type=dpo", "alignment.sort_scope=global"], None, "sort_scope"),
+    (["alignment.loss_type=aot_paired", "alignment.sort_scope=micro", "trainer.micro_batch_size=1"],
+     None, "exactly DPO"),
+    (["alignment.sort_scope=data_parallel", "trainer.micro_batch_size=1"], 1, "exactly DPO"),
+    (["data=bundled_unpaired", "alignment.loss_type=aot_paired"], None, "needs paired data"),
+    (["data=bundled_unpaired", "trainer.micro_batch_size=1", "alignment.sort_scope=global"], None,
+     "micro_batch_size must be >= 2"),
+    (["parallel.pipeline_model_parallel_size=2"], None, "uniform_step_length"),
+    (["parallel=tp2_sp", "data.pad_to_multiple_of=3"], None, "pad_to_multiple_of"),
+    (["precision.precision=bf16", "precision.transformer_impl=transformer_engine",
+      "precision.fp8=hybrid", "data.pad_to_multiple_of=8"], None, "multiple of 16"),
+    (["precision.precision=bf16", "precision.transformer_impl=transformer_engine",
+      "precision.fp8=hybrid", "precision.fp8_param=true", "data.pad_to_multiple_of=16"], None,
+     "use_distributed_optimizer"),
+    (["trainer.max_steps=null", "trainer.max_epochs=null"], None, "max_steps"),
+    (["trainer.nonfinite=ignore"], None, "trainer.nonfinite"),
+    (["trainer.grad_clip=-1"], None, "trainer.grad_clip"),
+    (["optim.min_lr=1.0"], None, "optim.min_lr"),
+    (["optim.lr_decay_style=step"], None, "optim.lr_decay_style"),
+    (["checkpoint.keep_last=0"], None, "checkpoint.keep_last"),
+    (["checkpoint.resume=maybe"], None, "checkpoint.resume"),
+    (["logging.wandb_mode=cloud"], None, "logging.wandb_mode"),
+    (["alignment.beta=0"], None, "alignment"),
+    (["data.length_policy=cut"], None, "data.length_policy"),
+])
+def test_cross_field_rules(overrides, world_size, match):
+    with pytest.raises(ValueError, match=match):
+        compose_config("gpt_aot", overrides, world_size=world_size)
+
+
+def test_valid_variants_pass():
+    compose_config("gpt_aot", ["parallel=tp2_pp2"], world_size=8)  # DP 2
+    compose_config("gpt_aot", ["alignment.loss_type=dpo", "alignment.sort_scope=micro"])
+    compose_config("gpt_aot", ["alignment.sort_scope=data_parallel", "trainer.micro_batch_size=1",
+                               "trainer.global_batch_size=4"], world_size=4)
+
+
+def test_yaml_round_trip_and_hash(tmp_path):
+    cfg = compose_config("gpt_aot", ["model=llama3_1_8b", "data.max_seq_length=128"])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    again = load_config(str(path))
+    assert again == cfg and config_hash(again) == config_hash(cfg)
+    assert again.model.rope_scaling.factor == 8.0
+    assert config_hash(compose_config("gpt_aot", ["optim.lr=2e-3"])) != config_hash(compose_config())
+    path.write_text(to_yaml(cfg) + "extra_section: 1\n")
+    with pytest.raises(ValueError, match="extra_section"):
+        load_config(str(path))
+
+
+def test_conf_ships_inside_the_package():
+    package_conf = os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__import__("nemo_aot").__file__))), "nemo_aot", "conf")
+    assert os.path.isfile(os.path.join(package_conf, "gpt_aot.yaml"))
+    assert compose_config(config_dir=package_conf) == compose_config()
+    with pytest.raises(ValueError, match="not found"):
+        find_config_dir("/nonexistent/conf")
+
+
+def test_infrastructure_modules_do_not_import_megatron_or_nemo():
+    code = ("import sys\n"
+            "import nemo_aot.algorithms.config, nemo_aot.algorithms.checkpointing\n"
+            "import nemo_aot.algorithms.signals, nemo_aot.algorithms.observability\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('megatron', 'nemo', 'wandb')]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
