@@ -366,12 +366,13 @@ def compose_raw(config_name: str = "gpt_aot", overrides: Sequence[str] = (),
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
     from omegaconf.errors import OmegaConfBaseException
 
     register_schema()
     directory = find_config_dir(config_dir)
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
+    outer = get_gh_backup()  # e.g. inside @hydra.main: put its global state back afterwards
+    GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=directory, version_base=None, job_name="nemo_aot"):
             return compose(config_name=config_name, overrides=list(overrides))
@@ -385,6 +386,8 @@ def compose_raw(config_name: str = "gpt_aot", overrides: Sequence[str] = (),
             f"({str(err).splitlines()[0]}). Keys inside a section that is null (e.g. "
             "model.rope_scaling) cannot be set from the command line; pick a config that sets "
             "the section (e.g. model=llama3_1_8b) or set it in a YAML file") from None
+    finally:
+        restore_gh_from_backup(outer)
 
 
 def to_aot_config(raw: Any, world_size: Optional[int] = None) -> AOTConfig:
