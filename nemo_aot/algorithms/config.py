@@ -54,12 +54,12 @@ class TrainerConfig:
     micro_batch_size: int = 4
     """Samples per forward/backward on one rank (gradient accumulation covers the rest)."""
     val_check_interval: int = 50
-    """Validate every this many optimizer steps (and at the end)."""
+    """Validate every this many optimizer steps."""
     limit_val_batches: Optional[int] = None
     """Validation global batches per validation; null = the whole validation set."""
     max_time_minutes: Optional[float] = None
-    """Wall-clock budget; when the next step would exceed it, save a checkpoint and exit 0.
-    Set it a few minutes under the scheduler's time limit. null = no budget."""
+    """Wall-clock budget: once a step ends past it, save a checkpoint and exit 0. Leave room
+    under the scheduler's time limit for one step plus the save. null = no budget."""
     grad_clip: float = 1.0
     """Clip the global gradient L2 norm to this; 0 disables clipping."""
     nonfinite: str = "skip"
