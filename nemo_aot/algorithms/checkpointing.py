@@ -113,7 +113,9 @@ class CheckpointManager:
         return self.step_dir(step)
 
     def _publish(self, step: int, tmp: str, metadata: dict) -> None:
-        marker = {"format_version": FORMAT_VERSION, "step": step, "time": time.time(), **metadata}
+        # The manager's step and time win over same-named metadata keys: the marker must name
+        # its own folder for latest_valid() to accept it.
+        marker = {**metadata, "format_version": FORMAT_VERSION, "step": step, "time": time.time()}
         _write_json_durably(os.path.join(tmp, MARKER), marker)
         final = self.step_dir(step)
         if os.path.exists(final):  # re-saving a step (e.g. after a resume): swap atomically

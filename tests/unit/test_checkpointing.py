@@ -135,7 +135,8 @@ def test_kill_9_during_write_leaves_previous_checkpoint(tmp_path):
     assert latest.step == 1 and latest.metadata["consumed_samples"] == 8
     assert _payload(latest.path) == "one"
     assert os.listdir(root) == ["step_00000001"]
-    manager.save(2, _writer("two again"))  # and the run can carry on saving
+    manager.save(2, _writer("two again"), {"step": 99})  # the run carries on saving; the
+    assert manager.latest_valid().metadata["step"] == 2  # manager's step wins over metadata
     assert manager.latest_valid().step == 2 and os.listdir(root) == ["step_00000002"]
 
 
