@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 from nemo_aot.algorithms.checkpointing import CheckpointManager, sharded_rng_state
-from nemo_aot.algorithms.trainer import AOTTrainer, build_optimizer
+from nemo_aot.algorithms.config import config_hash
+from nemo_aot.algorithms.trainer import AOTTrainer, build_optimizer, total_steps
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +89,17 @@ def _epoch_then_rest(ordered, coverage):
 def run_training(cfg) -> RunResult:
     from megatron.core import dist_checkpointing, parallel_state
 
-    from nemo_aot.algorithms.observability_glue import RunObserver
+    from nemo_aot.algorithms.observer import RunObserver
     from nemo_aot.algorithms.signals import PreemptionHandler
     from nemo_aot.distributed.parallel import initialize_model_parallel
     from nemo_aot.models.aot_model import MegatronGPTAOTModel, model_cfg_node
 
     model_arch = _architecture(cfg)
+    if cfg.init_from and model_arch != cfg.model:
+        # The checkpoint defines the architecture; re-validate the run against it.
+        logger.info("init_from %s: using its architecture instead of the model section",
+                    cfg.init_from)
+        cfg = dataclasses.replace(cfg, model=model_arch)
     initialize_model_parallel(cfg.parallel, model_arch, seed=cfg.trainer.seed)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -126,7 +132,7 @@ def run_training(cfg) -> RunResult:
     optimizer, scheduler = build_optimizer(cfg, model)
     ckpt_root = cfg.checkpoint.dir or os.path.join(cfg.logging.output_dir, "checkpoints")
     manager = CheckpointManager(ckpt_root, keep_last=cfg.checkpoint.keep_last)
-    observer = RunObserver(cfg, model_arch, enabled=_rank() == 0)
+    latest = manager.latest_valid() if cfg.checkpoint.resume == "auto" else None
 
     def state_template(is_loading: bool):
         model_sd = model.sharded_state_dict()
@@ -143,12 +149,16 @@ def run_training(cfg) -> RunResult:
             state["common"] = common
             dist_checkpointing.save(state, tmp_dir)
 
-        manager.save(trainer.state.step, write, metadata=trainer.state.to_dict())
+        manager.save(trainer.state.step, write,
+                     metadata={**trainer.state.to_dict(), "config_hash": config_hash(cfg)})
 
+    observer = RunObserver(cfg, model_arch, total_steps(cfg, len(train_batches)), dp_size,
+                           torch.distributed.get_world_size(),
+                           resume_step=latest.step if latest is not None else None,
+                           enabled=_rank() == 0)
     trainer = AOTTrainer(cfg, model, optimizer, scheduler, train_batches, val_batches,
                          save_fn=save, log_fn=observer.log,
                          validation_hook=observer.on_validation)
-    latest = manager.latest_valid() if cfg.checkpoint.resume == "auto" else None
     if latest is not None:
         from nemo_aot.algorithms.checkpointing import restore_rng_state
 
@@ -165,7 +175,7 @@ def run_training(cfg) -> RunResult:
     with PreemptionHandler(enabled=cfg.checkpoint.save_on_signal) as preemption:
         trainer.should_stop = preemption.should_stop
         if trainer.state.step == 0 and cfg.trainer.val_check_interval:
-            observer.log("validation", 0, trainer.validate())
+            trainer.validate()
         trainer.fit()
     nemo_path = None
     if cfg.checkpoint.export_nemo_at_end:

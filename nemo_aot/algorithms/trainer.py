@@ -54,12 +54,14 @@ def build_optimizer(cfg, model):
 
 
 def total_steps(cfg, steps_per_epoch: Optional[int] = None) -> int:
+    """Optimizer steps of the run: whichever of max_steps and max_epochs is reached first."""
     t = cfg.trainer
+    limits = []
     if t.max_steps is not None:
-        return t.max_steps
-    if steps_per_epoch is None:
-        return 0
-    return steps_per_epoch * (t.max_epochs or 1)
+        limits.append(t.max_steps)
+    if t.max_epochs is not None and steps_per_epoch is not None:
+        limits.append(steps_per_epoch * t.max_epochs)
+    return min(limits) if limits else 0
 
 
 @dataclass
@@ -152,6 +154,7 @@ class AOTTrainer:
         metrics = finalize_sums(totals)
         rewards = {"chosen": torch.cat(chosen) if chosen else torch.zeros(0),
                    "rejected": torch.cat(rejected) if rejected else torch.zeros(0)}
+        self.log_fn("validation", self.state.step, metrics)
         if self.validation_hook is not None:
             self.validation_hook(self.state.step, metrics, rewards)
         return metrics
@@ -163,7 +166,7 @@ class AOTTrainer:
 
     def fit(self) -> TrainState:
         t = self.cfg.trainer
-        max_epochs = t.max_epochs if t.max_steps is None else None
+        max_epochs = t.max_epochs
         while self.stop_reason is None:
             for micro_batches in self.train_batches:
                 micro_batches = self.model.attach_reference(micro_batches)
@@ -172,7 +175,7 @@ class AOTTrainer:
                 self.state.consumed_samples += t.global_batch_size
                 self.log_fn("train", self.state.step, metrics)
                 if t.val_check_interval and self.state.step % t.val_check_interval == 0:
-                    self.log_fn("validation", self.state.step, self.validate())
+                    self.validate()
                 self.stop_reason = self._stop_reason()
                 if self.stop_reason is not None or self._save_due():
                     self.save_fn(self)

@@ -1,0 +1,69 @@
+"""Shared helpers for end-to-end CLI runs (subprocesses, small data, metrics files)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """The first records of the bundled demo data: quick to score, same task."""
+    from nemo_aot.data.tokenization import resolve_path
+
+    out = tmp_path_factory.mktemp("data")
+    for split, n in (("train", 96), ("validation", 32)):
+        src = resolve_path(f"bundled:paired/{split}.jsonl")
+        with open(src) as f, open(out / f"{split}.jsonl", "w") as g:
+            for _, line in zip(range(n), f):
+                g.write(line)
+    return out
+
+
+def train_args(data_dir, output_dir, *extra):
+    return ["trainer.max_steps=8", "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
+            "trainer.val_check_interval=4", "checkpoint.save_interval=4",
+            f"data.train_path={data_dir}/train.jsonl",
+            f"data.validation_path={data_dir}/validation.jsonl",
+            "data.tokenizer_path=bundled:tokenizer", "optim.lr=3e-3", "optim.warmup_steps=1",
+            "model.num_layers=2", "logging.progress_bar=false", "logging.tensorboard=false",
+            f"logging.output_dir={output_dir}", *extra]
+
+
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    e.pop("WORLD_SIZE", None)
+    return e
+
+
+def run_cli(args, nproc=1, timeout=420, check=True):
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "nemo_aot.cli", *args]
+    else:
+        from multirank import free_port
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "-m", "nemo_aot.cli", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n"
+                             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def history(output_dir, split="train"):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if r["split"] == split]
+
+
+CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "fsd_violation", "grad_norm")
+
+
+def curve(records, keys=CURVE_KEYS):
+    return [(r["step"], *(r.get(k) for k in keys)) for r in records]
