@@ -219,7 +219,7 @@ def _write_members(staging: str, cfg: GPTModelConfig, tokenizer_dir: Optional[st
                      "vocab_file": None, "merge_file": None, "delimiter": None, "use_fast": True}
     for name, content in extra_files.items():
         parts = _parts(name)
-        if not parts or parts[0] in (CONFIG_NAME, WEIGHTS_DIR, TOKENIZER_DIR):
+        if not parts or ".." in parts or parts[0] in (CONFIG_NAME, WEIGHTS_DIR, TOKENIZER_DIR):
             raise ValueError(f"extra file name {name!r} is invalid or reserved")
         os.makedirs(os.path.join(staging, *parts[:-1]), exist_ok=True)
         with open(os.path.join(staging, *parts), "wb") as f:

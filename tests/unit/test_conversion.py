@@ -1,0 +1,152 @@
+"""HF -> .nemo -> megatron logits == HF logits; HF -> .nemo -> HF is bitwise; CLI wiring.
+
+Runs in this process: each conversion sets up (and tears down) a torch.distributed world of one.
+"""
+
+import argparse
+import json
+import os
+
+import pytest
+import torch
+
+from test_conversion_families import (FAMILIES, VOCAB, build_hf, hf_logits, megatron_logits,
+                                      random_tokens, read_safetensors_dir, save_hf)
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    from nemo_aot.conversion import hf_to_nemo
+
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for family in FAMILIES:
+        model = build_hf(family)
+        hf_dir = save_hf(model, root / family / "hf")
+        nemo = str(root / family / "model.nemo")
+        hf_to_nemo(hf_dir, nemo, dtype="fp32")
+        out[family] = (model, hf_dir, nemo)
+    return out
+
+
+def _load_single(nemo, tmp_path):
+    from nemo_aot.conversion.convert import build_single_model
+    from nemo_aot.models.nemo_format import extract_nemo, load_nemo_weights, read_nemo_config
+
+    cfg, _ = read_nemo_config(nemo)
+    extracted = extract_nemo(nemo, str(tmp_path / "extracted"))
+    model = build_single_model(cfg, torch.float32)
+    load_nemo_weights([model], extracted)
+    return model
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_megatron_logits_equal_hf(converted, family, tmp_path):
+    from nemo_aot.conversion.convert import single_process_world
+
+    model, _, nemo = converted[family]
+    tokens = random_tokens()
+    with single_process_world():
+        ours = megatron_logits(_load_single(nemo, tmp_path), tokens)
+    ref = hf_logits(model, tokens)
+    assert ref.abs().max() > 1.0, "logits too small for the comparison to mean anything"
+    diff = (ours - ref).abs().max().item()
+    print(f"{family}: TP=1 max abs logit diff {diff:.3e}")
+    assert diff <= TOLERANCE, f"{family}: max abs logit diff {diff:.3e}"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_round_trip_is_bitwise_and_loads_in_transformers(converted, family, tmp_path):
+    import transformers
+
+    from nemo_aot.conversion import nemo_to_hf
+
+    model, hf_dir, nemo = converted[family]
+    back = str(tmp_path / "back")
+    nemo_to_hf(nemo, back)
+    source, result = read_safetensors_dir(hf_dir), read_safetensors_dir(back)
+    assert sorted(result) == sorted(source)
+    for name, tensor in source.items():
+        assert result[name].dtype == tensor.dtype and torch.equal(result[name], tensor), name
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        original = json.load(f)
+    loaded = transformers.AutoConfig.from_pretrained(back)
+    for key in ("hidden_size", "intermediate_size", "num_key_value_heads", "vocab_size",
+                "tie_word_embeddings", "head_dim", "rms_norm_eps"):
+        if key in original:
+            assert getattr(loaded, key) == original[key], key
+    again = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+    tokens = random_tokens(seed=3)
+    assert torch.equal(hf_logits(again, tokens), hf_logits(model, tokens))
+    assert transformers.AutoTokenizer.from_pretrained(back)("a1+2")["input_ids"]
+    assert os.path.isfile(os.path.join(back, "generation_config.json"))
+
+
+def test_bf16_sharded_source_round_trips_bitwise(tmp_path):
+    """Many small shards in and out (with an index); bf16 stays bf16 bit for bit."""
+    from nemo_aot.conversion import hf_to_nemo
+    from nemo_aot.conversion.convert import nemo_to_hf
+
+    model = build_hf("qwen2", seed=5, dtype=torch.bfloat16)
+    hf_dir = save_hf(model, tmp_path / "hf", max_shard_size="40KB")
+    assert len([n for n in os.listdir(hf_dir) if n.endswith(".safetensors")]) > 3
+    nemo = str(tmp_path / "m.nemo")
+    hf_to_nemo(hf_dir, nemo, dtype="bf16")
+    back = str(tmp_path / "back")
+    nemo_to_hf(nemo, back, max_shard_bytes=60_000)
+    assert os.path.isfile(os.path.join(back, "model.safetensors.index.json"))
+    source, result = read_safetensors_dir(hf_dir), read_safetensors_dir(back)
+    assert sorted(result) == sorted(source)
+    assert all(result[k].dtype == torch.bfloat16 and torch.equal(result[k], v)
+               for k, v in source.items())
+    with open(os.path.join(back, "config.json")) as f:
+        assert json.load(f).get("dtype", "bfloat16") == "bfloat16"
+
+
+def test_generated_config_when_no_source_config_is_stored(converted, tmp_path):
+    """A .nemo without hf_config/ (trained from scratch) exports a generated config."""
+    import tarfile
+
+    import transformers
+
+    from nemo_aot.conversion import nemo_to_hf
+
+    model, _, nemo = converted["llama31_rope"]
+    stripped = str(tmp_path / "stripped.nemo")
+    with tarfile.open(nemo) as src, tarfile.open(stripped, "w") as dst:
+        for member in src.getmembers():
+            if not member.name.startswith("hf_config"):
+                dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+    back = str(tmp_path / "back")
+    nemo_to_hf(stripped, back)
+    config = transformers.AutoConfig.from_pretrained(back)
+    assert config.architectures == ["LlamaForCausalLM"]
+    again = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+    tokens = random_tokens(seed=4)
+    assert torch.equal(hf_logits(again, tokens), hf_logits(model, tokens))
+
+
+def test_cli_converts_and_reports_user_errors(converted, tmp_path, capsys):
+    from nemo_aot.conversion.cli import register
+
+    parser = argparse.ArgumentParser(prog="nemo-aot")
+    register(parser.add_subparsers(dest="command", required=True))
+    _, hf_dir, nemo = converted["mistral"]
+    out = str(tmp_path / "cli.nemo")
+    args = parser.parse_args(["convert", "hf-to-nemo", "--hf", hf_dir, "--out", out,
+                              "--dtype", "fp32"])
+    assert args.func(args) == 0 and os.path.isfile(out)
+    args = parser.parse_args(["convert", "nemo-to-hf", "--nemo", out, "--out",
+                              str(tmp_path / "cli_hf")])
+    assert args.func(args) == 0
+    assert os.path.isfile(str(tmp_path / "cli_hf" / "model.safetensors"))
+    args = parser.parse_args(["convert", "hf-to-nemo", "--hf", str(tmp_path / "nowhere"),
+                              "--out", str(tmp_path / "x.nemo")])
+    assert args.func(args) == 2
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["convert", "hf-to-nemo", "--hf", hf_dir, "--out", out,
+                           "--dtype", "fp16"])
+    assert VOCAB == 300
