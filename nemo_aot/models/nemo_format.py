@@ -388,6 +388,7 @@ def load_nemo_weights(chunks: Sequence[torch.nn.Module], extracted_dir: str) -> 
     """Load model_weights/ into this rank's chunks (any TP/PP layout; collective)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import is_main_replica
 
     wdir = weights_dir(extracted_dir)
     stored = read_checkpoint_metadata(wdir).state_dict_metadata
@@ -411,9 +412,13 @@ def load_nemo_weights(chunks: Sequence[torch.nn.Module], extracted_dir: str) -> 
                 problems.append(f"{item.key} is stored as pickled bytes, not a tensor")
             elif isinstance(item, ShardedTensor) and tuple(entry.size) != item.global_shape:
                 if item.key in _VOCAB_KEYS and tuple(entry.size)[1:] == item.global_shape[1:]:
+                    # Every rank reads the table whole; exactly one of them (the main
+                    # replica of the first row block) counts as its owner for megatron.
+                    owner = is_main_replica(item.replica_id) and item.global_offset[0] == 0
                     repad[(id(sub), name)] = item
                     sub[name] = ShardedTensor.from_rank_offsets(
-                        item.key, torch.empty(tuple(entry.size), dtype=item.data.dtype))
+                        item.key, torch.empty(tuple(entry.size), dtype=item.data.dtype),
+                        replica_id=0 if owner else 1)
                 else:
                     problems.append(f"{item.key} stored {tuple(entry.size)}, model needs "
                                     f"{item.global_shape}")
