@@ -9,9 +9,9 @@ from conftest import curve, history, run_cli, train_args
 
 
 @pytest.fixture(scope="module")
-def single(small_data, tmp_path_factory):
+def single(small_data, init_nemo, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    run_cli(["train", *train_args(small_data, out)])
+    run_cli(["train", *train_args(small_data, out, f"init_from={init_nemo}")])
     return out
 
 
@@ -20,27 +20,32 @@ def test_training_lowers_the_loss(single):
     assert [r["step"] for r in train] == list(range(1, 9))
     assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
     assert train[0]["rewards/chosen"] == 0.0 and train[0]["rewards/rejected"] == 0.0
-    assert train[-1]["loss"] < train[0]["loss"] - 0.01
+    assert sum(r["loss"] for r in train[-2:]) / 2 < train[0]["loss"] - 0.01
     val = history(single, "validation")
     assert [r["step"] for r in val] == [0, 4, 8]
-    assert val[-1]["loss"] < val[0]["loss"]
+    assert val[-1]["loss"] < val[0]["loss"] - 0.01
     assert val[-1]["rewards/margin"] > 0
+    assert val[-1]["fsd_violation"] < val[1]["fsd_violation"] or val[-1]["fsd_violation"] == 0
     assert (single / "aot_policy.nemo").exists()
     assert (single / "plots" / "reward_cdf.png").stat().st_size > 1000
 
 
-def test_same_seed_same_curve(single, small_data, tmp_path):
-    run_cli(["train", *train_args(small_data, tmp_path)])
+def test_same_seed_same_curve(single, small_data, init_nemo, tmp_path):
+    run_cli(["train", *train_args(small_data, tmp_path, f"init_from={init_nemo}")])
     assert curve(history(tmp_path)) == curve(history(single))
 
 
 @pytest.mark.parametrize("layout", [
     ["parallel.tensor_model_parallel_size=2"],
     ["parallel.pipeline_model_parallel_size=2", "data.uniform_step_length=true"],
-    [],  # two processes: data parallel
+    # Two processes, data parallel. The data_parallel sort scope would sort over both ranks'
+    # micro-batches (a different objective from one process); micro is layout-invariant.
+    ["alignment.sort_scope=micro"],
 ])
-def test_parallel_layouts_follow_the_single_process_curve(layout, single, small_data, tmp_path):
-    run_cli(["train", *train_args(small_data, tmp_path, *layout)], nproc=2)
+def test_parallel_layouts_follow_the_single_process_curve(layout, single, small_data, init_nemo,
+                                                         tmp_path):
+    run_cli(["train", *train_args(small_data, tmp_path, f"init_from={init_nemo}", *layout)],
+            nproc=2)
     ref, got = history(single), history(tmp_path)
     assert [r["step"] for r in got] == [r["step"] for r in ref]
     for a, b in zip(ref, got):
