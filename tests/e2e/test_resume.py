@@ -1,0 +1,64 @@
+"""Checkpoints survive kill -9, resume bit for bit, and SIGTERM saves and exits 0."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, curve, env, history, run_cli, train_args
+
+STEPS = ["trainer.max_steps=16", "checkpoint.save_interval=4", "trainer.val_check_interval=8"]
+
+
+def _start(args):
+    return subprocess.Popen([sys.executable, "-m", "nemo_aot.cli", *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(predicate, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("timed out waiting for the run")
+
+
+def test_kill_9_then_resume_matches_uninterrupted_run(small_data, init_nemo, tmp_path):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    run_cli(["train", *train_args(small_data, ref_dir, f"init_from={init_nemo}", *STEPS)])
+    args = ["train", *train_args(small_data, run_dir, f"init_from={init_nemo}", *STEPS)]
+    proc = _start(args)
+    marker = run_dir / "checkpoints" / "step_00000004" / "COMPLETE.json"
+    _wait_for(marker.exists, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (run_dir / "checkpoints" / "step_00000016").exists(), "run finished before the kill"
+    resumed = run_cli(args)
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    ref, got = history(ref_dir), history(run_dir)
+    assert [r["step"] for r in got] == list(range(1, 17))
+    assert curve(got) == curve(ref)  # bit for bit on CPU
+    assert curve(history(run_dir, "validation")) == curve(history(ref_dir, "validation"))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(small_data, init_nemo, tmp_path):
+    args = ["train", *train_args(small_data, tmp_path, f"init_from={init_nemo}",
+                                 "trainer.max_steps=500", "checkpoint.save_interval=1000",
+                                 "checkpoint.export_nemo_at_end=false")]
+    proc = _start(args)
+    metrics = tmp_path / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(history(tmp_path)) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-4000:]
+    saved = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert len(saved) == 1 and saved[0].startswith("step_"), saved
+    step = int(saved[0].split("_")[1])
+    assert 2 <= step < 500
+    assert (tmp_path / "checkpoints" / saved[0] / "COMPLETE.json").exists()
+    assert history(tmp_path)[-1]["step"] == step
