@@ -107,9 +107,9 @@ def enable_cpu_execution() -> bool:
         return True
     version = megatron_core_version()
     if version[:2] not in SUPPORTED_MEGATRON_CORE:
-        supported = ", ".join(f"{a}.{b}" for a, b in SUPPORTED_MEGATRON_CORE)
+        supported = " or ".join(f"{a}.{b}.x" for a, b in SUPPORTED_MEGATRON_CORE)
         raise RuntimeError(
-            f"nemo_aot's CPU execution support was written for megatron-core {supported}.x, "
+            f"nemo_aot's CPU execution support was written for megatron-core {supported}, "
             f"found {'.'.join(map(str, version))}. Install a supported version "
             f"(pip install 'megatron-core==0.16.1') or run on a GPU machine."
         )
