@@ -177,22 +177,31 @@ def _same_architecture(a: GPTModelConfig, b: GPTModelConfig) -> bool:
 
 def export_config(cfg: GPTModelConfig, arch: Architecture, stored: Optional[dict],
                   dtype: torch.dtype) -> dict:
-    """The source config.json when it still describes the weights, else a generated one."""
-    if stored is not None:
-        try:
-            same = _same_architecture(model_config_from_hf(stored, "stored config.json")[1], cfg)
-        except ValueError:
-            same = False
-        if same:
-            out = dict(stored)
-            keys = [k for k in ("torch_dtype", "dtype") if k in out] or ["torch_dtype"]
-            out.update({k: _HF_DTYPE[dtype] for k in keys})
-            return out
-        logger.warning("the stored Hugging Face config no longer matches model_config.yaml; "
-                       "writing a generated config.json")
+    """The source config.json when it still describes the weights, else a generated one.
+
+    A stored transformers-5 config (``rope_parameters``, ``dtype``) also gets the 4.x keys
+    (``rope_theta``, ``rope_scaling``, ``torch_dtype``): 5.x reads either, 4.x only those.
+    """
     ids = {k: stored[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
            if stored and stored.get(k) is not None}
-    return hf_config_from_model(cfg, arch, _HF_DTYPE[dtype], ids)
+    generated = hf_config_from_model(cfg, arch, _HF_DTYPE[dtype], ids)
+    if stored is None:
+        return generated
+    try:
+        same = _same_architecture(model_config_from_hf(stored, "stored config.json")[1], cfg)
+    except ValueError:
+        same = False
+    if not same:
+        logger.warning("the stored Hugging Face config no longer matches model_config.yaml; "
+                       "writing a generated config.json")
+        return generated
+    out = dict(stored)
+    for key in ("rope_theta", "rope_scaling"):
+        out.setdefault(key, generated[key])
+    out["torch_dtype"] = _HF_DTYPE[dtype]
+    if "dtype" in out:
+        out["dtype"] = _HF_DTYPE[dtype]
+    return out
 
 
 def _copy_tokenizer(extracted: str, full_cfg: dict, out_dir: str) -> None:

@@ -33,6 +33,7 @@ torch's weights-only loader, requested keys must be tensors (pickled byte entrie
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import shutil
@@ -115,16 +116,12 @@ def model_config_from_nemo(cfg: dict, source: str = CONFIG_NAME) -> GPTModelConf
 
 
 def read_nemo_config(path: str) -> tuple[GPTModelConfig, dict]:
-    """(architecture, full resolved model_config.yaml dict) of a .nemo file or extracted dir."""
-    if os.path.isdir(path):
-        with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
-            text = f.read()
-    else:
-        with _open_tar(path) as tar:
-            member = next((m for m in tar.getmembers() if _parts(m.name) == [CONFIG_NAME]), None)
-            if member is None or not member.isfile():
-                raise ValueError(f"{path}: no {CONFIG_NAME} at the archive root; not a .nemo file")
-            text = tar.extractfile(member).read().decode("utf-8")
+    """(architecture, full resolved model_config.yaml dict) of a .nemo file or extracted dir.
+
+    NeMo-made configs often carry no vocabulary size (NeMo takes it from the tokenizer); then
+    the stored embedding's row count is used, padding included, with no further padding.
+    """
+    text = _read_member(path, CONFIG_NAME).decode("utf-8")
     try:
         from omegaconf import OmegaConf
 
@@ -133,7 +130,30 @@ def read_nemo_config(path: str) -> tuple[GPTModelConfig, dict]:
         raise ValueError(f"{path}: cannot parse {CONFIG_NAME}: {err}") from err
     if not isinstance(full, dict):
         raise ValueError(f"{path}: {CONFIG_NAME} must be a mapping")
-    return model_config_from_nemo(full, source=f"{path}:{CONFIG_NAME}"), full
+    values = dict(full)
+    if values.get("vocab_size") is None and values.get("override_vocab_size") is None:
+        try:  # without it, model_config_from_nemo names the missing key
+            meta = _unpickle_metadata(_read_member(path, f"{WEIGHTS_DIR}/.metadata"), path)
+            rows = meta.state_dict_metadata[_VOCAB_KEYS[0]].size[0]
+            values.update(vocab_size=int(rows), make_vocab_size_divisible_by=1)
+        except (ValueError, KeyError, AttributeError):
+            pass
+    return model_config_from_nemo(values, source=f"{path}:{CONFIG_NAME}"), full
+
+
+def _read_member(path: str, name: str) -> bytes:
+    """Bytes of one member of a .nemo tar (``./`` prefixes allowed) or extracted directory."""
+    if os.path.isdir(path):
+        try:
+            with open(os.path.join(path, *_parts(name)), "rb") as f:
+                return f.read()
+        except OSError as err:
+            raise ValueError(f"{path}: cannot read {name}: {err}") from err
+    with _open_tar(path) as tar:
+        member = next((m for m in tar.getmembers() if _parts(m.name) == _parts(name)), None)
+        if member is None or not member.isfile():
+            raise ValueError(f"{path}: no {name} in the archive; not a .nemo file?")
+        return tar.extractfile(member).read()
 
 
 # ----------------------------------------------------------------------------- writing
@@ -152,15 +172,13 @@ def nemo_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict:
 
 
 def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def _broadcast(value: Any) -> Any:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
     box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -175,6 +193,7 @@ def save_nemo(path: str, model_cfg: GPTModelConfig, weights, tokenizer_dir: Opti
     from megatron.core import dist_checkpointing
 
     model_cfg.validate()
+    tokenizer_files = _check_members(tokenizer_dir, extra_files or {})
     sharded = weights if isinstance(weights, dict) else nemo_sharded_state_dict(weights)
     path = os.path.abspath(path)
     staging = None
@@ -187,7 +206,7 @@ def save_nemo(path: str, model_cfg: GPTModelConfig, weights, tokenizer_dir: Opti
     try:
         dist_checkpointing.save(sharded, os.path.join(staging, WEIGHTS_DIR))
         if _rank() == 0:
-            _write_members(staging, model_cfg, tokenizer_dir, extra_cfg, extra_files or {})
+            _write_members(staging, model_cfg, tokenizer_files, extra_cfg, extra_files or {})
             _write_tar(staging, path)
     except BaseException as err:  # noqa: BLE001 - reported to every rank below
         error = err
@@ -201,26 +220,33 @@ def save_nemo(path: str, model_cfg: GPTModelConfig, weights, tokenizer_dir: Opti
         raise RuntimeError(f"writing {path} failed on rank 0: {failed}")
 
 
-def _write_members(staging: str, cfg: GPTModelConfig, tokenizer_dir: Optional[str],
+def _check_members(tokenizer_dir: Optional[str], extra_files: dict[str, bytes]) -> list[str]:
+    for name in extra_files:
+        parts = _parts(name)
+        if not parts or ".." in parts or parts[0] in (CONFIG_NAME, WEIGHTS_DIR, TOKENIZER_DIR):
+            raise ValueError(f"extra file name {name!r} is invalid or reserved")
+    if tokenizer_dir is None:
+        return []
+    files = sorted(os.path.join(tokenizer_dir, n) for n in os.listdir(tokenizer_dir))
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        raise ValueError(f"tokenizer directory {tokenizer_dir} holds no files")
+    return files
+
+
+def _write_members(staging: str, cfg: GPTModelConfig, tokenizer_files: list[str],
                    extra_cfg: Optional[dict], extra_files: dict[str, bytes]) -> None:
     tokenizer = None
-    if tokenizer_dir is not None:
-        files = sorted(n for n in os.listdir(tokenizer_dir)
-                       if os.path.isfile(os.path.join(tokenizer_dir, n)))
-        if not files:
-            raise ValueError(f"tokenizer directory {tokenizer_dir} holds no files")
+    if tokenizer_files:
         os.makedirs(os.path.join(staging, TOKENIZER_DIR))
-        for name in files:
-            shutil.copyfile(os.path.join(tokenizer_dir, name),
-                            os.path.join(staging, TOKENIZER_DIR, name))
-        spm = "tokenizer.model" in files
+        for path in tokenizer_files:
+            shutil.copyfile(path, os.path.join(staging, TOKENIZER_DIR, os.path.basename(path)))
+        spm = any(os.path.basename(p) == "tokenizer.model" for p in tokenizer_files)
         tokenizer = {"library": "huggingface", "type": f"nemo:{TOKENIZER_DIR}",
                      "model": f"nemo:{TOKENIZER_DIR}/tokenizer.model" if spm else None,
                      "vocab_file": None, "merge_file": None, "delimiter": None, "use_fast": True}
     for name, content in extra_files.items():
         parts = _parts(name)
-        if not parts or ".." in parts or parts[0] in (CONFIG_NAME, WEIGHTS_DIR, TOKENIZER_DIR):
-            raise ValueError(f"extra file name {name!r} is invalid or reserved")
         os.makedirs(os.path.join(staging, *parts[:-1]), exist_ok=True)
         with open(os.path.join(staging, *parts), "wb") as f:
             f.write(content)
@@ -312,14 +338,13 @@ def weights_dir(extracted_dir: str) -> str:
         raise ValueError(f"{extracted_dir}: no {WEIGHTS_DIR}/ dist checkpoint" + (
             "; model_weights.ckpt is a pre-dist-checkpoint NeMo file (pickled), re-save it with "
             "a NeMo version that writes dist checkpoints" if old else ""))
-    import json
-
     try:
         with open(os.path.join(wdir, "metadata.json"), encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError) as err:
         raise ValueError(f"{wdir}/metadata.json is missing or invalid: {err}") from err
-    if meta.get("sharded_backend") != "torch_dist" or meta.get("common_backend", "torch") != "torch":
+    backends = (meta.get("sharded_backend"), meta.get("common_backend", "torch"))
+    if backends != ("torch_dist", "torch"):
         raise ValueError(f"{wdir}: backend {meta.get('sharded_backend')!r} is not supported "
                          "(only torch_dist); convert zarr checkpoints with NeMo first")
     return wdir
@@ -346,22 +371,22 @@ class _MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_checkpoint_metadata(wdir: str):
-    """The DCP Metadata of ``wdir/.metadata``, unpickled through an allow-list."""
+def _unpickle_metadata(data: bytes, where: str):
     from torch.distributed.checkpoint.metadata import Metadata
 
-    path = os.path.join(wdir, ".metadata")
     try:
-        with open(path, "rb") as f:
-            meta = _MetadataUnpickler(io.BytesIO(f.read())).load()
-    except OSError as err:
-        raise ValueError(f"{path} is missing: {err}") from err
+        meta = _MetadataUnpickler(io.BytesIO(data)).load()
     except Exception as err:  # UnpicklingError and anything a crafted stream raises
-        raise ValueError(f"{path} is not a plain torch_dist metadata file ({err}); refusing to "
-                         "unpickle it (tampered or foreign checkpoint)") from err
+        raise ValueError(f"{where}: .metadata is not a plain torch_dist metadata file ({err}); "
+                         "refusing to unpickle it (tampered or foreign checkpoint)") from err
     if not isinstance(meta, Metadata):
-        raise ValueError(f"{path} holds a {type(meta).__name__}, not checkpoint metadata")
+        raise ValueError(f"{where}: .metadata holds a {type(meta).__name__}, not metadata")
     return meta
+
+
+def read_checkpoint_metadata(wdir: str):
+    """The DCP Metadata of ``wdir/.metadata``, unpickled through an allow-list."""
+    return _unpickle_metadata(_read_member(wdir, ".metadata"), wdir)
 
 
 def _check_common(wdir: str) -> None:
@@ -387,8 +412,6 @@ def checkpoint_dtype(extracted_dir: str) -> torch.dtype:
 def load_nemo_weights(chunks: Sequence[torch.nn.Module], extracted_dir: str) -> None:
     """Load model_weights/ into this rank's chunks (any TP/PP layout; collective)."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
-    from megatron.core.dist_checkpointing.mapping import is_main_replica
 
     wdir = weights_dir(extracted_dir)
     stored = read_checkpoint_metadata(wdir).state_dict_metadata
@@ -396,44 +419,15 @@ def load_nemo_weights(chunks: Sequence[torch.nn.Module], extracted_dir: str) -> 
     modules = [_unwrap(c) for c in chunks]
     request = nemo_sharded_state_dict(modules)
     subs = [request] if len(modules) == 1 else [request[f"model_{i}"] for i in range(len(modules))]
-    repad, problems = {}, []
-    for sub in subs:
-        for name in list(sub):
-            item = sub[name]
-            if not hasattr(item, "key"):  # plain (common) state: nothing to check
-                continue
-            if isinstance(item, ShardedObject):  # _extra_state: pickled bytes, never read
-                del sub[name]
-                continue
-            entry = stored.get(item.key)
-            if entry is None:
-                problems.append(f"missing {item.key}")
-            elif not hasattr(entry, "size"):
-                problems.append(f"{item.key} is stored as pickled bytes, not a tensor")
-            elif isinstance(item, ShardedTensor) and tuple(entry.size) != item.global_shape:
-                if item.key in _VOCAB_KEYS and tuple(entry.size)[1:] == item.global_shape[1:]:
-                    # Every rank reads the table whole; exactly one of them (the main
-                    # replica of the first row block) counts as its owner for megatron.
-                    owner = is_main_replica(item.replica_id) and item.global_offset[0] == 0
-                    repad[(id(sub), name)] = item
-                    sub[name] = ShardedTensor.from_rank_offsets(
-                        item.key, torch.empty(tuple(entry.size), dtype=item.data.dtype),
-                        replica_id=0 if owner else 1)
-                else:
-                    problems.append(f"{item.key} stored {tuple(entry.size)}, model needs "
-                                    f"{item.global_shape}")
-    if problems:
-        raise ValueError(f"{wdir} does not fit the model built from model_config.yaml: "
-                         + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
+    repad = [_prepare_request(sub, stored, wdir) for sub in subs]
     wanted = [set(sub) for sub in subs]
     state = dist_checkpointing.load(request, wdir)
     loaded = [state] if len(modules) == 1 else [state[f"model_{i}"] for i in range(len(modules))]
-    for module, sub, part, keys in zip(modules, subs, loaded, wanted):
+    for module, part, keys, originals in zip(modules, loaded, wanted, repad):
         values = {}
         for name in keys:
-            value = part[name]
-            original = repad.get((id(sub), name))
-            if original is not None:  # re-pad a vocabulary table read whole
+            value, original = part[name], originals.get(name)
+            if original is not None:  # this rank's rows of a vocabulary table read whole
                 start, rows = original.global_offset[0], original.local_shape[0]
                 local = torch.zeros(original.local_shape, dtype=value.dtype)
                 take = max(0, min(rows, value.shape[0] - start))
@@ -445,6 +439,42 @@ def load_nemo_weights(chunks: Sequence[torch.nn.Module], extracted_dir: str) -> 
         if missing or result.unexpected_keys:
             raise ValueError(f"{wdir}: parameters not loaded {missing}, unexpected "
                              f"{result.unexpected_keys}")
+
+
+def _prepare_request(sub: dict, stored: dict, wdir: str) -> dict:
+    """Check one chunk's request against the metadata, in place: drop ``_extra_state`` objects
+    (pickled bytes), refuse missing, non-tensor or misshapen entries, and turn a vocabulary
+    table padded differently into a whole-table read. Returns {name: original} of those."""
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import is_main_replica
+
+    repad, problems = {}, []
+    for name, item in list(sub.items()):
+        if isinstance(item, ShardedObject):  # _extra_state: never read
+            del sub[name]
+            continue
+        if not hasattr(item, "key"):  # plain (common) state
+            continue
+        entry = stored.get(item.key)
+        size = tuple(getattr(entry, "size", ()))
+        if entry is None:
+            problems.append(f"missing {item.key}")
+        elif not hasattr(entry, "size"):
+            problems.append(f"{item.key} is stored as pickled bytes, not a tensor")
+        elif isinstance(item, ShardedTensor) and size != item.global_shape:
+            if item.key not in _VOCAB_KEYS or size[1:] != item.global_shape[1:]:
+                problems.append(f"{item.key} stored {size}, model needs {item.global_shape}")
+                continue
+            # Every rank reads the table whole; exactly one (the main replica of the first
+            # row block) owns it in megatron's access check.
+            owner = is_main_replica(item.replica_id) and item.global_offset[0] == 0
+            repad[name] = item
+            sub[name] = ShardedTensor.from_rank_offsets(
+                item.key, torch.empty(size, dtype=item.data.dtype), replica_id=0 if owner else 1)
+    if problems:
+        raise ValueError(f"{wdir} does not fit the model built from model_config.yaml: "
+                         + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
+    return repad
 
 
 def nemo_artifact(extracted_dir: str, ref: Optional[str]) -> Optional[str]:

@@ -35,7 +35,8 @@ def _logits(chunks, tokens):
 
         def collect(logits, non_loss_data=False):
             group = ps.get_tensor_model_parallel_group()
-            parts = [torch.empty_like(logits) for _ in range(ps.get_tensor_model_parallel_world_size())]
+            width = ps.get_tensor_model_parallel_world_size()
+            parts = [torch.empty_like(logits) for _ in range(width)]
             torch.distributed.all_gather(parts, logits.contiguous(), group=group)
             return torch.cat(parts, dim=-1)
 

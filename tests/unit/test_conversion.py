@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from test_conversion_families import (FAMILIES, VOCAB, build_hf, hf_logits, megatron_logits,
+from test_conversion_families import (FAMILIES, build_hf, hf_logits, megatron_logits,
                                       random_tokens, read_safetensors_dir, save_hf)
 
 TOLERANCE = 1e-4
@@ -77,6 +77,13 @@ def test_round_trip_is_bitwise_and_loads_in_transformers(converted, family, tmp_
                 "tie_word_embeddings", "head_dim", "rms_norm_eps"):
         if key in original:
             assert getattr(loaded, key) == original[key], key
+    with open(os.path.join(back, "config.json")) as f:
+        exported = json.load(f)
+    # transformers 4.x spelling next to 5.x's, with the same values
+    theta = original.get("rope_parameters", {}).get("rope_theta", original.get("rope_theta"))
+    assert exported["rope_theta"] == theta and exported["torch_dtype"] == "float32"
+    scaling = exported["rope_scaling"]
+    assert (scaling or {}).get("factor") == original["rope_parameters"].get("factor")
     again = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
     tokens = random_tokens(seed=3)
     assert torch.equal(hf_logits(again, tokens), hf_logits(model, tokens))
@@ -149,4 +156,3 @@ def test_cli_converts_and_reports_user_errors(converted, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["convert", "hf-to-nemo", "--hf", hf_dir, "--out", out,
                            "--dtype", "fp16"])
-    assert VOCAB == 300

@@ -291,3 +291,18 @@ def test_failed_save_leaves_nothing(nemo_file, tmp_path):
             save_nemo(str(out / "m.nemo"), cfg, [model], None,
                       extra_files={"model_weights/x": b""})
     assert os.listdir(out) == [] and not (tmp_path / "x").exists()
+
+
+def test_vocab_size_falls_back_to_the_stored_embedding(nemo_file, tmp_path):
+    """NeMo-made configs may carry no vocabulary size; the padded table's rows are used."""
+    from nemo_aot.models.nemo_format import read_nemo_config
+
+    with tarfile.open(nemo_file[0]) as tar:
+        config = yaml.safe_load(tar.extractfile("model_config.yaml"))
+    del config["vocab_size"], config["override_vocab_size"]
+    bare = _rewrite(nemo_file[0], str(tmp_path / "bare.nemo"),
+                    replace={"model_config.yaml": yaml.safe_dump(config).encode()})
+    cfg, _ = read_nemo_config(bare)
+    assert (cfg.vocab_size, cfg.padded_vocab_size(1), cfg.padded_vocab_size(2)) == (384, 384, 384)
+    logits = _load(bare, tmp_path)
+    assert (logits - hf_logits(nemo_file[1], random_tokens())).abs().max() <= 1e-4
