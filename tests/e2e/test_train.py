@@ -51,3 +51,12 @@ def test_parallel_layouts_follow_the_single_process_curve(layout, single, small_
     for a, b in zip(ref, got):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=2e-3, abs=2e-4), (a["step"], key)
+
+
+def test_cpu_swap_reference_equals_cached(single, small_data, init_nemo, tmp_path):
+    """Both reference policies run the policy's own forward: identical rewards at every step
+    (and exactly zero before the first update)."""
+    run_cli(["train", *train_args(small_data, tmp_path, f"init_from={init_nemo}",
+                                  "alignment.reference_policy=cpu_swap")])
+    assert curve(history(tmp_path)) == curve(history(single))
+    assert curve(history(tmp_path, "validation")) == curve(history(single, "validation"))
