@@ -38,7 +38,7 @@ _PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp1
 _HF_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 HF_CONFIG_MEMBER = "hf_config/config.json"
 HF_GENERATION_MEMBER = "hf_config/generation_config.json"
-MAX_SHARD_BYTES = 5 * 1024**3
+MAX_SHARD_BYTES = 2 * 1024**3  # peak export memory: the model plus one shard
 _ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 

@@ -423,22 +423,28 @@ def load_nemo_weights(chunks: Sequence[torch.nn.Module], extracted_dir: str) -> 
     wanted = [set(sub) for sub in subs]
     state = dist_checkpointing.load(request, wdir)
     loaded = [state] if len(modules) == 1 else [state[f"model_{i}"] for i in range(len(modules))]
+    del request, subs, state
     for module, part, keys, originals in zip(modules, loaded, wanted, repad):
-        values = {}
+        targets = module.state_dict(keep_vars=True)
         for name in keys:
-            value, original = part[name], originals.get(name)
-            if original is not None:  # this rank's rows of a vocabulary table read whole
-                start, rows = original.global_offset[0], original.local_shape[0]
-                local = torch.zeros(original.local_shape, dtype=value.dtype)
-                take = max(0, min(rows, value.shape[0] - start))
-                local[:take] = value[start:start + take]
-                value = local
-            values[name[len(KEY_PREFIX):]] = value
-        result = module.load_state_dict(values, strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"{wdir}: parameters not loaded {missing}, unexpected "
-                             f"{result.unexpected_keys}")
+            # Copy and release one tensor at a time: peak memory stays near one model copy.
+            value, original = part.pop(name), originals.get(name)
+            key = name[len(KEY_PREFIX):]
+            if key not in targets:
+                raise ValueError(f"{wdir}: {name} has no parameter in the model")
+            target = targets.pop(key)
+            with torch.no_grad():
+                if original is None:
+                    target.copy_(value)
+                else:  # this rank's rows of a vocabulary table read whole
+                    start, rows = original.global_offset[0], original.local_shape[0]
+                    take = max(0, min(rows, value.shape[0] - start))
+                    target.zero_()
+                    target[:take].copy_(value[start:start + take])
+            del value
+        missing = sorted(k for k in targets if not k.endswith("_extra_state"))
+        if missing:
+            raise ValueError(f"{wdir}: model parameters not in the request: {missing}")
 
 
 def _prepare_request(sub: dict, stored: dict, wdir: str) -> dict:
