@@ -196,7 +196,8 @@ class AOTTrainer:
         if self.should_stop():
             return "signal"
         if self.max_steps and self.state.step >= self.max_steps:
-            return "max_steps"
+            configured = self.cfg.trainer.max_steps
+            return "max_steps" if configured == self.max_steps else "max_epochs"
         if self._out_of_time():
             return "max_time"
         return None

@@ -1,0 +1,102 @@
+"""AOTTrainer's control flow with a stand-in model and optimizer: non-finite steps, stop
+conditions, validation and checkpoint cadence."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nemo_aot.algorithms.config import AOTConfig
+from nemo_aot.algorithms.trainer import AOTTrainer, total_steps
+
+
+class Batches(list):
+    def state_dict(self):
+        return {}
+
+
+class FakeModel:
+    def __init__(self, losses):
+        self.losses = iter(losses)
+        self.step_runner = SimpleNamespace(last_sums={}, last_rewards={
+            "chosen": torch.zeros(1), "rejected": torch.zeros(1)}, collect_rewards=False)
+        self.finished = 0
+
+    def prepare_for_training_step(self):
+        pass
+
+    def attach_reference(self, mbs, split="train"):
+        return mbs
+
+    def get_loss_and_metrics(self, mbs, forward_only):
+        return {"loss": 0.5} if forward_only else {"loss": next(self.losses)}
+
+    def finish_training_step(self):
+        self.finished += 1
+
+
+class FakeOptimizer:
+    def __init__(self, norms):
+        self.norms = iter(norms)
+        self.param_groups = [{"lr": 0.1}]
+        self.steps = 0
+
+    def zero_grad(self):
+        pass
+
+    def step(self):
+        norm = next(self.norms)
+        ok = math.isfinite(norm)
+        self.steps += int(ok)
+        return ok, norm, None
+
+
+def _trainer(losses, norms, n_batches=4, **trainer_kw):
+    cfg = AOTConfig()
+    for k, v in trainer_kw.items():
+        setattr(cfg.trainer, k, v)
+    cfg.checkpoint.save_interval = 2
+    saves, logs = [], []
+    batch = [{"input_ids": torch.zeros(2, 3, dtype=torch.long)}]
+    trainer = AOTTrainer(cfg, FakeModel(losses), FakeOptimizer(norms),
+                         SimpleNamespace(step=lambda increment: None),
+                         Batches([batch] * n_batches), Batches([batch]),
+                         save_fn=lambda t: saves.append(t.state.step),
+                         log_fn=lambda split, step, m: logs.append((split, step, dict(m))))
+    return trainer, saves, logs
+
+
+def test_nonfinite_loss_or_grad_norm_is_skipped_and_counted():
+    # step 2: NaN loss (the optimizer is not called); step 3: an infinite grad norm
+    trainer, _, logs = _trainer([0.7, float("nan"), 0.6, 0.5], [1.0, float("inf"), 1.0],
+                                max_steps=4, val_check_interval=0)
+    trainer.fit()
+    assert trainer.optimizer.steps == 2  # the NaN loss never reached the optimizer
+    assert trainer.state.skipped_steps == 2
+    assert [m["skipped_steps"] for s, _, m in logs if s == "train"] == [0, 1, 2, 2]
+
+
+def test_nonfinite_abort_raises_with_advice():
+    trainer, _, _ = _trainer([0.7, float("nan")], [1.0, 1.0], max_steps=4, nonfinite="abort",
+                             val_check_interval=0)
+    with pytest.raises(FloatingPointError, match="trainer.nonfinite=skip"):
+        trainer.fit()
+    assert trainer.optimizer.steps == 1
+
+
+def test_stops_at_first_of_max_steps_and_max_epochs_and_saves_on_cadence():
+    trainer, saves, logs = _trainer([0.5] * 20, [1.0] * 20, n_batches=3, max_steps=20,
+                                    max_epochs=2, val_check_interval=2)
+    trainer.fit()
+    assert trainer.state.step == 6 and trainer.stop_reason == "max_epochs"
+    assert saves == [2, 4, 6, 6] or saves == [2, 4, 6]
+    assert [step for split, step, _ in logs if split == "validation"] == [2, 4, 6]
+    assert total_steps(trainer.cfg, 3) == 6
+
+
+def test_signal_stops_after_the_current_step_and_saves():
+    trainer, saves, _ = _trainer([0.5] * 10, [1.0] * 10, max_steps=10, val_check_interval=0)
+    trainer.should_stop = lambda: trainer.state.step >= 3
+    trainer.fit()
+    assert trainer.state.step == 3 and trainer.stop_reason == "signal" and saves[-1] == 3
