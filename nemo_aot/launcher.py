@@ -2,27 +2,24 @@
 
     python -m nemo_aot.launcher [--dry-run] [--status-file FILE] -- train [KEY=VALUE ...]
 
-Every process of the job runs this once (SLURM: ``srun`` with one task per GPU, see
-scripts/slurm/train_aot.sbatch). Where the ranks come from, first match wins:
+Every process of the job runs this once (SLURM: ``srun``, one task per GPU; see
+scripts/slurm/train_aot.sbatch). The ranks come from, first match wins:
 
 1. torchrun (``TORCHELASTIC_RUN_ID``, or ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` all set): as is.
-2. a SLURM job step (``srun`` sets ``SLURM_STEP_NUM_TASKS``): ``SLURM_PROCID`` -> rank,
-   ``SLURM_LOCALID`` -> local rank, ``SLURM_NODEID`` -> node rank, the step's task count ->
-   world size, the first host of the step's node list -> ``MASTER_ADDR`` (``scontrol show
-   hostnames`` when it exists, else our own parser of the compressed list), and
-   ``MASTER_PORT`` = 10000 + job id mod 20000, so every task agrees without talking.
-   ``MASTER_ADDR``/``MASTER_PORT`` already in the environment win.
+2. a SLURM job step (srun sets ``SLURM_STEP_NUM_TASKS``): ``SLURM_PROCID``/``SLURM_LOCALID``/
+   ``SLURM_NODEID`` -> rank/local rank/node rank; ``MASTER_ADDR`` = first host of the step's node
+   list (``scontrol show hostnames``, else our parser: containers lack scontrol);
+   ``MASTER_PORT`` = 10000 + job id mod 20000, so tasks agree without talking. Either variable
+   already set in the environment wins.
 3. neither: one process.
 
-The config is composed with the launched world size, so the layout is checked by the same
-rules as training (``AOTConfig.validate`` -> ``ParallelConfig.validate``) before any process
-group exists, plus the placement rules only a launcher can see (nodes x tasks per node against
-``trainer.num_nodes`` x ``trainer.devices``, tasks against the node's GPUs). ``--dry-run``
-prints the resolved layout and the equivalent plain command; otherwise the launcher exports
-``RANK``/``WORLD_SIZE``/... for ``init_distributed`` and trains in this process, so SLURM's
-signals reach the trainer directly. With ``--status-file``, rank 0 records how the run ended
-(``complete=true`` only for max_steps/max_epochs), which the sbatch script reads to decide
-whether to requeue itself.
+The config is composed and validated at the launched world size (``AOTConfig.validate`` ->
+``ParallelConfig.validate``) after the placement rules only a launcher sees (nodes x tasks per
+node vs ``trainer.num_nodes`` x ``trainer.devices``, tasks vs GPUs). ``--dry-run`` prints the
+layout and the equivalent plain command; otherwise the launcher exports ``RANK``/``WORLD_SIZE``/...
+for ``init_distributed`` and trains in this process, so SLURM's signals reach the trainer.
+With ``--status-file``, rank 0 records how the run ended (``complete=true`` only for
+max_steps/max_epochs); the sbatch script requeues the job when it is false.
 """
 
 from __future__ import annotations
@@ -46,12 +43,8 @@ def expand_nodelist(nodelist: str) -> list[str]:
     """SLURM's compressed host list -> host names in order: ``node[01-03,07],gpu-a[1-2]`` ->
     node01 node02 node03 node07 gpu-a1 gpu-a2. Zero padding follows the range's first number;
     several bracket groups in one name (``r[1-2]n[1-2]``) expand left to right."""
-    hosts: list[str] = []
-    for item in _split_top_level(nodelist.strip()):
-        hosts.extend(_expand_name(item, nodelist))
-    if not hosts:
-        raise ValueError(f"empty SLURM node list {nodelist!r}")
-    return hosts
+    return [host for item in _split_top_level(nodelist.strip())
+            for host in _expand_name(item, nodelist)]
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -247,9 +240,10 @@ def check_placement(cfg, launch: LaunchEnv, environ: Optional[Mapping[str, str]]
     if t.devices is not None and (t.num_nodes, t.devices) != (launch.num_nodes, launch.local_world_size):
         raise ValueError(
             f"trainer.num_nodes x trainer.devices = {t.num_nodes} x {t.devices}, but this job "
-            f"runs {launch.num_nodes} nodes x {launch.local_world_size} tasks per node: pass "
+            f"runs {_count(launch.num_nodes, 'node')} x {_count(launch.local_world_size, 'task')} "
+            "per node: pass "
             f"trainer.num_nodes={launch.num_nodes} trainer.devices={launch.local_world_size} "
-            f"(or launch {t.num_nodes} nodes x {t.devices} tasks)")
+            f"(or launch {_count(t.num_nodes, 'node')} x {_count(t.devices, 'task')} per node)")
     if launch.gpus_on_node is not None and launch.local_world_size > launch.gpus_on_node:
         raise ValueError(f"{launch.local_world_size} tasks per node but {launch.gpus_on_node} "
                          "GPUs per node (SLURM_GPUS_ON_NODE): request --gpus-per-node="
@@ -268,6 +262,10 @@ def check_placement(cfg, launch: LaunchEnv, environ: Optional[Mapping[str, str]]
         warnings.append(f"tensor-parallel groups of {tp} span nodes ({launch.local_world_size} "
                         "ranks per node): TP traffic crosses the network; keep TP <= GPUs per node")
     return warnings
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def rank_coordinates(rank: int, tp: int, pp: int, world_size: int) -> dict:
@@ -298,7 +296,7 @@ def describe(cfg, launch: LaunchEnv, train_argv: Sequence[str], warnings: Sequen
     lines = [
         f"nemo-aot launch (dry run): ranks from {source}",
         f"  nodes        {launch.num_nodes}" + (f" ({nodes})" if nodes else ""),
-        f"  ranks        {launch.world_size} = {launch.num_nodes} nodes x "
+        f"  ranks        {launch.world_size} = {_count(launch.num_nodes, 'node')} x "
         f"{launch.local_world_size} per node; GPUs per node: {launch.gpus_on_node or 'unknown'}",
         f"  rendezvous   {launch.master_addr}:{launch.master_port}",
         f"  layout       TP {tp} x PP {pp} x DP {dp} = {launch.world_size} (sequence parallel "
