@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata as metadata
+import os
 import re
 import sys
 from typing import Iterable, Mapping, Optional
@@ -159,6 +160,7 @@ def verify(args: argparse.Namespace) -> int:
             problems.append(f"nemo-toolkit {installed.get('nemo-toolkit')}: nemo_aot needs >= 2.0")
     for module in ("nemo_aot.cli", "nemo_aot.launcher", "nemo_aot.algorithms.run"):
         _import(module, problems, notes, args.gpu, "nemo_aot")
+    problems += _check_configs()
 
     for note in notes:
         print(f"check_env: note: {note}")
@@ -170,6 +172,17 @@ def verify(args: argparse.Namespace) -> int:
                             if k in installed)
         print(f"check_env: OK ({summary})")
     return 1 if problems else 0
+
+
+def _check_configs() -> list:
+    """The installed package must carry conf/ (package data behind the nemo_aot/conf link)."""
+    try:
+        from nemo_aot.algorithms.config import find_config_dir
+
+        found = os.path.isfile(os.path.join(find_config_dir(), "gpt_aot.yaml"))
+    except Exception as err:  # noqa: BLE001 - reported as the finding
+        return [f"nemo_aot: its conf/ directory is missing ({err})"]
+    return [] if found else ["nemo_aot: conf/gpt_aot.yaml is missing from the installed package"]
 
 
 def _check_megatron(version: str, te_version: Optional[str], args: argparse.Namespace) -> list:
