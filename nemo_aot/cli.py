@@ -4,6 +4,7 @@
     nemo-aot train [KEY=VALUE ...]         Hydra overrides of conf/gpt_aot.yaml (torchrun-ready)
     nemo-aot convert hf-to-nemo|nemo-to-hf checkpoint conversion
     nemo-aot score --model M.nemo --data F --out scores.jsonl
+    nemo-aot launch [--dry-run] -- train ...  SLURM/torchrun-aware launcher (docs/cluster.md)
     nemo-aot --version
 
 Errors a user can fix (bad config, data, checkpoint) print one line and exit with code 2.
@@ -52,6 +53,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from nemo_aot.scoring import register_score
 
     register_score(sub)
+    from nemo_aot.launcher import register as register_launch
+
+    register_launch(sub)
     return parser
 
 

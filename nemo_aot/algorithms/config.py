@@ -260,6 +260,9 @@ def _check_batches(cfg: AOTConfig, dp: Optional[int]) -> None:
                 f"trainer.global_batch_size: interleaved pipelining needs the micro-batches per "
                 f"rank ({micro_batches}) to be a multiple of parallel.pipeline_model_parallel_size "
                 f"({p.pipeline_model_parallel_size})")
+    if t.max_steps is not None and cfg.optim.warmup_steps >= t.max_steps:
+        raise ValueError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be smaller than "
+                         f"trainer.max_steps={t.max_steps} (the LR schedule needs decay steps)")
     if cfg.data.format in _UNPAIRED_FORMATS and t.micro_batch_size < 2:
         raise ValueError("trainer.micro_batch_size must be >= 2 for unpaired data (one positive "
                          "and one negative per micro-batch)")

@@ -167,6 +167,8 @@ class AOTTrainer:
     def fit(self) -> TrainState:
         t = self.cfg.trainer
         max_epochs = t.max_epochs
+        # A resumed run may already be done (e.g. requeued after its last save): train nothing.
+        self.stop_reason = self._stop_reason()
         while self.stop_reason is None:
             for micro_batches in self.train_batches:
                 micro_batches = self.model.attach_reference(micro_batches)
