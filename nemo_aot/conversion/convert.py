@@ -98,6 +98,8 @@ def hf_to_nemo(hf_dir: str, out_path: str, dtype: str = "bf16",
     """Convert a Hugging Face checkpoint directory into a .nemo file; returns its config."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if not os.path.isdir(hf_dir):
+        raise ValueError(f"Hugging Face checkpoint directory not found: {hf_dir}")
     config_path = os.path.join(hf_dir, hf_io.CONFIG)
     hf_cfg = hf_io.read_json(config_path, "Hugging Face config")
     arch, model_cfg = model_config_from_hf(hf_cfg, source=config_path)
