@@ -1,0 +1,35 @@
+"""Thin Hydra entry point, for users who launch NeMo-style scripts:
+
+    python scripts/train_gpt_aot.py recipe=llama3_8b init_from=... data.train_path=...
+    torchrun --nproc_per_node=8 scripts/train_gpt_aot.py recipe=llama3_8b ...
+
+Same config tree and validation as `nemo-aot train` (conf/gpt_aot.yaml over the typed schema in
+nemo_aot/algorithms/config.py).
+"""
+
+import os
+import sys
+
+import hydra
+
+from nemo_aot.algorithms.config import register_schema, to_aot_config
+
+register_schema()
+CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "conf")
+
+
+@hydra.main(config_path=CONF, config_name="gpt_aot", version_base=None)
+def main(raw) -> None:
+    from nemo_aot.algorithms.run import run_training
+
+    world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE") else None
+    try:
+        cfg = to_aot_config(raw, world)
+    except ValueError as err:
+        print(f"train_gpt_aot: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    run_training(cfg)
+
+
+if __name__ == "__main__":
+    main()

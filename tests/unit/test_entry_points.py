@@ -1,0 +1,41 @@
+"""The console script and the Hydra entry script start, print help, and reject bad keys."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def test_version_and_help():
+    from nemo_aot import __version__
+
+    out = _run("-m", "nemo_aot.cli", "--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"nemo-aot {__version__}"
+    out = _run("-m", "nemo_aot.cli", "--help")
+    assert out.returncode == 0
+    for command in ("demo", "train", "convert", "score", "launch"):
+        assert command in out.stdout
+
+
+def test_train_typo_fails_naming_the_key_before_any_model():
+    out = _run("-m", "nemo_aot.cli", "train", "trainer.max_stepz=3")
+    assert out.returncode == 2
+    assert "trainer.max_stepz" in out.stderr and "trainer.max_steps" in out.stderr
+
+
+def test_train_impossible_layout_fails_before_any_model():
+    out = _run("-m", "nemo_aot.cli", "train", "parallel.tensor_model_parallel_size=3")
+    assert out.returncode == 2 and "num_attention_heads" in out.stderr
+
+
+def test_hydra_script_composes_the_same_tree(tmp_path):
+    out = _run(os.path.join(ROOT, "scripts", "train_gpt_aot.py"), "--cfg", "job",
+               "alignment.beta=0.05", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "beta: 0.05" in out.stdout and "sort_scope:" in out.stdout
