@@ -1,0 +1,190 @@
+"""Supervised fine-tuning (SFT) on nemo_aot's megatron path: the reference policy maker.
+
+    loss = - sum_t loss_mask_t * log pi(labels_t | prefix) / sum_t loss_mask_t
+
+over the response tokens of the chosen (paired data) or positive (unpaired data) rows of each
+micro-batch; rejected/negative rows are dropped before the forward. Everything else is the
+preference pipeline's own machinery, reused as is:
+
+* the config is an ``AOTConfig`` (model, data, trainer, optim, precision, parallel, init_from;
+  the alignment section is unused), composed and validated like any ``nemo-aot train`` run;
+* data come from ``load_preference_data`` + ``make_batches`` (formats, chat template, label
+  mask, DP sharding, per-epoch shuffles);
+* the model is a ``MegatronGPTAOTModel`` (megatron-core GPTModel chunks wrapped in megatron DDP)
+  with megatron's optimizer and LR schedule from ``build_optimizer``; the forward/backward runs
+  in megatron's schedule, so TP/PP/DP work under torchrun exactly as for preference training;
+* the per-token log-probs are ``vocab_parallel_logprobs`` (exact at any TP size);
+* the result is written with ``MegatronGPTAOTModel.save_to`` (``nemo_format.save_nemo``).
+
+Each micro-batch's loss is its own token mean; megatron averages micro-batches and DDP averages
+ranks (micro-batches of very different token counts are weighted alike, as in most SFT loops).
+Weights only are saved: SFT here makes a small reference policy, it is not a resumable job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Callable, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SFTResult:
+    nemo_path: Optional[str]
+    """The final policy (rank 0 only; None on other ranks)."""
+    steps: int
+    snapshots: list
+    """(step, path) of the intermediate .nemo snapshots, in step order."""
+    history: list
+    """One {step, loss, grad_norm, lr, time} record per optimizer step."""
+
+
+def select_trained_rows(mb: dict) -> dict:
+    """The chosen/positive rows of a collated micro-batch (filler rows dropped)."""
+    keep = mb["label"] & (mb["sample_weight"] > 0)
+    rows = {k: v[keep] for k, v in mb.items() if torch.is_tensor(v) and v.dim() >= 1
+            and v.shape[0] == keep.shape[0]}
+    width = int(rows["seq_lengths"].max()) if rows["seq_lengths"].numel() else 1
+    # Dropping rows may leave trailing all-padding columns: trim them (the mask is 0 there).
+    return {k: (v[:, :width].contiguous() if v.dim() == 2 else v) for k, v in rows.items()}
+
+
+def response_cross_entropy(model, logits: torch.Tensor, mb: dict) -> torch.Tensor:
+    """Token-mean negative log-likelihood of the masked (response) labels, fp32."""
+    from nemo_aot.models.logprobs import tp_vocab_range, vocab_parallel_logprobs
+
+    runner = model.step_runner
+    start, group = tp_vocab_range(runner.padded_vocab_size)
+    token_logps = vocab_parallel_logprobs(
+        logits, mb["labels"], vocab_size=runner.vocab_size, vocab_start=start, group=group,
+        chunk_tokens=runner.alignment.logprob_chunk_size)
+    mask = mb["loss_mask"].to(token_logps.dtype)
+    return -(token_logps * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def sft_step(model, micro_batches: list[dict], forward_only: bool = False) -> float:
+    """Forward(/backward) of one global batch in megatron's schedule; the mean micro-batch loss
+    over this rank's micro-batches (last pipeline stage; NaN on the others)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    rows = [select_trained_rows(mb) for mb in micro_batches]
+    if any(r["input_ids"].shape[0] == 0 for r in rows):
+        raise ValueError("a micro-batch holds no chosen/positive rows to train on; use paired "
+                         "data or unpaired data with positives in every micro-batch")
+    seq = max(r["input_ids"].shape[1] for r in rows)
+    chunk = model.chunks[0]
+
+    def forward_step(data_iterator, module):
+        mb = next(data_iterator)
+        output = module(mb["input_ids"], mb["position_ids"], None)
+
+        def loss_func(logits):
+            loss = response_cross_entropy(model, logits, mb)
+            return loss, {"ce": loss.detach().clone()}
+        return output, loss_func
+
+    stats = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(rows), model=chunk,
+        num_microbatches=len(rows), seq_length=seq,
+        micro_batch_size=rows[0]["input_ids"].shape[0], forward_only=forward_only)
+    losses = [float(s["ce"]) for s in stats if "ce" in s]
+    return sum(losses) / len(losses) if losses else float("nan")
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _agree(flag: bool) -> bool:
+    """Rank 0's decision, on every rank."""
+    box = [bool(flag)]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train_sft(cfg, out_path: str, snapshot_every: int = 0,
+              on_step: Optional[Callable[[dict], None]] = None,
+              stop_when: Optional[Callable[[int, list], bool]] = None,
+              check_every: int = 0) -> SFTResult:
+    """Fine-tune ``cfg.init_from`` (or a random init of ``cfg.model``) on ``cfg.data``'s
+    chosen/positive responses for ``cfg.trainer.max_steps`` steps (or ``max_epochs``); write
+    ``out_path`` and, every ``snapshot_every`` steps, ``<out_path stem>_stepNNNNNN.nemo``.
+
+    ``stop_when(step, chunks)`` runs every ``check_every`` steps on every rank with the model
+    chunks in eval mode (e.g. a greedy-accuracy check); rank 0's answer decides, and True ends
+    training there. Every rank calls ``train_sft`` (under torchrun, the data are sharded over
+    data-parallel ranks)."""
+    from megatron.core import parallel_state
+
+    from nemo_aot.algorithms.run import _architecture
+    from nemo_aot.algorithms.trainer import build_optimizer, total_steps
+    from nemo_aot.data import load_preference_data, load_tokenizer, make_batches
+    from nemo_aot.distributed.parallel import initialize_model_parallel
+    from nemo_aot.models.aot_model import MegatronGPTAOTModel, load_nemo_into, model_cfg_node
+
+    model_arch = _architecture(cfg)
+    cfg = dataclasses.replace(cfg, model=model_arch)
+    initialize_model_parallel(cfg.parallel, model_arch, seed=cfg.trainer.seed)
+    cfg.validate(torch.distributed.get_world_size())
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    if len(tokenizer) > model_arch.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
+                         f"{model_arch.vocab_size}; use the model's own tokenizer")
+    data = load_preference_data(cfg.data, "train", tokenizer)
+    t = cfg.trainer
+    batches = make_batches(data, cfg.data, t.global_batch_size, t.micro_batch_size, dp_rank,
+                           dp_size, train=True)
+    model = MegatronGPTAOTModel(
+        model_cfg_node(model_arch, cfg.precision, cfg.parallel, cfg.alignment),
+        use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
+    if cfg.init_from:
+        load_nemo_into(cfg.init_from, list(model.chunks))
+    optimizer, scheduler = build_optimizer(cfg, model)
+    max_steps = total_steps(cfg, len(batches))
+    stem = os.path.splitext(out_path)[0]
+    history, snapshots, step, started = [], [], 0, time.monotonic()
+    while step < max_steps:
+        for micro_batches in batches:
+            model.prepare_for_training_step()
+            optimizer.zero_grad()
+            loss = sft_step(model, micro_batches)
+            success, grad_norm, _ = optimizer.step()
+            if not success or not math.isfinite(loss):
+                raise FloatingPointError(f"SFT step {step}: non-finite loss ({loss}) or grad "
+                                         f"norm ({grad_norm}); lower optim.lr")
+            scheduler.step(increment=t.global_batch_size)
+            step += 1
+            record = {"step": step, "loss": loss, "grad_norm": float(grad_norm or 0.0),
+                      "lr": optimizer.param_groups[0]["lr"],
+                      "time": time.monotonic() - started}
+            history.append(record)
+            if on_step is not None and _rank() == 0:
+                on_step(record)
+            if snapshot_every and step % snapshot_every == 0 and step < max_steps:
+                path = f"{stem}_step{step:06d}.nemo"
+                model.save_to(path, tokenizer_dir=cfg.data.tokenizer_path)
+                snapshots.append((step, path))
+            if stop_when is not None and check_every and step % check_every == 0:
+                for chunk in model.chunks:
+                    chunk.eval()
+                with torch.no_grad():
+                    stop = _agree(stop_when(step, list(model.chunks)))
+                if stop:
+                    max_steps = step
+            if step >= max_steps:
+                break
+    model.save_to(out_path, tokenizer_dir=cfg.data.tokenizer_path)
+    return SFTResult(out_path if _rank() == 0 else None, step, snapshots, history)
+
+
+__all__ = ["SFTResult", "train_sft", "sft_step", "response_cross_entropy", "select_trained_rows"]

@@ -1,0 +1,416 @@
+"""The AOT-vs-DPO study, end to end, in one command (CPU).
+
+    python scripts/experiments/run_study.py --mode quick --out study_quick     # ~10 min, 2 cores
+    python scripts/experiments/run_study.py --mode full  --out study_full      # see README.md
+    python scripts/experiments/run_study.py --mode smoke --out /tmp/smoke      # CI, ~2-3 min
+
+Stages (each skipped when its outputs exist, so an interrupted study resumes):
+
+1. reference  ``sft_reference.py``: SFT a tiny Llama on arithmetic until it is right only part of
+              the time (``--reference FILE.nemo`` or ``--reference bundled`` skips this).
+2. data       ``build_preferences.py``: sample the reference, judge with the verifier, write a
+              paired and an unpaired preference set (unequal positives/negatives).
+3. train      every run of the plan through ``nemo_aot.algorithms.run.run_training`` (the code
+              ``nemo-aot train`` runs), many runs per worker process; data-parallel runs under
+              ``torchrun --nproc_per_node 2``.
+4. eval       every policy exported to Hugging Face: greedy verifier accuracy on held-out and
+              dev questions, win rate vs the reference's greedy answers, rewards
+              ``log pi/pi_ref`` on held-out preference pairs and their FSD violation.
+5. report     ``results.md`` / ``results.json`` (mean +- std over seeds) and plots.
+
+Two groups of runs share one training budget (steps x sequences per step):
+
+* ``loss``:  aot_unpaired (unpaired data), aot_paired, dpo, ipo (paired data) x beta sweep x
+             seeds; each step is one micro-batch, so AOT sorts the whole batch.
+* ``scope``: aot_unpaired at one beta with sort scope micro / data_parallel / global at several
+             effective sort-batch sizes (samples entering one sort) x seeds.
+
+A seed sets the data order (``data.seed``) and ``trainer.seed``; every run starts from the same
+reference, which is also the frozen reference policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import common  # noqa: E402
+
+BUNDLED_REFERENCE = os.path.join(common.ROOT, "nemo_aot", "data", "bundled", "tiny_sft.nemo")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    group: str
+    loss_type: str
+    beta: float
+    sort_scope: str
+    micro_batch_size: int
+    dp: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return (f"{self.group}-{self.loss_type}-b{self.beta:g}-{self.sort_scope}-mbs"
+                f"{self.micro_batch_size}-dp{self.dp}-s{self.seed}")
+
+    @property
+    def paired(self) -> bool:
+        return self.loss_type != "aot_unpaired"
+
+    def sort_batch(self, sequences_per_step: int) -> int:
+        """Samples entering one sort (sequences for unpaired data, pairs for paired data)."""
+        per_step = sequences_per_step // 2 if self.paired else sequences_per_step
+        return {"micro": self.micro_batch_size, "data_parallel": self.micro_batch_size * self.dp,
+                "global": per_step}[self.sort_scope]
+
+
+@dataclasses.dataclass
+class Mode:
+    sft: list                   # sft_reference.py arguments
+    data: list                  # build_preferences.py arguments
+    steps: int                  # optimizer steps per run
+    sequences: int              # sequences per step (paired runs: sequences / 2 pairs)
+    lr: float
+    losses: tuple
+    betas: tuple
+    seeds: tuple
+    scope_beta: float
+    scopes: tuple               # (sort_scope, micro_batch_size, dp) for aot_unpaired
+    heldout: int = 400
+    dev: int = 200
+    positive_fraction: float = 0.25  # unpaired micro-batches: 1 positive per 3 negatives
+
+    def runs(self) -> list:
+        out = []
+        for seed in self.seeds:
+            for loss in self.losses:
+                for beta in self.betas:
+                    per_step = self.sequences // 2 if loss != "aot_unpaired" else self.sequences
+                    out.append(Run("loss", loss, beta, "micro", per_step, 1, seed))
+            for scope, mbs, dp in self.scopes:
+                out.append(Run("scope", "aot_unpaired", self.scope_beta, scope, mbs, dp, seed))
+        return list(dict.fromkeys(out))
+
+
+# Unpaired micro-batches hold positive_fraction positives at every size >= 4 (1 + 3, 2 + 6,
+# 4 + 12, 8 + 24), so the sort scopes differ only in how many samples one sort sees.
+SCOPES_FULL = (("micro", 4, 1), ("micro", 8, 1), ("micro", 16, 1), ("micro", 32, 1),
+               ("data_parallel", 4, 2), ("data_parallel", 8, 2), ("data_parallel", 16, 2),
+               ("global", 4, 1), ("global", 4, 2))
+LOSSES = ("aot_unpaired", "aot_paired", "dpo", "ipo")
+MODES = {
+    "smoke": Mode(sft=["--steps", "40", "--check-every", "40", "--sft-questions", "512",
+                       "--dev-questions", "32", "--target-low", "0.0"],
+                  data=["--preference-questions", "96", "--dev-questions", "32",
+                        "--heldout-questions", "32"],
+                  steps=4, sequences=8, lr=1e-3, losses=("aot_unpaired", "dpo"), betas=(0.1,),
+                  seeds=(0,), scope_beta=0.1, scopes=(("global", 4, 1), ("data_parallel", 4, 2)),
+                  heldout=32, dev=32),
+    "quick": Mode(sft=[], data=["--preference-questions", "1000"], steps=60, sequences=32,
+                  lr=1e-3, losses=LOSSES, betas=(0.1,), seeds=(0, 1, 2), scope_beta=0.1,
+                  scopes=(("micro", 4, 1), ("micro", 16, 1), ("data_parallel", 8, 2),
+                          ("global", 4, 1))),
+    "full": Mode(sft=[], data=[], steps=150, sequences=32, lr=1e-3, losses=LOSSES,
+                 betas=(0.05, 0.1, 0.5), seeds=(0, 1, 2), scope_beta=0.1, scopes=SCOPES_FULL),
+}
+
+
+def mode_with(name: str, settings: list) -> Mode:
+    """MODES[name] with KEY=VALUE overrides (values parsed as JSON, e.g. betas=[0.1,0.5])."""
+    mode = MODES[name]
+    fields = {f.name for f in dataclasses.fields(Mode)}
+    changes = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY in {sorted(fields)}")
+        parsed = json.loads(value)
+        changes[key] = tuple(tuple(v) if isinstance(v, list) else v for v in parsed) \
+            if isinstance(parsed, list) else parsed
+    return dataclasses.replace(mode, **changes)
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+               PYTHONWARNINGS="ignore")
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _python(script: str, args: list, nproc: int = 1) -> list:
+    if nproc == 1:
+        return [sys.executable, os.path.join(HERE, script), *args]
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={port}", os.path.join(HERE, script), *args]
+
+
+def _run_all(commands: list, log_dir: str, label: str) -> None:
+    """Run commands concurrently; each one's output goes to a log file; fail on any error."""
+    os.makedirs(log_dir, exist_ok=True)
+    procs = []
+    for i, cmd in enumerate(commands):
+        log = open(os.path.join(log_dir, f"{label}_{i}.log"), "w")
+        procs.append((subprocess.Popen(cmd, cwd=common.ROOT, env=_env(), stdout=log,
+                                       stderr=subprocess.STDOUT), log, cmd))
+    failed = []
+    for proc, log, cmd in procs:
+        proc.wait()
+        log.close()
+        if proc.returncode:
+            failed.append((proc.returncode, log.name))
+    if failed:
+        tails = "\n".join(f"--- {name} (exit {rc}) ---\n" + _tail(name) for rc, name in failed)
+        raise RuntimeError(f"{label}: {len(failed)} worker(s) failed\n{tails}")
+
+
+def _tail(path: str, lines: int = 40) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
+
+
+def _stage(name: str, timings: dict, fn) -> None:
+    started = time.monotonic()
+    fn()
+    timings[name] = round(time.monotonic() - started, 1)
+    print(f"[study] {name}: {timings[name]:.0f} s", flush=True)
+
+
+def _split(items: list, parts: int) -> list:
+    return [p for p in (items[i::parts] for i in range(parts)) if p]
+
+
+def orchestrate(args) -> int:
+    mode = mode_with(args.mode, args.set)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    logs = os.path.join(out, "logs")
+    timings: dict = {}
+    reference = _reference_path(args, out)
+
+    def make_reference():
+        if not os.path.exists(reference):
+            _run_all([_python("sft_reference.py", ["--out", os.path.dirname(reference),
+                                                   *mode.sft])], logs, "reference")
+
+    def make_data():
+        if not os.path.exists(os.path.join(out, "data", "summary.json")):
+            _run_all([_python("build_preferences.py", ["--reference", reference, "--out",
+                                                       os.path.join(out, "data"), *mode.data])],
+                     logs, "data")
+
+    runs = mode.runs()
+    previous = os.path.join(out, "plan.json")
+    if os.path.exists(previous):
+        with open(previous) as f:
+            before = json.load(f)
+        if before["mode_config"] != json.loads(json.dumps(dataclasses.asdict(mode))) or \
+                before["reference"] != reference:
+            raise SystemExit(f"{out} holds a study with another configuration (plan.json); "
+                             "use a new --out folder")
+    plan = {"mode": args.mode, "reference": reference,
+            "runs": [dataclasses.asdict(r) for r in runs],
+            "mode_config": dataclasses.asdict(mode)}
+    common.write_json(os.path.join(out, "plan.json"), plan)
+
+    def train():
+        todo = [r for r in runs if not os.path.exists(_policy(out, r))]
+        single = [r.name for r in todo if r.dp == 1]
+        multi = [r.name for r in todo if r.dp > 1]
+        if single:
+            _run_all([_python("run_study.py", ["--worker", "train", "--out", out, *names])
+                      for names in _split(single, args.jobs)], logs, "train")
+        if multi:
+            _run_all([_python("run_study.py", ["--worker", "train", "--out", out, *multi],
+                              nproc=2)], logs, "train_dp")
+
+    def evaluate():
+        todo = ["reference"] + [r.name for r in runs]
+        todo = [n for n in todo if not os.path.exists(os.path.join(out, "runs", n, "eval.json"))]
+        if todo:
+            _run_all([_python("run_study.py", ["--worker", "eval", "--out", out, *names])
+                      for names in _split(todo, args.jobs)], logs, "eval")
+
+    _stage("reference", timings, make_reference)
+    _stage("data", timings, make_data)
+    _stage("train", timings, train)
+    _stage("eval", timings, evaluate)
+
+    from report import write_report
+
+    _stage("report", timings, lambda: write_report(out, timings))
+    print(f"[study] results: {os.path.join(out, 'results.md')}")
+    return 0
+
+
+def _reference_path(args, out: str) -> str:
+    if args.reference == "bundled":
+        if not os.path.exists(BUNDLED_REFERENCE):
+            raise SystemExit(f"--reference bundled: {BUNDLED_REFERENCE} does not exist; run "
+                             "scripts/experiments/make_demo_policy.py or drop --reference")
+        return BUNDLED_REFERENCE
+    return os.path.abspath(args.reference) if args.reference else os.path.join(
+        out, "reference", "reference.nemo")
+
+
+def _policy(out: str, run: Run) -> str:
+    return os.path.join(out, "runs", run.name, "policy.nemo")
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _load_plan(out: str):
+    with open(os.path.join(out, "plan.json")) as f:
+        plan = json.load(f)
+    mode = Mode(**plan["mode_config"])
+    runs = {r.name: r for r in (Run(**d) for d in plan["runs"])}
+    return plan, mode, runs
+
+
+def train_overrides(run: Run, mode: Mode, out: str, reference: str, run_dir: str) -> list:
+    kind = "paired" if run.paired else "unpaired"
+    data = os.path.join(out, "data")
+    batch = mode.sequences // 2 if run.paired else mode.sequences
+    return [
+        f"init_from={reference}", f"data.format=trl_{kind}",
+        f"data.train_path={data}/train_{kind}.jsonl",
+        f"data.validation_path={data}/dev_{kind}.jsonl",
+        f"data.tokenizer_path={common.TOKENIZER}", "data.max_seq_length=64",
+        f"data.seed={run.seed}", f"trainer.seed={run.seed}",
+        f"data.unpaired_positive_fraction={mode.positive_fraction}",
+        f"trainer.max_steps={mode.steps}", "trainer.max_epochs=null",
+        f"trainer.global_batch_size={batch}", f"trainer.micro_batch_size={run.micro_batch_size}",
+        # validation (first dev batch) at the start and the end only; the study evaluates on
+        # its own. One batch also keeps every validation batch holding positives and negatives,
+        # which the global sort scope requires.
+        f"trainer.val_check_interval={mode.steps}", "trainer.limit_val_batches=1",
+        "precision.precision=fp32", f"optim.lr={mode.lr}", "optim.min_lr=0.0",
+        f"optim.warmup_steps={max(1, mode.steps // 10)}", "optim.lr_decay_style=cosine",
+        f"alignment.loss_type={run.loss_type}", f"alignment.beta={run.beta}",
+        f"alignment.sort_scope={run.sort_scope}",
+        "checkpoint.save_interval=0", "checkpoint.keep_last=1", "checkpoint.resume=never",
+        f"logging.output_dir={run_dir}", "logging.progress_bar=false",
+        "logging.tensorboard=false", "logging.plot_every_validation=false",
+    ]
+
+
+def train_worker(out: str, names: list) -> None:
+    import torch
+
+    from nemo_aot.algorithms.config import compose_config
+    from nemo_aot.algorithms.run import run_training
+
+    common.quiet_warnings()
+    plan, mode, runs = _load_plan(out)
+    rank = int(os.environ.get("RANK", "0"))
+    for name in names:
+        run = runs[name]
+        run_dir = os.path.join(out, "runs", name)
+        if os.path.exists(os.path.join(run_dir, "policy.nemo")):
+            continue
+        if rank == 0 and os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)  # an interrupted attempt: start over
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        cfg = compose_config("gpt_aot", train_overrides(run, mode, out, plan["reference"], run_dir))
+        started = time.monotonic()
+        result = run_training(cfg)
+        seconds = time.monotonic() - started
+        if rank == 0:
+            shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+            shutil.rmtree(os.path.join(run_dir, "reference_cache"), ignore_errors=True)
+            common.write_json(os.path.join(run_dir, "train.json"),
+                              {"seconds": seconds, "steps": result.final_step,
+                               "stop_reason": result.stop_reason, "run": dataclasses.asdict(run)})
+            os.replace(result.nemo_path, os.path.join(run_dir, "policy.nemo"))
+            print(f"[train] {name}: {result.final_step} steps in {seconds:.1f} s", flush=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+
+def eval_worker(out: str, names: list) -> None:
+    from nemo_aot.losses.transport import dominance_violation
+
+    common.quiet_warnings()
+    plan, mode, _ = _load_plan(out)
+    data = os.path.join(out, "data")
+    with open(os.path.join(data, "heldout.json")) as f:
+        heldout = json.load(f)
+    questions = heldout["questions"][:mode.heldout]
+    baseline = heldout["reference_greedy"][:mode.heldout]
+    dev = [q for q, *_ in common.task_splits()["dev"][:mode.dev]]
+    pairs = common.read_jsonl(os.path.join(data, "heldout_paired.jsonl"))
+    pair_q = [p["prompt"][0]["content"] for p in pairs]
+    chosen = [p["chosen"][0]["content"] for p in pairs]
+    rejected = [p["rejected"][0]["content"] for p in pairs]
+    reference = common.HFPolicy.from_nemo(plan["reference"])
+    ref_c = reference.sequence_logps(pair_q, chosen)
+    ref_r = reference.sequence_logps(pair_q, rejected)
+    for name in names:
+        started = time.monotonic()
+        path = plan["reference"] if name == "reference" else os.path.join(
+            out, "runs", name, "policy.nemo")
+        policy = reference if name == "reference" else common.HFPolicy.from_nemo(path)
+        accuracy, answers = common.greedy_accuracy(policy, questions)
+        dev_accuracy, _ = common.greedy_accuracy(policy, dev)
+        wins = [common.win_score(q, a, b) for q, a, b in zip(questions, answers, baseline)]
+        rc = policy.sequence_logps(pair_q, chosen) - ref_c
+        rr = policy.sequence_logps(pair_q, rejected) - ref_r
+        record = {
+            "name": name, "heldout_accuracy": accuracy, "dev_accuracy": dev_accuracy,
+            "win_rate": sum(wins) / len(wins),
+            "fsd_violation": float(dominance_violation(rc, rr)) if len(pairs) else None,
+            "reward_accuracy": float((rc > rr).double().mean()) if len(pairs) else None,
+            "reward_margin": float((rc - rr).mean()) if len(pairs) else None,
+            "rewards_chosen": rc.tolist(), "rewards_rejected": rr.tolist(),
+            "heldout_answers": answers, "seconds": time.monotonic() - started}
+        common.write_json(os.path.join(out, "runs", name, "eval.json"), record)
+        print(f"[eval] {name}: held-out accuracy {accuracy:.3f}, win rate "
+              f"{record['win_rate']:.3f}, fsd violation {record['fsd_violation']}", flush=True)
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=sorted(MODES), default="quick")
+    parser.add_argument("--out", required=True, help="study folder (resumable)")
+    parser.add_argument("--reference", default=None,
+                        help="a reference .nemo to start from, or 'bundled' for the packaged "
+                             "tiny SFT policy; default: SFT one (stage 1)")
+    parser.add_argument("--jobs", type=int, default=2, help="concurrent worker processes")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override fields of the mode, e.g. --set steps=100 'seeds=[0,1]'")
+    parser.add_argument("--worker", choices=("train", "eval"), help=argparse.SUPPRESS)
+    parser.add_argument("names", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker == "train":
+        train_worker(os.path.abspath(args.out), args.names)
+        return 0
+    if args.worker == "eval":
+        eval_worker(os.path.abspath(args.out), args.names)
+        return 0
+    return orchestrate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
