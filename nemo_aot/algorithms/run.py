@@ -137,7 +137,11 @@ def run_training(cfg) -> RunResult:
     def state_template(is_loading: bool):
         model_sd = model.sharded_state_dict()
         return {"model": model_sd,
-                "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
+                # megatron-LM's default layout for distributed-optimizer state (resume at the same
+                # DP size; other optimizers ignore it)
+                "optimizer": optimizer.sharded_state_dict(
+                    model_sd, is_loading=is_loading,
+                    metadata={"distrib_optim_sharding_type": "dp_reshardable"}),
                 "rng": sharded_rng_state()}
 
     def save(trainer: AOTTrainer) -> None:

@@ -236,7 +236,7 @@ def _wrap(module_name: str, cls_name: str | None, attr: str, decorator) -> None:
     module = importlib.import_module(module_name)
     owner = getattr(module, cls_name) if cls_name else module
     original = owner.__dict__[attr] if cls_name else getattr(owner, attr)
-    if isinstance(original, staticmethod):
-        setattr(owner, attr, staticmethod(decorator(original.__func__)))
+    if isinstance(original, (staticmethod, classmethod)):
+        setattr(owner, attr, type(original)(decorator(original.__func__)))
     else:
         setattr(owner, attr, decorator(original))

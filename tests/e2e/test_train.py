@@ -41,6 +41,7 @@ def test_same_seed_same_curve(single, small_data, init_nemo, tmp_path):
     # Two processes, data parallel. The data_parallel sort scope would sort over both ranks'
     # micro-batches (a different objective from one process); micro is layout-invariant.
     ["alignment.sort_scope=micro"],
+    ["alignment.sort_scope=micro", "optim.use_distributed_optimizer=true"],
 ])
 def test_parallel_layouts_follow_the_single_process_curve(layout, single, small_data, init_nemo,
                                                          tmp_path):
