@@ -94,6 +94,13 @@ def run_training(cfg) -> RunResult:
     from nemo_aot.distributed.parallel import initialize_model_parallel
     from nemo_aot.models.aot_model import MegatronGPTAOTModel, model_cfg_node
 
+    if cfg.init_from:
+        from nemo_aot.data.tokenization import resolve_path
+
+        cfg = dataclasses.replace(cfg, init_from=resolve_path(cfg.init_from))  # bundled: paths
+        if not os.path.isfile(cfg.init_from):
+            raise ValueError(f"init_from: {cfg.init_from} is not a file; point it at a .nemo "
+                             "(convert Hugging Face checkpoints with `nemo-aot convert hf-to-nemo`)")
     model_arch = _architecture(cfg)
     if cfg.init_from and model_arch != cfg.model:
         # The checkpoint defines the architecture; re-validate the run against it.
