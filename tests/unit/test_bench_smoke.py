@@ -54,4 +54,5 @@ def test_bench_tiny_smoke(tmp_path):
     # Same initial weights, tokens, loss and optimizer: the loss traces agree in fp32.
     diffs = result["loss_check"]["max_abs_diff"]
     assert result["loss_check"]["against"] == "hf"
+    assert max(result["loss_check"]["after_first_update"].values()) < 1e-4
     assert max(diffs.values()) < 1e-4, diffs
