@@ -67,9 +67,9 @@ from nemo_aot.models.config import GPTModelConfig, RopeScaling
 
 LR = 1e-5
 VARIANTS = ("nemo_aot_cached", "nemo_aot_ref", "hf", "hf_trl_fused", "hf_liger")
-FLOP_FORMULA = ("N = L*[h*(n_q+2*n_kv)*d + n_q*d*h + 3*h*f] + h*V; trained token = 6N + 12*L*n_q*d*s; "
-                "reference (no-grad) token = 2N + 4*L*n_q*d*s; MFU = step FLOPs / step time / "
-                "peak dense bf16 FLOP/s")
+FLOP_FORMULA = ("N = L*[h*(n_q+2*n_kv)*d + n_q*d*h + 3*h*f] + h*V; "
+                "trained token = 6N + 12*L*n_q*d*s; reference (no-grad) token = 2N + 4*L*n_q*d*s; "
+                "MFU = step FLOPs / step time / peak dense bf16 FLOP/s")
 _LLAMA32_ROPE = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                             original_max_position_embeddings=8192)
 SHAPES = {
@@ -175,7 +175,8 @@ def load_state(module: torch.nn.Module, state: dict) -> None:
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise RuntimeError(f"initial weights do not fit: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"initial weights do not fit: missing {missing}, "
+                           f"unexpected {unexpected}")
 
 
 # ---------------------------------------------------------------------------- nemo_aot
@@ -277,6 +278,7 @@ def hf_state(bench: Bench) -> dict:
 def build_hf(bench: Bench, kind: str) -> Variant:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from nemo_aot.algorithms.config import OptimConfig
     from nemo_aot.conversion.architectures import LLAMA, hf_config_from_model
     from nemo_aot.losses import preference_loss
 
@@ -300,8 +302,6 @@ def build_hf(bench: Bench, kind: str) -> Variant:
     policy, reference = models
     policy.train()
     reference.eval().requires_grad_(False)
-    from nemo_aot.algorithms.config import OptimConfig
-
     o = OptimConfig()  # the same Adam hyperparameters as the nemo_aot variants
     optimizer = torch.optim.AdamW(policy.parameters(), lr=LR, betas=(o.adam_beta1, o.adam_beta2),
                                   eps=o.adam_eps, weight_decay=0.0,
@@ -705,7 +705,8 @@ def pick_device(choice: str) -> torch.device:
         raise SystemExit("--device cuda: no CUDA device is visible")
     if choice == "cpu" and cuda:
         # megatron-core runs on the GPU whenever one is visible (nemo_aot's CPU support is off)
-        raise SystemExit("--device cpu on a CUDA host: hide the GPUs (CUDA_VISIBLE_DEVICES=) instead")
+        raise SystemExit("--device cpu on a CUDA host: hide the GPUs (CUDA_VISIBLE_DEVICES=) "
+                         "instead")
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 

@@ -32,7 +32,8 @@ def test_bench_tiny_smoke(tmp_path):
     assert result["device"]["type"] == "cpu" and result["device"]["gpu_run"] is False
     assert result["tokens_per_step"] == 2 * 2 * 16
     assert "6N" in result["flops"]["formula"]
-    assert result["flops"]["trained_flops_per_token"] > result["flops"]["reference_flops_per_token"] > 0
+    flops = result["flops"]
+    assert flops["trained_flops_per_token"] > flops["reference_flops_per_token"] > 0
 
     variants = result["variants"]
     for name in ("nemo_aot_cached", "nemo_aot_ref", "hf"):
