@@ -12,7 +12,8 @@ preference pipeline's own machinery, reused as is:
   mask, DP sharding, per-epoch shuffles);
 * the model is a ``MegatronGPTAOTModel`` (megatron-core GPTModel chunks wrapped in megatron DDP)
   with megatron's optimizer and LR schedule from ``build_optimizer``; the forward/backward runs
-  in megatron's schedule, so TP/PP/DP work under torchrun exactly as for preference training;
+  in megatron's schedule, so tensor and data parallelism work under torchrun as they do for
+  preference training (pipeline parallelism is refused: rows are trimmed per micro-batch);
 * the per-token log-probs are ``vocab_parallel_logprobs`` (exact at any TP size);
 * the result is written with ``MegatronGPTAOTModel.save_to`` (``nemo_format.save_nemo``).
 
@@ -71,7 +72,7 @@ def response_cross_entropy(model, logits: torch.Tensor, mb: dict) -> torch.Tenso
 
 def sft_step(model, micro_batches: list[dict], forward_only: bool = False) -> float:
     """Forward(/backward) of one global batch in megatron's schedule; the mean micro-batch loss
-    over this rank's micro-batches (last pipeline stage; NaN on the others)."""
+    over all micro-batches and data-parallel ranks, on every rank."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     rows = [select_trained_rows(mb) for mb in micro_batches]
@@ -79,7 +80,6 @@ def sft_step(model, micro_batches: list[dict], forward_only: bool = False) -> fl
         raise ValueError("a micro-batch holds no chosen/positive rows to train on; use paired "
                          "data or unpaired data with positives in every micro-batch")
     seq = max(r["input_ids"].shape[1] for r in rows)
-    chunk = model.chunks[0]
 
     def forward_step(data_iterator, module):
         mb = next(data_iterator)
@@ -91,11 +91,20 @@ def sft_step(model, micro_batches: list[dict], forward_only: bool = False) -> fl
         return output, loss_func
 
     stats = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(rows), model=chunk,
+        forward_step_func=forward_step, data_iterator=iter(rows), model=model.chunks[0],
         num_microbatches=len(rows), seq_length=seq,
         micro_batch_size=rows[0]["input_ids"].shape[0], forward_only=forward_only)
-    losses = [float(s["ce"]) for s in stats if "ce" in s]
-    return sum(losses) / len(losses) if losses else float("nan")
+    return _global_mean([float(s["ce"]) for s in stats if "ce" in s])
+
+
+def _global_mean(local: list) -> float:
+    """Mean over micro-batches and data-parallel ranks, on every rank."""
+    from megatron.core import parallel_state
+
+    total = torch.tensor([sum(local), float(len(local))], dtype=torch.float64)
+    if parallel_state.get_data_parallel_world_size() > 1:
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return float(total[0] / total[1])
 
 
 def _rank() -> int:
@@ -110,6 +119,41 @@ def _agree(flag: bool) -> bool:
     return box[0]
 
 
+def build_sft(cfg):
+    """(validated cfg, model, optimizer, scheduler, training batches) at cfg's parallel layout."""
+    from megatron.core import parallel_state
+
+    from nemo_aot.algorithms.run import _architecture
+    from nemo_aot.algorithms.trainer import build_optimizer
+    from nemo_aot.data import load_preference_data, load_tokenizer, make_batches
+    from nemo_aot.distributed.parallel import initialize_model_parallel
+    from nemo_aot.models.aot_model import MegatronGPTAOTModel, load_nemo_into, model_cfg_node
+
+    if cfg.parallel.pipeline_model_parallel_size > 1:
+        raise ValueError("SFT does not support pipeline parallelism; set "
+                         "parallel.pipeline_model_parallel_size=1 (TP and DP work)")
+    model_arch = _architecture(cfg)
+    cfg = dataclasses.replace(cfg, model=model_arch)
+    initialize_model_parallel(cfg.parallel, model_arch, seed=cfg.trainer.seed)
+    cfg.validate(torch.distributed.get_world_size())
+    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    if len(tokenizer) > model_arch.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
+                         f"{model_arch.vocab_size}; use the model's own tokenizer")
+    data = load_preference_data(cfg.data, "train", tokenizer)
+    t = cfg.trainer
+    batches = make_batches(data, cfg.data, t.global_batch_size, t.micro_batch_size,
+                           parallel_state.get_data_parallel_rank(),
+                           parallel_state.get_data_parallel_world_size(), train=True)
+    model = MegatronGPTAOTModel(
+        model_cfg_node(model_arch, cfg.precision, cfg.parallel, cfg.alignment),
+        use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
+    if cfg.init_from:
+        load_nemo_into(cfg.init_from, list(model.chunks))
+    optimizer, scheduler = build_optimizer(cfg, model)
+    return cfg, model, optimizer, scheduler, batches
+
+
 def train_sft(cfg, out_path: str, snapshot_every: int = 0,
               on_step: Optional[Callable[[dict], None]] = None,
               stop_when: Optional[Callable[[int, list], bool]] = None,
@@ -122,34 +166,9 @@ def train_sft(cfg, out_path: str, snapshot_every: int = 0,
     chunks in eval mode (e.g. a greedy-accuracy check); rank 0's answer decides, and True ends
     training there. Every rank calls ``train_sft`` (under torchrun, the data are sharded over
     data-parallel ranks)."""
-    from megatron.core import parallel_state
+    from nemo_aot.algorithms.trainer import total_steps
 
-    from nemo_aot.algorithms.run import _architecture
-    from nemo_aot.algorithms.trainer import build_optimizer, total_steps
-    from nemo_aot.data import load_preference_data, load_tokenizer, make_batches
-    from nemo_aot.distributed.parallel import initialize_model_parallel
-    from nemo_aot.models.aot_model import MegatronGPTAOTModel, load_nemo_into, model_cfg_node
-
-    model_arch = _architecture(cfg)
-    cfg = dataclasses.replace(cfg, model=model_arch)
-    initialize_model_parallel(cfg.parallel, model_arch, seed=cfg.trainer.seed)
-    cfg.validate(torch.distributed.get_world_size())
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
-    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
-    if len(tokenizer) > model_arch.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
-                         f"{model_arch.vocab_size}; use the model's own tokenizer")
-    data = load_preference_data(cfg.data, "train", tokenizer)
-    t = cfg.trainer
-    batches = make_batches(data, cfg.data, t.global_batch_size, t.micro_batch_size, dp_rank,
-                           dp_size, train=True)
-    model = MegatronGPTAOTModel(
-        model_cfg_node(model_arch, cfg.precision, cfg.parallel, cfg.alignment),
-        use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
-    if cfg.init_from:
-        load_nemo_into(cfg.init_from, list(model.chunks))
-    optimizer, scheduler = build_optimizer(cfg, model)
+    cfg, model, optimizer, scheduler, batches = build_sft(cfg)
     max_steps = total_steps(cfg, len(batches))
     stem = os.path.splitext(out_path)[0]
     history, snapshots, step, started = [], [], 0, time.monotonic()
@@ -162,11 +181,10 @@ def train_sft(cfg, out_path: str, snapshot_every: int = 0,
             if not success or not math.isfinite(loss):
                 raise FloatingPointError(f"SFT step {step}: non-finite loss ({loss}) or grad "
                                          f"norm ({grad_norm}); lower optim.lr")
-            scheduler.step(increment=t.global_batch_size)
+            scheduler.step(increment=cfg.trainer.global_batch_size)
             step += 1
             record = {"step": step, "loss": loss, "grad_norm": float(grad_norm or 0.0),
-                      "lr": optimizer.param_groups[0]["lr"],
-                      "time": time.monotonic() - started}
+                      "lr": optimizer.param_groups[0]["lr"], "time": time.monotonic() - started}
             history.append(record)
             if on_step is not None and _rank() == 0:
                 on_step(record)
@@ -178,13 +196,13 @@ def train_sft(cfg, out_path: str, snapshot_every: int = 0,
                 for chunk in model.chunks:
                     chunk.eval()
                 with torch.no_grad():
-                    stop = _agree(stop_when(step, list(model.chunks)))
-                if stop:
-                    max_steps = step
+                    if _agree(stop_when(step, list(model.chunks))):
+                        max_steps = step
             if step >= max_steps:
                 break
     model.save_to(out_path, tokenizer_dir=cfg.data.tokenizer_path)
     return SFTResult(out_path if _rank() == 0 else None, step, snapshots, history)
 
 
-__all__ = ["SFTResult", "train_sft", "sft_step", "response_cross_entropy", "select_trained_rows"]
+__all__ = ["SFTResult", "build_sft", "train_sft", "sft_step", "response_cross_entropy",
+           "select_trained_rows"]

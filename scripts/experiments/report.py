@@ -41,7 +41,7 @@ def _fmt(s: dict, digits: int = 3) -> str:
 def load(out: str) -> tuple:
     with open(os.path.join(out, "plan.json")) as f:
         plan = json.load(f)
-    runs = []
+    runs = {}
     for spec in plan["runs"]:
         name = _name(spec)
         folder = os.path.join(out, "runs", name)
@@ -51,14 +51,15 @@ def load(out: str) -> tuple:
         if os.path.exists(train):
             with open(train) as f:
                 record["train_seconds"] = json.load(f)["seconds"]
-        runs.append({**spec, **record})
+        runs[name] = {**spec, **record}
+    groups = {g: [runs[n] for n in names] for g, names in plan["groups"].items()}
     with open(os.path.join(out, "runs", "reference", "eval.json")) as f:
         reference = json.load(f)
-    return plan, runs, reference
+    return plan, groups, reference
 
 
 def _name(spec: dict) -> str:
-    return (f"{spec['group']}-{spec['loss_type']}-b{spec['beta']:g}-{spec['sort_scope']}-mbs"
+    return (f"{spec['loss_type']}-b{spec['beta']:g}-{spec['sort_scope']}-mbs"
             f"{spec['micro_batch_size']}-dp{spec['dp']}-s{spec['seed']}")
 
 
@@ -82,28 +83,31 @@ def _sort_batch(row: dict, sequences: int) -> int:
             "global": per_step}[row["sort_scope"]]
 
 
-def build_tables(plan: dict, runs: list) -> dict:
+def build_tables(plan: dict, groups: dict) -> dict:
     sequences = plan["mode_config"]["sequences"]
-    sweep = aggregate([r for r in runs if r["group"] == "loss"], ("loss_type", "beta"))
+    sweep = aggregate(groups["loss"], ("loss_type", "beta"))
     sweep.sort(key=lambda r: (LOSS_ORDER.index(r["loss_type"]), r["beta"]))
     headline = []
     for loss in LOSS_ORDER:
         rows = [r for r in sweep if r["loss_type"] == loss]
         if rows:
             headline.append(max(rows, key=lambda r: (r["dev_accuracy"]["mean"] or 0.0)))
-    scope = aggregate([r for r in runs if r["group"] == "scope"],
-                      ("loss_type", "beta", "sort_scope", "micro_batch_size", "dp"))
+    scope = aggregate(groups["scope"], ("loss_type", "beta", "sort_scope", "micro_batch_size",
+                                        "dp"))
     for row in scope:
         row["sort_batch"] = _sort_batch(row, sequences)
-    scope.sort(key=lambda r: (SCOPE_ORDER.index(r["sort_scope"]), r["sort_batch"]))
+    scope.sort(key=lambda r: (r["beta"], SCOPE_ORDER.index(r["sort_scope"]), r["sort_batch"]))
     return {"headline": headline, "sweep": sweep, "scope": scope}
 
 
-def _loss_table(rows: list, with_beta: bool = True) -> list:
+def _loss_table(rows: list, reference: dict = None) -> list:
     lines = ["| loss | beta | held-out greedy accuracy | win rate vs reference | "
              "FSD violation (held-out rewards) | reward accuracy (held-out pairs) | "
              "dev greedy accuracy | seeds |",
              "|---|---|---|---|---|---|---|---|"]
+    if reference is not None:
+        lines.append(f"| reference (SFT) | - | {reference['heldout_accuracy']:.3f} | 0.500 | - | "
+                     f"0.500 | {reference['dev_accuracy']:.3f} | - |")
     for r in rows:
         lines.append(f"| {r['loss_type']} | {r['beta']:g} | {_fmt(r['heldout_accuracy'])} | "
                      f"{_fmt(r['win_rate'])} | {_fmt(r['fsd_violation'])} | "
@@ -113,11 +117,11 @@ def _loss_table(rows: list, with_beta: bool = True) -> list:
 
 
 def _scope_table(rows: list) -> list:
-    lines = ["| sort scope | micro-batch | DP ranks | sort batch | held-out greedy accuracy | "
-             "win rate vs reference | FSD violation | reward accuracy | seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| beta | sort scope | micro-batch | DP ranks | sort batch | held-out greedy accuracy "
+             "| win rate vs reference | FSD violation | reward accuracy | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['sort_scope']} | {r['micro_batch_size']} | {r['dp']} | "
+        lines.append(f"| {r['beta']:g} | {r['sort_scope']} | {r['micro_batch_size']} | {r['dp']} | "
                      f"{r['sort_batch']} | {_fmt(r['heldout_accuracy'])} | {_fmt(r['win_rate'])} | "
                      f"{_fmt(r['fsd_violation'])} | {_fmt(r['reward_accuracy'])} | "
                      f"{len(r['seeds'])} |")
@@ -125,6 +129,7 @@ def _scope_table(rows: list) -> list:
 
 
 def plot_reward_cdfs(runs: list, headline: list, path: str) -> str:
+    """Held-out chosen vs rejected reward CDFs per loss (headline beta), pooled over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,7 +139,7 @@ def plot_reward_cdfs(runs: list, headline: list, path: str) -> str:
     fig, axes = plt.subplots(1, max(len(headline), 1), figsize=(4 * max(len(headline), 1), 3.4),
                              squeeze=False)
     for ax, row in zip(axes[0], headline):
-        members = [r for r in runs if r["group"] == "loss" and r["loss_type"] == row["loss_type"]
+        members = [r for r in runs if r["loss_type"] == row["loss_type"]
                    and r["beta"] == row["beta"]]
         for key, label, color in (("rewards_chosen", "chosen", "tab:blue"),
                                   ("rewards_rejected", "rejected", "tab:red")):
@@ -154,32 +159,39 @@ def plot_reward_cdfs(runs: list, headline: list, path: str) -> str:
     return path
 
 
-def plot_accuracy_vs_sort_batch(scope: list, reference: dict, headline: list, path: str) -> str:
+def plot_accuracy_vs_sort_batch(scope: list, reference: dict, sweep: list, path: str) -> str:
+    """Held-out accuracy (mean +- std over seeds) against the samples one sort sees, one panel
+    per beta, one line per sort scope; DPO at the same beta and the reference for scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.6, 3.8))
-    markers = {"micro": "o-", "data_parallel": "s--", "global": "D"}
-    for scope_name in SCOPE_ORDER:
-        rows = sorted((r for r in scope if r["sort_scope"] == scope_name),
-                      key=lambda r: r["sort_batch"])
-        if not rows:
-            continue
-        ax.errorbar([r["sort_batch"] for r in rows], [r["heldout_accuracy"]["mean"] for r in rows],
-                    yerr=[r["heldout_accuracy"]["std"] for r in rows], fmt=markers[scope_name],
-                    capsize=3, label=f"aot_unpaired, {scope_name}")
-    ax.axhline(reference["heldout_accuracy"], color="gray", linestyle=":", label="reference (SFT)")
-    for row in headline:
-        if row["loss_type"] == "dpo":
-            ax.axhline(row["heldout_accuracy"]["mean"], color="tab:red", linestyle="-.",
-                       linewidth=0.9, label=f"dpo (beta {row['beta']:g})")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("effective sort batch (samples per sort)")
-    ax.set_ylabel("held-out greedy accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    betas = sorted({r["beta"] for r in scope})
+    fig, axes = plt.subplots(1, max(len(betas), 1), figsize=(5.2 * max(len(betas), 1), 3.8),
+                             squeeze=False, sharey=True)
+    styles = {"micro": "o-", "data_parallel": "s--", "global": "D"}
+    for ax, beta in zip(axes[0], betas):
+        for name in SCOPE_ORDER:
+            rows = sorted((r for r in scope if r["sort_scope"] == name and r["beta"] == beta),
+                          key=lambda r: (r["sort_batch"], r["dp"]))
+            if rows:
+                ax.errorbar([r["sort_batch"] * (1.04 if r["dp"] > 1 and name == "global" else 1)
+                             for r in rows], [r["heldout_accuracy"]["mean"] for r in rows],
+                            yerr=[r["heldout_accuracy"]["std"] for r in rows], fmt=styles[name],
+                            capsize=3, label=f"aot_unpaired, {name}")
+        ax.axhline(reference["heldout_accuracy"], color="gray", linestyle=":",
+                   label="reference (SFT)")
+        for row in sweep:
+            if row["loss_type"] == "dpo" and row["beta"] == beta:
+                ax.axhline(row["heldout_accuracy"]["mean"], color="tab:red", linestyle="-.",
+                           linewidth=0.9, label="dpo (same beta)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("effective sort batch (samples per sort)")
+        ax.set_title(f"beta {beta:g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("held-out greedy accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -187,12 +199,13 @@ def plot_accuracy_vs_sort_batch(scope: list, reference: dict, headline: list, pa
 
 
 def write_report(out: str, timings: dict = None) -> dict:
-    plan, runs, reference = load(out)
-    tables = build_tables(plan, runs)
+    plan, groups, reference = load(out)
+    tables = build_tables(plan, groups)
     plots = os.path.join(out, "plots")
     os.makedirs(plots, exist_ok=True)
-    cdf = plot_reward_cdfs(runs, tables["headline"], os.path.join(plots, "reward_cdfs.png"))
-    acc = plot_accuracy_vs_sort_batch(tables["scope"], reference, tables["headline"],
+    cdf = plot_reward_cdfs(groups["loss"], tables["headline"],
+                           os.path.join(plots, "reward_cdfs.png"))
+    acc = plot_accuracy_vs_sort_batch(tables["scope"], reference, tables["sweep"],
                                       os.path.join(plots, "accuracy_vs_sort_batch.png"))
     summary_path = os.path.join(out, "data", "summary.json")
     with open(summary_path) as f:
@@ -203,8 +216,8 @@ def write_report(out: str, timings: dict = None) -> dict:
               "reference": {k: reference[k] for k in ("heldout_accuracy", "dev_accuracy",
                                                       "win_rate")},
               **tables,
-              "runs": [{k: v for k, v in r.items() if not isinstance(v, list) or k == "seeds"}
-                       for r in runs],
+              "runs": {g: [{k: v for k, v in r.items() if not isinstance(v, list)}
+                           for r in members] for g, members in groups.items()},
               "plots": [os.path.relpath(cdf, out), os.path.relpath(acc, out)]}
     common.write_json(os.path.join(out, "results.json"), result)
     train = data["splits"]["train"]
@@ -217,9 +230,9 @@ def write_report(out: str, timings: dict = None) -> dict:
         f"{mode['sequences']} sequences, lr {mode['lr']:g}; mean ± std over seeds "
         f"{list(mode['seeds'])}.", "",
         "## Headline (beta picked per loss by dev accuracy; held-out numbers)", "",
-        *_loss_table(tables["headline"]), "",
-        "## Beta sweep", "", *_loss_table(tables["sweep"]), "",
-        f"## Sort scope and sort-batch size (aot_unpaired, beta {mode['scope_beta']:g})", "",
+        *_loss_table(tables["headline"], reference), "",
+        "## Beta sweep", "", *_loss_table(tables["sweep"], reference), "",
+        "## Sort scope and sort-batch size (aot_unpaired)", "",
         *_scope_table(tables["scope"]), "",
         f"Plots: `{os.path.relpath(cdf, out)}`, `{os.path.relpath(acc, out)}`.", "",
         "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in (timings or {}).items()),

@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -49,7 +50,6 @@ BUNDLED_REFERENCE = os.path.join(common.ROOT, "nemo_aot", "data", "bundled", "ti
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    group: str
     loss_type: str
     beta: float
     sort_scope: str
@@ -59,18 +59,12 @@ class Run:
 
     @property
     def name(self) -> str:
-        return (f"{self.group}-{self.loss_type}-b{self.beta:g}-{self.sort_scope}-mbs"
-                f"{self.micro_batch_size}-dp{self.dp}-s{self.seed}")
+        return (f"{self.loss_type}-b{self.beta:g}-{self.sort_scope}-mbs{self.micro_batch_size}"
+                f"-dp{self.dp}-s{self.seed}")
 
     @property
     def paired(self) -> bool:
         return self.loss_type != "aot_unpaired"
-
-    def sort_batch(self, sequences_per_step: int) -> int:
-        """Samples entering one sort (sequences for unpaired data, pairs for paired data)."""
-        per_step = sequences_per_step // 2 if self.paired else sequences_per_step
-        return {"micro": self.micro_batch_size, "data_parallel": self.micro_batch_size * self.dp,
-                "global": per_step}[self.sort_scope]
 
 
 @dataclasses.dataclass
@@ -83,22 +77,25 @@ class Mode:
     losses: tuple
     betas: tuple
     seeds: tuple
-    scope_beta: float
+    scope_betas: tuple
     scopes: tuple               # (sort_scope, micro_batch_size, dp) for aot_unpaired
     heldout: int = 400
     dev: int = 200
     positive_fraction: float = 0.25  # unpaired micro-batches: 1 positive per 3 negatives
+    reference: Optional[str] = None  # default of --reference ("bundled": the packaged policy)
 
-    def runs(self) -> list:
-        out = []
+    def groups(self) -> dict:
+        """{"loss": [Run], "scope": [Run]}; a run in both groups (the same settings) runs once."""
+        loss, scope = [], []
         for seed in self.seeds:
-            for loss in self.losses:
+            for name in self.losses:
                 for beta in self.betas:
-                    per_step = self.sequences // 2 if loss != "aot_unpaired" else self.sequences
-                    out.append(Run("loss", loss, beta, "micro", per_step, 1, seed))
-            for scope, mbs, dp in self.scopes:
-                out.append(Run("scope", "aot_unpaired", self.scope_beta, scope, mbs, dp, seed))
-        return list(dict.fromkeys(out))
+                    per_step = self.sequences // 2 if name != "aot_unpaired" else self.sequences
+                    loss.append(Run(name, beta, "micro", per_step, 1, seed))
+            for beta in self.scope_betas:
+                for sort_scope, mbs, dp in self.scopes:
+                    scope.append(Run("aot_unpaired", beta, sort_scope, mbs, dp, seed))
+        return {"loss": loss, "scope": scope}
 
 
 # Unpaired micro-batches hold positive_fraction positives at every size >= 4 (1 + 3, 2 + 6,
@@ -108,19 +105,22 @@ SCOPES_FULL = (("micro", 4, 1), ("micro", 8, 1), ("micro", 16, 1), ("micro", 32,
                ("global", 4, 1), ("global", 4, 2))
 LOSSES = ("aot_unpaired", "aot_paired", "dpo", "ipo")
 MODES = {
-    "smoke": Mode(sft=["--steps", "40", "--check-every", "40", "--sft-questions", "512",
-                       "--dev-questions", "32", "--target-low", "0.0"],
+    # smoke: the packaged reference (stage 1 is the one stage it skips), a few steps per run
+    "smoke": Mode(sft=[], reference="bundled",
                   data=["--preference-questions", "96", "--dev-questions", "32",
                         "--heldout-questions", "32"],
-                  steps=4, sequences=8, lr=1e-3, losses=("aot_unpaired", "dpo"), betas=(0.1,),
-                  seeds=(0,), scope_beta=0.1, scopes=(("global", 4, 1), ("data_parallel", 4, 2)),
-                  heldout=32, dev=32),
-    "quick": Mode(sft=[], data=["--preference-questions", "1000"], steps=60, sequences=32,
-                  lr=1e-3, losses=LOSSES, betas=(0.1,), seeds=(0, 1, 2), scope_beta=0.1,
-                  scopes=(("micro", 4, 1), ("micro", 16, 1), ("data_parallel", 8, 2),
+                  steps=4, sequences=8, lr=1e-4, losses=("aot_unpaired", "dpo"), betas=(2.0,),
+                  seeds=(0,), scope_betas=(2.0,),
+                  scopes=(("global", 4, 1), ("data_parallel", 4, 2)), heldout=32, dev=32),
+    # quick: a subset of the full grid with the same per-run settings (same reference when
+    # given the same --reference), so its rows are rows the full table also has.
+    "quick": Mode(sft=[], data=[], steps=150, sequences=32, lr=1e-4, losses=LOSSES,
+                  betas=(0.5, 2.0), seeds=(0, 1, 2), scope_betas=(2.0,),
+                  scopes=(("micro", 4, 1), ("micro", 32, 1), ("data_parallel", 8, 2),
                           ("global", 4, 1))),
-    "full": Mode(sft=[], data=[], steps=150, sequences=32, lr=1e-3, losses=LOSSES,
-                 betas=(0.05, 0.1, 0.5), seeds=(0, 1, 2), scope_beta=0.1, scopes=SCOPES_FULL),
+    "full": Mode(sft=[], data=[], steps=150, sequences=32, lr=1e-4, losses=LOSSES,
+                 betas=(0.1, 0.5, 2.0, 8.0), seeds=(0, 1, 2, 3, 4), scope_betas=(0.5, 2.0),
+                 scopes=SCOPES_FULL),
 }
 
 
@@ -216,7 +216,8 @@ def orchestrate(args) -> int:
                                                        os.path.join(out, "data"), *mode.data])],
                      logs, "data")
 
-    runs = mode.runs()
+    groups = mode.groups()
+    runs = list(dict.fromkeys(groups["loss"] + groups["scope"]))
     previous = os.path.join(out, "plan.json")
     if os.path.exists(previous):
         with open(previous) as f:
@@ -227,6 +228,7 @@ def orchestrate(args) -> int:
                              "use a new --out folder")
     plan = {"mode": args.mode, "reference": reference,
             "runs": [dataclasses.asdict(r) for r in runs],
+            "groups": {g: [r.name for r in members] for g, members in groups.items()},
             "mode_config": dataclasses.asdict(mode)}
     common.write_json(os.path.join(out, "plan.json"), plan)
 
@@ -261,13 +263,13 @@ def orchestrate(args) -> int:
 
 
 def _reference_path(args, out: str) -> str:
-    if args.reference == "bundled":
+    choice = args.reference or MODES[args.mode].reference
+    if choice == "bundled":
         if not os.path.exists(BUNDLED_REFERENCE):
             raise SystemExit(f"--reference bundled: {BUNDLED_REFERENCE} does not exist; run "
                              "scripts/experiments/make_demo_policy.py or drop --reference")
         return BUNDLED_REFERENCE
-    return os.path.abspath(args.reference) if args.reference else os.path.join(
-        out, "reference", "reference.nemo")
+    return os.path.abspath(choice) if choice else os.path.join(out, "reference", "reference.nemo")
 
 
 def _policy(out: str, run: Run) -> str:
@@ -378,7 +380,9 @@ def eval_worker(out: str, names: list) -> None:
             "name": name, "heldout_accuracy": accuracy, "dev_accuracy": dev_accuracy,
             "win_rate": sum(wins) / len(wins),
             "fsd_violation": float(dominance_violation(rc, rr)) if len(pairs) else None,
-            "reward_accuracy": float((rc > rr).double().mean()) if len(pairs) else None,
+            # ties count half: the reference itself (all rewards 0) scores 0.5
+            "reward_accuracy": float((rc > rr).double().mean() + 0.5 * (rc == rr).double().mean())
+            if len(pairs) else None,
             "reward_margin": float((rc - rr).mean()) if len(pairs) else None,
             "rewards_chosen": rc.tolist(), "rewards_rejected": rr.tolist(),
             "heldout_answers": answers, "seconds": time.monotonic() - started}

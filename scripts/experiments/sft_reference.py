@@ -2,7 +2,7 @@
 
     python scripts/experiments/sft_reference.py --out study/reference [--steps 1500]
 
-1. Draw the task splits (``common.sample_questions``) and write the SFT set: one correct answer
+1. Draw the task splits (``common.task_splits``) and write the SFT set: one correct answer
    per SFT question ("17 + 25 = 42"), TRL paired format (the rejected side holds a plausible
    wrong answer that SFT ignores; it is there because the data pipeline speaks preferences).
 2. Build a random tiny Llama with ``transformers`` (vocab 512, hidden 64, 2 layers, 4 heads,

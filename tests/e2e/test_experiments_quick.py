@@ -1,9 +1,10 @@
 """Smoke test of the AOT-vs-DPO study (scripts/experiments/run_study.py --mode smoke).
 
-The smallest pass through every stage the real study runs: SFT of a reference on nemo_aot's
-megatron path, preference data from its samples, single-process and torchrun (DP=2) training
-workers, evaluation through the Hugging Face export, and the report. Numbers are not asserted:
-a few steps on a few dozen questions say nothing about the methods (docs/results.md does).
+The smallest pass through every stage the real study runs: SFT on nemo_aot's megatron path
+(a few steps of ``sft_reference.py``), then, from the packaged reference policy, preference data
+from its samples, single-process and torchrun (DP=2) training workers, evaluation through the
+Hugging Face export, and the report. Numbers are not asserted: a few steps on a few dozen
+questions say nothing about the methods (docs/results.md does).
 """
 
 import json
@@ -18,16 +19,30 @@ from conftest import ROOT, env
 pytestmark = pytest.mark.slow
 
 
+SCRIPTS = os.path.join(ROOT, "scripts", "experiments")
+
+
+def test_sft_reference_learns(tmp_path):
+    out = tmp_path / "reference"
+    cmd = [sys.executable, os.path.join(SCRIPTS, "sft_reference.py"), "--out", str(out),
+           "--steps", "30", "--check-every", "30", "--sft-questions", "256",
+           "--dev-questions", "16", "--batch-size", "16", "--target-low", "0.0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    with open(out / "reference.json") as f:
+        record = json.load(f)
+    assert record["step"] == 30 and [c["step"] for c in record["dev_curve"]] == [30]
+    losses = [loss for _, loss in record["sft_loss"]]
+    assert len(losses) == 30 and losses[-1] < losses[0]  # the SFT loop learns
+    assert (out / "reference.nemo").stat().st_size > 100_000
+
+
 def test_study_smoke_writes_the_tables_and_plots(tmp_path):
     out = tmp_path / "study"
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "experiments", "run_study.py"),
-           "--mode", "smoke", "--out", str(out), "--jobs", "1"]
+    cmd = [sys.executable, os.path.join(SCRIPTS, "run_study.py"), "--mode", "smoke", "--out",
+           str(out), "--jobs", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-
-    with open(out / "reference" / "reference.json") as f:
-        sft = json.load(f)["sft_loss"]
-    assert sft[-1][1] < sft[0][1]  # the SFT loop learns
 
     results = json.loads((out / "results.json").read_text())
     assert {r["loss_type"] for r in results["headline"]} == {"aot_unpaired", "dpo"}
