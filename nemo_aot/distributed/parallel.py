@@ -72,6 +72,13 @@ class ParallelConfig:
                 f"pipeline_model_parallel_size x virtual_pipeline_model_parallel_size = {stages}")
 
 
+def compute_device() -> torch.device:
+    """This rank's device: its CUDA device (set by ``init_distributed``), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -> None:
     """Join the default process group from torchrun/SLURM environment variables, if not yet."""
     if torch.distributed.is_initialized():

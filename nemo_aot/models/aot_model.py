@@ -111,7 +111,12 @@ class MegatronGPTAOTModel(ModelPT):
                                                DistributedDataParallelConfig)
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
+        from nemo_aot.distributed.parallel import compute_device
+
         config = self.transformer_config
+        # Built on the CPU (use_cpu_initialization: layout-independent init); DDP allocates its
+        # grad buffers where the parameters are, so move them first.
+        chunks = [c.to(compute_device()) for c in chunks]
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=use_distributed_optimizer, average_in_collective=False)

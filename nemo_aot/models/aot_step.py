@@ -31,6 +31,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_aot.distributed.collectives import all_gather_list_with_grad, data_parallel_gather
+from nemo_aot.distributed.parallel import compute_device
 from nemo_aot.losses import (finalize_metrics, matched_partner_loss, plan_global_sort,
                              preference_loss, transport_inputs)
 from nemo_aot.models.logprobs import sequence_logprobs, tp_vocab_range, vocab_parallel_logprobs
@@ -47,7 +48,7 @@ def split_rows(mb: MicroBatch, logps: torch.Tensor, paired: bool):
     """
     real = mb["sample_weight"] > 0
     chosen, rejected = mb["label"] & real, ~mb["label"] & real
-    ref = mb["reference_logps"].to(logps.dtype)
+    ref = mb["reference_logps"].to(device=logps.device, dtype=logps.dtype)
     if paired:
         half = logps.shape[0] // 2
         keep = real[:half]
@@ -108,8 +109,12 @@ class AOTStep:
             raise ValueError("pipeline parallelism needs every micro-batch of a step padded to one "
                              "length: set data.uniform_step_length=true")
 
+        device = compute_device()
+
         def forward_step(data_iterator, model):
             index, mb = next(data_iterator)
+            mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                  for k, v in mb.items()}
             output = model(mb["input_ids"], mb["position_ids"], None)
             return output, lambda logits: loss_for(index, mb, logits)
 
@@ -216,7 +221,7 @@ class AOTStep:
         group = parallel_state.get_data_parallel_group()
         dp_rank = parallel_state.get_data_parallel_rank()
         if parallel_state.get_data_parallel_world_size() > 1:
-            counts = torch.tensor([local[0].numel(), local[1].numel()])
+            counts = torch.tensor([local[0].numel(), local[1].numel()], device=local[0].device)
             every = [torch.zeros_like(counts) for _ in range(dist.get_world_size(group))]
             dist.all_gather(every, counts, group=group)
             base = torch.stack(every)[:dp_rank].sum(0).tolist() if dp_rank else [0, 0]
@@ -245,10 +250,11 @@ class AOTStep:
         keys = self.metric_keys
         payload = None
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            vec = torch.zeros(len(keys), dtype=torch.float64)
+            # Accumulate on the device and copy to the host once per step (no per-value syncs).
+            vec = torch.zeros(len(keys), dtype=torch.float64, device=compute_device())
             for s in sums:
                 if s is not None:  # None: an all-filler micro-batch contributes nothing
-                    vec += torch.stack([s[k].detach().double().cpu() for k in keys])
+                    vec += torch.stack([s[k].detach().double() for k in keys]).to(vec.device)
             dp_group = parallel_state.get_data_parallel_group()
             if not already_global and parallel_state.get_data_parallel_world_size() > 1:
                 dist.all_reduce(vec, group=dp_group)

@@ -36,7 +36,7 @@ def _chunk_stats(logits, target, vocab_start, vocab_size, group):
     m = z.max(dim=-1).values
     if group is not None:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    sumexp = torch.exp(z - m.unsqueeze(-1)).sum(-1)
+    sumexp = (z - m.unsqueeze(-1)).exp_().sum(-1)
     local_t = target - vocab_start
     mine = (local_t >= 0) & (local_t < local_vocab)
     picked = z.gather(-1, local_t.clamp(0, local_vocab - 1).unsqueeze(-1)).squeeze(-1)
@@ -77,12 +77,14 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             z = flat[sl].to(_acc(flat.dtype), copy=True)
             if pad_from < local_vocab:
                 z[:, max(pad_from, 0):] = float("-inf")
-            d = -torch.exp(z - lse[sl].unsqueeze(-1)) * g[sl].unsqueeze(-1)
+            gs = g[sl].unsqueeze(-1)
+            z.sub_(lse[sl].unsqueeze(-1)).exp_().mul_(-gs)  # -softmax * g, in place
             t = tgt[sl]
-            mine = (t >= 0) & (t < local_vocab)
-            rows = torch.nonzero(mine).squeeze(-1)
-            d[rows, t[rows]] += g[sl][rows]
-            grad[sl] = d.to(grad.dtype)
+            mine = ((t >= 0) & (t < local_vocab)).unsqueeze(-1)
+            # + g at the target column on the rank that holds it (no host sync)
+            z.scatter_add_(-1, t.clamp(0, local_vocab - 1).unsqueeze(-1),
+                           torch.where(mine, gs, torch.zeros_like(gs)))
+            grad[sl] = z.to(grad.dtype)
         return grad.view_as(logits), None, None, None, None, None
 
 

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from nemo_aot.distributed.parallel import compute_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,7 +40,7 @@ def _gather_scores(local: list[tuple[torch.Tensor, ...]]):
     """Every rank's (label, index, logp, count) rows, on every rank (last stage -> all)."""
     rows = None
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        rows = [torch.cat([t[i].double() if i >= 2 else t[i].long() for t in local])
+        rows = [torch.cat([t[i].double().cpu() if i >= 2 else t[i].long().cpu() for t in local])
                 for i in range(4)] if local else [torch.zeros(0)] * 4
         if parallel_state.get_data_parallel_world_size() > 1:
             box = [None] * parallel_state.get_data_parallel_world_size()
@@ -109,7 +111,7 @@ def score_into_table(step, batches: Iterable[list[dict]], sizes: tuple[int, int]
     already (decided jointly by every rank, so the collectives stay matched)."""
     table = ReferenceTable(sizes)
     for micro_batches in batches:
-        needed = torch.tensor([0 if table.covers(micro_batches) else 1])
+        needed = torch.tensor([0 if table.covers(micro_batches) else 1], device=compute_device())
         if dist.is_initialized():
             dist.all_reduce(needed, op=dist.ReduceOp.MAX)
         if needed.item():
@@ -171,7 +173,7 @@ class CpuSwapReference:
 
     @staticmethod
     def _global_sizes(sizes: list[int]) -> list[int]:
-        t = torch.tensor(sizes)
+        t = torch.tensor(sizes, device=compute_device())
         if dist.is_initialized():
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
