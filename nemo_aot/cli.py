@@ -97,7 +97,24 @@ def _train(args) -> int:
     return 0
 
 
+# Noise from optional accelerators being absent (CPU hosts) and deprecations inside megatron /
+# torch.distributed.checkpoint: true, known, and not actionable by a user of this CLI.
+_QUIET = ("Transformer Engine and Apex are not installed", "Apex is not installed",
+          "full scope is deprecated", "Please use DTensor instead",
+          "`load_state_dict` is deprecated")
+
+
+def _quiet_known_warnings() -> None:
+    import warnings
+
+    for message in _QUIET:
+        warnings.filterwarnings("ignore", message=f".*{message}")
+    # NeMo's telemetry announces at start-up that it is disabled.
+    logging.getLogger("nv_one_logger").setLevel(logging.ERROR)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    _quiet_known_warnings()
     logging.basicConfig(level=os.environ.get("NEMO_AOT_LOG_LEVEL", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     parser = _build_parser()
