@@ -71,7 +71,8 @@ def sft_config(train_path: str, init_from: str, args):
         f"trainer.max_steps={args.steps}", "trainer.max_epochs=null",
         f"trainer.global_batch_size={args.batch_size}",
         f"trainer.micro_batch_size={args.batch_size}",
-        "precision.precision=fp32", f"optim.lr={args.lr}", "optim.warmup_steps=20",
+        "precision.precision=fp32", f"optim.lr={args.lr}",
+        f"optim.warmup_steps={min(20, args.steps // 10)}",
         # constant after warmup: the stopping point below must not depend on the schedule's end
         "optim.lr_decay_style=constant", "optim.weight_decay=0.0",
         "alignment.loss_type=dpo", "alignment.sort_scope=micro",
