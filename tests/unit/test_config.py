@@ -208,7 +208,7 @@ def test_compose_inside_an_outer_hydra_keeps_its_state():
     from hydra.core.global_hydra import GlobalHydra
 
     with initialize_config_dir(config_dir=CONF, version_base=None):
-        cfg = compose_config("gpt_aot", ["trainer.max_steps=3"])
+        cfg = compose_config("gpt_aot", ["trainer.max_steps=3", "optim.warmup_steps=1"])
         assert cfg.trainer.max_steps == 3 and GlobalHydra.instance().is_initialized()
     assert not GlobalHydra.instance().is_initialized()
 
@@ -216,7 +216,8 @@ def test_compose_inside_an_outer_hydra_keeps_its_state():
 def test_plain_dicts_are_checked_against_the_schema():
     from nemo_aot.algorithms.config import to_aot_config
 
-    cfg = to_aot_config({"trainer": {"max_steps": 5}, "precision": {"precision": "fp32"}})
+    cfg = to_aot_config({"trainer": {"max_steps": 5}, "optim": {"warmup_steps": 1},
+                         "precision": {"precision": "fp32"}})
     assert cfg.trainer.max_steps == 5 and cfg.model.num_query_groups == 2
     with pytest.raises(ValueError, match=r"optim.betas.*Known keys"):
         to_aot_config({"optim": {"betas": [0.9, 0.95]}})
