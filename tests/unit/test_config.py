@@ -60,7 +60,11 @@ def test_default_is_the_embedded_demo():
     cfg = compose_config()
     assert cfg.model.num_layers == 2 and cfg.model.vocab_size == 512
     assert cfg.precision.precision == "fp32" and cfg.data.train_path.startswith("bundled:")
-    assert 10 <= cfg.trainer.max_steps <= 100 and cfg.init_from is None
+    assert 10 <= cfg.trainer.max_steps <= 100
+    assert cfg.init_from == "bundled:tiny_sft.nemo"  # the packaged SFT policy
+    from nemo_aot.data.config import resolve_path
+
+    assert os.path.isfile(resolve_path(cfg.init_from))
     AOTConfig().validate(world_size=1)  # the bare dataclass defaults are valid too
 
 
