@@ -107,15 +107,33 @@ def initialize_model_parallel(parallel: ParallelConfig, model=None, seed: int = 
     enable_cpu_execution()
     init_distributed()
     parallel.validate(torch.distributed.get_world_size(), model)
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-    )
+    if not _same_layout(parallel_state, parallel):
+        if parallel_state.model_parallel_is_initialized():
+            # Megatron releases only its own gloo groups here; the others stay registered with
+            # torch (each holds threads), so a layout change in one process costs some.
+            parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        )
+    elif parallel.virtual_pipeline_model_parallel_size is not None:
+        parallel_state.set_virtual_pipeline_model_parallel_rank(0)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _same_layout(parallel_state, parallel: ParallelConfig) -> bool:
+    """Whether megatron's groups already exist for this layout (then they are reused: a
+    long-lived process running many jobs must not create a new set of groups per job)."""
+    if not parallel_state.model_parallel_is_initialized():
+        return False
+    return (parallel_state.get_tensor_model_parallel_world_size()
+            == parallel.tensor_model_parallel_size
+            and parallel_state.get_pipeline_model_parallel_world_size()
+            == parallel.pipeline_model_parallel_size
+            and parallel_state.get_virtual_pipeline_model_parallel_world_size()
+            == parallel.virtual_pipeline_model_parallel_size)
 
 
 def _free_port() -> int:

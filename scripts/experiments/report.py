@@ -219,6 +219,9 @@ def write_report(out: str, timings: dict = None) -> dict:
               "runs": {g: [{k: v for k, v in r.items() if not isinstance(v, list)}
                            for r in members] for g, members in groups.items()},
               "plots": [os.path.relpath(cdf, out), os.path.relpath(acc, out)]}
+    unique = {r["name"]: r for members in groups.values() for r in members}
+    result["runs_done"] = [{"name": n, "train_seconds": r.get("train_seconds")}
+                           for n, r in sorted(unique.items())]
     common.write_json(os.path.join(out, "results.json"), result)
     train = data["splits"]["train"]
     lines = [
@@ -235,7 +238,10 @@ def write_report(out: str, timings: dict = None) -> dict:
         "## Sort scope and sort-batch size (aot_unpaired)", "",
         *_scope_table(tables["scope"]), "",
         f"Plots: `{os.path.relpath(cdf, out)}`, `{os.path.relpath(acc, out)}`.", "",
-        "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in (timings or {}).items()),
+        "Stage wall times (s, summed over invocations if the study was resumed): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in (timings or {}).items())
+        + f". Training runs: {len(result['runs_done'])}, summed per-run training time "
+        f"{sum(r.get('train_seconds') or 0.0 for r in result['runs_done']) / 60:.1f} min.",
     ]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -169,13 +169,27 @@ def _run_all(commands: list, log_dir: str, label: str) -> None:
     for i, cmd in enumerate(commands):
         log = open(os.path.join(log_dir, f"{label}_{i}.log"), "w")
         procs.append((subprocess.Popen(cmd, cwd=common.ROOT, env=_env(), stdout=log,
-                                       stderr=subprocess.STDOUT), log, cmd))
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL),
+                      log, cmd))
     failed = []
-    for proc, log, cmd in procs:
-        proc.wait()
-        log.close()
-        if proc.returncode:
-            failed.append((proc.returncode, log.name))
+    try:
+        for proc, log, cmd in procs:
+            proc.wait()
+            log.close()
+            if proc.returncode:
+                failed.append((proc.returncode, log.name))
+    finally:
+        # Interrupted (Ctrl-C, or SIGTERM turned into an exception by main): stop the workers
+        # too, so none keeps training unobserved. SIGTERM lets a trainer save; a run it cuts
+        # short leaves no policy and is redone by the next invocation.
+        running = [proc for proc, _, _ in procs if proc.poll() is None]
+        for proc in running:
+            proc.terminate()
+        for proc in running:
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     if failed:
         tails = "\n".join(f"--- {name} (exit {rc}) ---\n" + _tail(name) for rc, name in failed)
         raise RuntimeError(f"{label}: {len(failed)} worker(s) failed\n{tails}")
@@ -187,10 +201,14 @@ def _tail(path: str, lines: int = 40) -> str:
 
 
 def _stage(name: str, timings: dict, fn) -> None:
+    """Run one stage; its wall time is added to what earlier (interrupted) invocations spent."""
     started = time.monotonic()
-    fn()
-    timings[name] = round(time.monotonic() - started, 1)
-    print(f"[study] {name}: {timings[name]:.0f} s", flush=True)
+    try:
+        fn()
+    finally:  # an interrupted stage's time counts too
+        spent = time.monotonic() - started
+        timings[name] = round(timings.get(name, 0.0) + spent, 1)
+    print(f"[study] {name}: {spent:.0f} s (all invocations: {timings[name]:.0f} s)", flush=True)
 
 
 def _split(items: list, parts: int) -> list:
@@ -202,7 +220,11 @@ def orchestrate(args) -> int:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     logs = os.path.join(out, "logs")
+    timings_path = os.path.join(out, "timings.json")
     timings: dict = {}
+    if os.path.exists(timings_path):
+        with open(timings_path) as f:
+            timings = json.load(f)
     reference = _reference_path(args, out)
 
     def make_reference():
@@ -250,10 +272,12 @@ def orchestrate(args) -> int:
             _run_all([_python("run_study.py", ["--worker", "eval", "--out", out, *names])
                       for names in _split(todo, args.jobs)], logs, "eval")
 
-    _stage("reference", timings, make_reference)
-    _stage("data", timings, make_data)
-    _stage("train", timings, train)
-    _stage("eval", timings, evaluate)
+    for name, fn in (("reference", make_reference), ("data", make_data), ("train", train),
+                     ("eval", evaluate)):
+        try:
+            _stage(name, timings, fn)
+        finally:
+            common.write_json(timings_path, timings)
 
     from report import write_report
 
@@ -336,6 +360,11 @@ def train_worker(out: str, names: list) -> None:
         started = time.monotonic()
         result = run_training(cfg)
         seconds = time.monotonic() - started
+        if result.stop_reason != "max_steps" or result.final_step != mode.steps:
+            # e.g. SIGTERM: the trainer saved and returned early. Leave no policy behind, so
+            # the next invocation reruns this run from the start.
+            raise SystemExit(f"[train] {name}: stopped at step {result.final_step} "
+                             f"({result.stop_reason}); rerun the study to redo it")
         if rank == 0:
             shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
             shutil.rmtree(os.path.join(run_dir, "reference_cache"), ignore_errors=True)
@@ -413,7 +442,18 @@ def main(argv=None) -> int:
     if args.worker == "eval":
         eval_worker(os.path.abspath(args.out), args.names)
         return 0
-    return orchestrate(args)
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        return orchestrate(args)
+    except KeyboardInterrupt:
+        print(f"[study] interrupted; finished runs are kept. Run the same command again to "
+              f"continue in {args.out}", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":
