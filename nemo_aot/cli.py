@@ -53,6 +53,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from nemo_aot.scoring import register_score
 
     register_score(sub)
+    from nemo_aot.algorithms.export import register as register_export
+
+    register_export(sub)
     from nemo_aot.launcher import register as register_launch
 
     register_launch(sub)

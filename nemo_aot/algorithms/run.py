@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 from nemo_aot.algorithms.checkpointing import CheckpointManager, sharded_rng_state
-from nemo_aot.algorithms.config import config_hash
+from nemo_aot.algorithms.config import config_hash, to_yaml
+from nemo_aot.algorithms.export import CONFIG_FILE
 from nemo_aot.algorithms.trainer import AOTTrainer, build_optimizer, total_steps
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,12 @@ class RunResult:
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _architecture(cfg):
@@ -108,6 +115,9 @@ def run_training(cfg) -> RunResult:
                     cfg.init_from)
         cfg = dataclasses.replace(cfg, model=model_arch)
     initialize_model_parallel(cfg.parallel, model_arch, seed=cfg.trainer.seed)
+    resolved = to_yaml(cfg)
+    if _rank() == 0:
+        _write_text(os.path.join(cfg.logging.output_dir, CONFIG_FILE), resolved)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     cfg.validate(torch.distributed.get_world_size())
@@ -159,6 +169,8 @@ def run_training(cfg) -> RunResult:
             state = state_template(is_loading=False)
             state["common"] = common
             dist_checkpointing.save(state, tmp_dir)
+            if _rank() == 0:  # self-describing: `nemo-aot export` rebuilds the model from it
+                _write_text(os.path.join(tmp_dir, CONFIG_FILE), resolved)
 
         manager.save(trainer.state.step, write,
                      metadata={**trainer.state.to_dict(), "config_hash": config_hash(cfg)})

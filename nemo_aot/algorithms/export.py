@@ -1,0 +1,154 @@
+"""Export a ``.nemo`` policy from any complete training checkpoint (``nemo-aot export``).
+
+A run exports its policy once, at the end. To take the policy of an earlier step, or of a run
+that was stopped before its end::
+
+    nemo-aot export --checkpoint RUN_DIR/checkpoints --out policy.nemo   # newest complete
+    nemo-aot export --checkpoint RUN_DIR/checkpoints --step 400 --out policy_400.nemo
+    nemo-aot export --checkpoint RUN_DIR/checkpoints/step_00000400 --out policy_400.nemo
+
+Every checkpoint folder carries the run's resolved config (``config.yaml``); the architecture
+and the tokenizer (``data.tokenizer_path``) come from it. Only the model weights are read (no
+optimizer state), into megatron-core's local layer spec, whose sharded keys match the
+TransformerEngine spec's, so a checkpoint trained with TE/FP8 exports on a CPU host too.
+
+Layout: in one process the weights are read at TP=PP=1, whatever layout trained them (the
+dist checkpoint reshards on load); that needs the whole model in host memory once. For a model
+that does not fit one process, run the export under ``torchrun``/``srun`` with the layout as
+overrides (e.g. ``parallel.tensor_model_parallel_size=8``); every rank then reads its shard.
+The export never changes the checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from nemo_aot.algorithms.checkpointing import MARKER, CheckpointManager, read_marker
+
+CONFIG_FILE = "config.yaml"
+
+
+def find_checkpoint(path: str, step: Optional[int] = None) -> str:
+    """The checkpoint folder ``path`` names: itself if it is one (marker present), else the
+    complete checkpoint of ``step`` (default: the newest) under ``path`` or ``path/checkpoints``."""
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} does not exist or is not a folder")
+    marker = read_marker(path)
+    if marker is not None:
+        if step is not None and marker["step"] != step:
+            raise ValueError(f"{path} is the checkpoint of step {marker['step']}, not --step "
+                             f"{step}; pass its parent folder to choose a step")
+        return path
+    if os.path.exists(os.path.join(path, MARKER)):
+        raise ValueError(f"{path}: its {MARKER} is unreadable, so the checkpoint is incomplete")
+    for root in (path, os.path.join(path, "checkpoints")):
+        complete = CheckpointManager(root, keep_last=None).complete()  # read-only listing
+        if complete:
+            break
+    else:
+        raise ValueError(f"no complete checkpoint under {path} (a checkpoint folder holds "
+                         f"{MARKER}; pass a run's checkpoints/ folder or one step folder)")
+    if step is None:
+        return complete[-1].path
+    chosen = [c.path for c in complete if c.step == step]
+    if not chosen:
+        raise ValueError(f"no complete checkpoint of step {step} under {root}; complete steps: "
+                         f"{[c.step for c in complete]}")
+    return chosen[0]
+
+
+def checkpoint_config(folder: str, config_path: Optional[str] = None,
+                      overrides: Sequence[str] = ()):
+    """The run config stored with a checkpoint (or ``config_path``), with KEY=VALUE overrides."""
+    from omegaconf import OmegaConf
+
+    from nemo_aot.algorithms.config import to_aot_config
+
+    path = config_path or os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} holds no {CONFIG_FILE} (checkpoints written before it was "
+                         "stored have none); pass --config with the run's resolved config "
+                         "(`nemo-aot train --print-config <the run's overrides>` prints it)")
+    raw = OmegaConf.load(path)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected KEY=VALUE, e.g. "
+                             "parallel.tensor_model_parallel_size=2")
+    if overrides:
+        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
+    return to_aot_config(raw)
+
+
+def export_checkpoint(path: str, out: str, *, step: Optional[int] = None,
+                      config_path: Optional[str] = None, overrides: Sequence[str] = ()) -> str:
+    """Write the policy weights of a training checkpoint as ``out`` (.nemo); collective under
+    torch.distributed (every rank calls it). Returns the checkpoint folder it read."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_aot.data.tokenization import resolve_path
+    from nemo_aot.distributed.parallel import (ParallelConfig, init_distributed,
+                                               initialize_model_parallel)
+    from nemo_aot.models.config import to_transformer_config
+    from nemo_aot.models.gpt import build_model_chunks
+    from nemo_aot.models.nemo_format import save_nemo
+
+    folder = find_checkpoint(path, step)
+    cfg = checkpoint_config(folder, config_path, overrides)
+    if os.path.abspath(out).startswith(os.path.abspath(folder) + os.sep):
+        raise ValueError(f"--out {out} is inside the checkpoint {folder}; write it elsewhere")
+    init_distributed()
+    world = torch.distributed.get_world_size()
+    parallel = cfg.parallel
+    if world == 1 and not any(o.startswith("parallel.") for o in overrides):
+        parallel = ParallelConfig()  # one process reads every shard: TP=PP=1
+    initialize_model_parallel(parallel, cfg.model, seed=cfg.trainer.seed)
+    config = to_transformer_config(cfg.model, parallel, cfg.precision.precision)
+    chunks = build_model_chunks(cfg.model, config, "local")
+    if len(chunks) == 1:
+        template = chunks[0].sharded_state_dict(prefix="")
+    else:  # what MegatronGPTAOTModel.sharded_state_dict saves with interleaving
+        template = {f"model{i}": c.sharded_state_dict(prefix="") for i, c in enumerate(chunks)}
+    state = dist_checkpointing.load({"model": template}, folder)["model"]
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(state, strict=True)
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(state[f"model{i}"], strict=True)
+    tokenizer = resolve_path(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else None
+    save_nemo(out, cfg.model, chunks, tokenizer)
+    return folder
+
+
+def register(subparsers):
+    """Add ``export`` to the main CLI's subparsers."""
+    parser = subparsers.add_parser(
+        "export", help="write a .nemo policy from a training checkpoint (any complete step)",
+        description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a run's folder or its checkpoints/ folder (the newest complete "
+                             "step, or --step), or one step folder")
+    parser.add_argument("--out", required=True, metavar="FILE.nemo", help="the .nemo to write")
+    parser.add_argument("--step", type=int, default=None,
+                        help="which complete step to export (default: the newest)")
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="the run's resolved config, for checkpoints that carry none")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. the layout for a multi-process export: "
+                             "parallel.tensor_model_parallel_size=8")
+    parser.set_defaults(func=_run)
+    return parser
+
+
+def _run(args) -> int:
+    folder = export_checkpoint(args.checkpoint, args.out, step=args.step,
+                               config_path=args.config, overrides=args.overrides)
+    if torch.distributed.get_rank() == 0:
+        print(f"nemo-aot export: {folder} -> {args.out}")
+    return 0
+
+
+__all__ = ["find_checkpoint", "checkpoint_config", "export_checkpoint", "register",
+           "CONFIG_FILE"]
