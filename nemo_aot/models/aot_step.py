@@ -95,9 +95,10 @@ class AOTStep:
         if a.sort_scope == "data_parallel" and parallel_state.get_data_parallel_world_size() > 1:
             pc, pr, rc, rr = data_parallel_gather(parallel_state.get_data_parallel_group())(
                 [pc, pr, rc, rr])
-        if pc.numel() == 0 or pr.numel() == 0:  # an all-filler (validation) batch
-            zero = pc.sum() + pr.sum()
-            return zero, None
+        if pc.numel() == 0 or pr.numel() == 0:
+            # Nothing to compare (all filler, or one side only): no loss, no gradient, no
+            # metrics; the zero stays in the graph so backward() still runs.
+            return (pc.sum() + pr.sum()) * 0, None
         return preference_loss(pc, pr, rc, rr, loss_type=a.loss_type, check_finite=False,
                                **self._loss_kwargs())
 
@@ -197,6 +198,8 @@ class AOTStep:
 
         def grad_pass(index, mb, logits):
             logps, _ = self._sequence_logps(logits, mb)
+            if plan is None:
+                return logps.sum() * 0, {}
             u, v = transport_inputs(a.loss_type, *split_rows(mb, logps, self.paired))
             (u0, v0) = offsets[index]
             term = matched_partner_loss(
@@ -230,7 +233,9 @@ class AOTStep:
             base = [0, 0]
         u_all, v_all, pc, pr, rc, rr = local
         if u_all.numel() == 0 or v_all.numel() == 0:
-            raise ValueError("the global batch holds no chosen or no rejected samples")
+            # No sort possible (e.g. a validation batch of negatives only): as in the other
+            # scopes, the batch adds no loss, no gradient and no metrics.
+            return None, None, [None]
         plan = plan_global_sort(u_all, v_all)
         offsets, (u0, v0) = [], base
         for u, v in zip(us, vs):

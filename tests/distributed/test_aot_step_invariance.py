@@ -94,3 +94,27 @@ def test_global_scope_dp2_is_one_sort_over_the_global_batch(tmp_path):
 def test_global_scope_four_micro_batches_equal_one(tmp_path):
     micro = _micro_batches(4, 0)
     _compare(tmp_path, 1, 1, 1, "global", "aot_unpaired", [micro], [mu.merge_rows(micro)])
+
+
+def _one_sided(scope):
+    from nemo_aot.models.aot_step import AOTStep
+
+    chunks, config = mu.setup(per_token_loss=False)
+    step = AOTStep(chunks, config, vocab_size=250, padded_vocab_size=256,
+                   alignment=_alignment(scope, "aot_unpaired"))
+    # only rejected samples (a validation batch once the positives ran out), then only chosen
+    negatives = [mu.preference_rows(0, 3, seed=i) for i in range(2)]
+    positives = [mu.preference_rows(2, 0, seed=i) for i in range(2)]
+    out = [step.step(negatives, forward_only=True), step.step(positives, forward_only=True),
+           step.step(negatives)]
+    grads = [p.main_grad.abs().max().item() for c in chunks for p in c.parameters()
+             if getattr(p, "main_grad", None) is not None]
+    return out, max(grads)
+
+
+@pytest.mark.parametrize("scope", ["micro", "global"])
+def test_one_sided_batches_add_nothing(scope):
+    (result,) = run_multirank(_one_sided, 1, args=(scope,), timeout=240)
+    metrics, grad = result
+    assert metrics == [{}, {}, {}]
+    assert grad == 0.0
