@@ -18,7 +18,8 @@ from collections import defaultdict
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-METRICS = ("heldout_accuracy", "win_rate", "fsd_violation", "reward_accuracy", "dev_accuracy")
+METRICS = ("heldout_accuracy", "win_rate", "fsd_violation", "reward_accuracy", "dev_accuracy",
+           "train_reward_chosen", "train_reward_rejected")
 LOSS_ORDER = ("aot_unpaired", "aot_paired", "dpo", "ipo")
 SCOPE_ORDER = ("micro", "data_parallel", "global")
 
@@ -51,11 +52,28 @@ def load(out: str) -> tuple:
         if os.path.exists(train):
             with open(train) as f:
                 record["train_seconds"] = json.load(f)["seconds"]
+        record.update(_final_train_rewards(os.path.join(folder, "metrics.jsonl")))
         runs[name] = {**spec, **record}
     groups = {g: [runs[n] for n in names] for g, names in plan["groups"].items()}
     with open(os.path.join(out, "runs", "reference", "eval.json")) as f:
         reference = json.load(f)
     return plan, groups, reference
+
+
+def _final_train_rewards(path: str, fraction: float = 0.1) -> dict:
+    """Mean training-batch rewards (log pi/pi_ref of chosen / rejected answers) over the last
+    ``fraction`` of the logged steps: where the run moved the two distributions."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        train = [r for r in map(json.loads, f) if r.get("split") == "train"]
+    tail = train[-max(1, int(len(train) * fraction)):]
+    out = {}
+    for key, name in (("rewards/chosen", "train_reward_chosen"),
+                      ("rewards/rejected", "train_reward_rejected")):
+        values = [r[key] for r in tail if r.get(key) is not None]
+        out[name] = sum(values) / len(values) if values else None
+    return out
 
 
 def _name(spec: dict) -> str:
@@ -118,12 +136,14 @@ def _loss_table(rows: list, reference: dict = None) -> list:
 
 def _scope_table(rows: list) -> list:
     lines = ["| beta | sort scope | micro-batch | DP ranks | sort batch | held-out greedy accuracy "
-             "| win rate vs reference | FSD violation | reward accuracy | seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| win rate vs reference | FSD violation | reward accuracy | train reward chosen "
+             "| train reward rejected | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['beta']:g} | {r['sort_scope']} | {r['micro_batch_size']} | {r['dp']} | "
                      f"{r['sort_batch']} | {_fmt(r['heldout_accuracy'])} | {_fmt(r['win_rate'])} | "
                      f"{_fmt(r['fsd_violation'])} | {_fmt(r['reward_accuracy'])} | "
+                     f"{_fmt(r['train_reward_chosen'], 2)} | {_fmt(r['train_reward_rejected'], 2)} | "
                      f"{len(r['seeds'])} |")
     return lines
 
@@ -198,6 +218,11 @@ def plot_accuracy_vs_sort_batch(scope: list, reference: dict, sweep: list, path:
     return path
 
 
+def _in_stage_order(timings: dict) -> list:
+    order = ("reference", "data", "train", "eval", "report")
+    return sorted(timings.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
+
+
 def write_report(out: str, timings: dict = None) -> dict:
     plan, groups, reference = load(out)
     tables = build_tables(plan, groups)
@@ -237,9 +262,11 @@ def write_report(out: str, timings: dict = None) -> dict:
         "## Beta sweep", "", *_loss_table(tables["sweep"], reference), "",
         "## Sort scope and sort-batch size (aot_unpaired)", "",
         *_scope_table(tables["scope"]), "",
+        "Train rewards: mean log pi/pi_ref of the chosen / rejected answers in the training "
+        "batches over the last 10% of steps (from each run's metrics.jsonl).", "",
         f"Plots: `{os.path.relpath(cdf, out)}`, `{os.path.relpath(acc, out)}`.", "",
         "Stage wall times (s, summed over invocations if the study was resumed): "
-        + ", ".join(f"{k} {v:.0f}" for k, v in (timings or {}).items())
+        + ", ".join(f"{k} {v:.0f}" for k, v in _in_stage_order(timings or {}))
         + f". Training runs: {len(result['runs_done'])}, summed per-run training time "
         f"{sum(r.get('train_seconds') or 0.0 for r in result['runs_done']) / 60:.1f} min.",
     ]

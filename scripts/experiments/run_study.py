@@ -1,7 +1,7 @@
 """The AOT-vs-DPO study, end to end, in one command (CPU).
 
-    python scripts/experiments/run_study.py --mode quick --out study_quick     # ~10 min, 2 cores
-    python scripts/experiments/run_study.py --mode full  --out study_full      # see README.md
+    python scripts/experiments/run_study.py --mode quick --out study_quick     # ~9 min, 2 cores
+    python scripts/experiments/run_study.py --mode full  --out study_full      # ~30 min, 2 cores
     python scripts/experiments/run_study.py --mode smoke --out /tmp/smoke      # CI, ~2-3 min
 
 Stages (each skipped when its outputs exist, so an interrupted study resumes):
@@ -115,7 +115,7 @@ MODES = {
     # quick: a subset of the full grid with the same per-run settings (same reference when
     # given the same --reference), so its rows are rows the full table also has.
     "quick": Mode(sft=[], data=[], steps=150, sequences=32, lr=1e-4, losses=LOSSES,
-                  betas=(0.5, 2.0), seeds=(0, 1, 2), scope_betas=(2.0,),
+                  betas=(0.5, 2.0), seeds=(0, 1, 2), scope_betas=(0.5, 2.0),
                   scopes=(("micro", 4, 1), ("micro", 32, 1), ("data_parallel", 8, 2),
                           ("global", 4, 1))),
     "full": Mode(sft=[], data=[], steps=150, sequences=32, lr=1e-4, losses=LOSSES,
