@@ -3,7 +3,9 @@
 Formats (canonical field -> default column):
   nemo_dpo       NeMo-Aligner DPO JSONL: prompt, chosen_response, rejected_response,
                  optional chosen_reward, rejected_reward (numbers)
-  trl_paired     TRL: prompt, chosen, rejected
+  trl_paired     TRL: prompt, chosen, rejected; without a prompt column the prompt is implicit
+                 (TRL's rule): the longest common prefix of chosen and rejected, characters for
+                 text, whole messages for conversations (e.g. Anthropic-HH-style records)
   trl_unpaired   TRL unpaired (KTO-style): prompt, completion, label (boolean, true = desirable)
   unpaired_files one positives file + one negatives file, each with prompt, completion
                  (an optional label column must agree with the file it is in)
@@ -73,11 +75,14 @@ def column_map(fmt: str, overrides: dict[str, str]) -> dict[str, str]:
 
 
 def detect_format(row: dict, overrides: dict[str, str], location: str) -> str:
-    """Pick the first format whose required columns are all present in ``row``."""
+    """Pick the first format whose required columns are all present in ``row`` (a TRL pair
+    without a prompt column counts as ``trl_paired``: its prompt is implicit)."""
     for fmt in DETECTION_ORDER:
         mapping = column_map(fmt, overrides)
         if all(mapping[f] in row for f in REQUIRED[fmt]):
             return fmt
+    if _implicit_prompt_row(row, column_map("trl_paired", overrides)):
+        return "trl_paired"
     expected = "; ".join(f"{fmt}: {[column_map(fmt, overrides)[f] for f in REQUIRED[fmt]]}"
                          for fmt in DETECTION_ORDER)
     raise RecordError(location, f"cannot detect the format from keys {sorted(row)} (expected {expected})",
@@ -91,6 +96,8 @@ def parse_record(fmt: str, row: dict, overrides: dict[str, str], roles: list[str
     ``file_label`` is the label implied by the file for ``unpaired_files`` (True = positives).
     """
     mapping = column_map(fmt, overrides)
+    if fmt == "trl_paired" and _implicit_prompt_row(row, mapping):
+        row = _split_implicit_prompt(row, mapping, location)
     for name in REQUIRED[fmt]:
         if mapping[name] not in row:
             keys = [mapping[f] for f in REQUIRED[fmt]]
@@ -122,6 +129,36 @@ def parse_record(fmt: str, row: dict, overrides: dict[str, str], roles: list[str
                               "move the record to the other file, or drop the label column")
         label = file_label
     return LabeledCompletion(prompt=prompt, completion=completion, label=label, location=location)
+
+
+def _implicit_prompt_row(row: dict, mapping: dict[str, str]) -> bool:
+    return mapping["prompt"] not in row and mapping["chosen"] in row and mapping["rejected"] in row
+
+
+def _split_implicit_prompt(row: dict, mapping: dict[str, str], location: str) -> dict:
+    """TRL's implicit prompt: the longest common prefix of chosen and rejected (characters of
+    text, or whole messages; for text a space just before the split stays with the responses)."""
+    chosen, rejected = row[mapping["chosen"]], row[mapping["rejected"]]
+    text = isinstance(chosen, str) and isinstance(rejected, str)
+    if not text and not (isinstance(chosen, (list, tuple)) and isinstance(rejected, (list, tuple))):
+        raise RecordError(location, f"no {mapping['prompt']!r} column, and {mapping['chosen']!r} / "
+                          f"{mapping['rejected']!r} are not both text or both message lists, so "
+                          "the prompt cannot be taken from their common start",
+                          f"add a {mapping['prompt']!r} column (or map one with data.columns.prompt)")
+    end = 0
+    while end < min(len(chosen), len(rejected)) and chosen[end] == rejected[end]:
+        end += 1
+    if text and end > 0 and end < min(len(chosen), len(rejected)) and chosen[end - 1] == " ":
+        end -= 1
+    if end == 0 or end in (len(chosen), len(rejected)):
+        problem = ("they share no common start" if end == 0 else
+                   "one of them is the other's start, so its response would be empty")
+        raise RecordError(location, f"no {mapping['prompt']!r} column, and the implicit prompt "
+                          f"(the common start of {mapping['chosen']!r} and "
+                          f"{mapping['rejected']!r}) cannot be taken: {problem}",
+                          f"add a {mapping['prompt']!r} column with the prompt")
+    return {**row, mapping["prompt"]: chosen[:end], mapping["chosen"]: chosen[end:],
+            mapping["rejected"]: rejected[end:]}
 
 
 def _text(value, key: str, location: str, roles: list[str], conversational: bool, wrap_role: str) -> Text:

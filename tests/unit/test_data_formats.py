@@ -68,6 +68,10 @@ def test_paired_formats_round_trip_to_same_tokens(tok, tmp_path):
         "renamed": dict(path=_write_jsonl(tmp_path / "renamed.jsonl", renamed), format="trl_paired",
                         columns={"prompt": "question", "chosen": "good", "rejected": "bad"}),
         "json_array": dict(path=str(tmp_path / "array.json")),
+        # TRL's implicit prompt: the conversation's shared turns are the prompt
+        "trl_implicit_conv": dict(path=_write_jsonl(tmp_path / "implicit.jsonl", [
+            {"chosen": _user(q) + _asst(c), "rejected": _user(q) + _asst(r)}
+            for q, c, r in CONTENT])),
         "parquet": dict(path=str(tmp_path / "conv.parquet")),
         "save_to_disk": dict(path=str(tmp_path / "saved")),
     }
@@ -82,6 +86,28 @@ def test_paired_formats_round_trip_to_same_tokens(tok, tmp_path):
     # The first pair decodes back to the templated conversation.
     prompt, (chosen, _) = reference[0][0]
     assert tok.decode(prompt + chosen) == "<|bos|><|user|>What is 17 + 25?<|end|><|assistant|>17 + 25 = 42<|end|>"
+
+
+def test_implicit_text_prompt_is_the_common_start(tok, tmp_path):
+    from nemo_aot.data.formats import parse_record
+
+    rows = [{"chosen": f"Human: {q} Assistant: {c}", "rejected": f"Human: {q} Assistant: {r}"}
+            for q, c, r in CONTENT]
+    pair = parse_record("trl_paired", rows[0], {}, ["user", "assistant"], "x:1")
+    # TRL's rule: the longest common prefix, with a space just before the split left to the
+    # responses ("17 + 25 = 4" is common to both answers here).
+    assert (pair.prompt, pair.chosen, pair.rejected) == (
+        "Human: What is 17 + 25? Assistant: 17 + 25 = 4", "2", "3")
+    explicit = []
+    for row in rows:
+        p = parse_record("trl_paired", row, {}, ["user", "assistant"], "x")
+        explicit.append({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected})
+    assert parse_record("trl_paired", {"chosen": "Q? A yes", "rejected": "Q? A no"}, {},
+                        ["user"], "x").prompt == "Q? A"
+    implicit = _examples(_load(tok, _write_jsonl(tmp_path / "i.jsonl", rows),
+                               apply_chat_template="never"))
+    assert implicit == _examples(_load(tok, _write_jsonl(tmp_path / "e.jsonl", explicit),
+                                       apply_chat_template="never"))
 
 
 def test_unpaired_formats_match_paired_sequences(tok, tmp_path):
