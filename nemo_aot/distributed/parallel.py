@@ -117,16 +117,24 @@ def initialize_model_parallel(parallel: ParallelConfig, model=None, seed: int = 
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         )
+        _groups_world[0] = torch.distributed.group.WORLD
     elif parallel.virtual_pipeline_model_parallel_size is not None:
         parallel_state.set_virtual_pipeline_model_parallel_rank(0)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+# The default process group megatron's groups were built in (they die with it).
+_groups_world: list = [None]
+
+
 def _same_layout(parallel_state, parallel: ParallelConfig) -> bool:
-    """Whether megatron's groups already exist for this layout (then they are reused: a
-    long-lived process running many jobs must not create a new set of groups per job)."""
+    """Whether megatron's groups already exist for this layout in the current default process
+    group (then they are reused: a long-lived process running many jobs must not create a new
+    set of groups per job)."""
     if not parallel_state.model_parallel_is_initialized():
+        return False
+    if _groups_world[0] is None or _groups_world[0] is not torch.distributed.group.WORLD:
         return False
     return (parallel_state.get_tensor_model_parallel_world_size()
             == parallel.tensor_model_parallel_size

@@ -65,3 +65,25 @@ def test_same_layout_reuses_groups_and_threads():
     for same, grown, pp, tp in run_multirank(_reinitialize_layouts, 2, timeout=120):
         assert same and grown == 0
         assert (pp, tp) == (2, 1)  # a different layout still rebuilds the groups
+
+
+def _rebuild_after_new_world():
+    import os
+
+    from megatron.core import parallel_state as ps
+
+    from multirank import free_port
+    from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
+
+    initialize_model_parallel(ParallelConfig())
+    old = ps.get_data_parallel_group()
+    torch.distributed.destroy_process_group()  # megatron's groups die with the world
+    os.environ["MASTER_PORT"] = str(free_port())
+    initialize_model_parallel(ParallelConfig())
+    t = torch.ones(1)
+    torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
+    return ps.get_data_parallel_group() is not old, t.item()
+
+
+def test_groups_are_rebuilt_in_a_new_default_group():
+    assert run_multirank(_rebuild_after_new_world, 1, timeout=120) == [(True, 1.0)]
