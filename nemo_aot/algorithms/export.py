@@ -86,14 +86,12 @@ def export_checkpoint(path: str, out: str, *, step: Optional[int] = None,
                       config_path: Optional[str] = None, overrides: Sequence[str] = ()) -> str:
     """Write the policy weights of a training checkpoint as ``out`` (.nemo); collective under
     torch.distributed (every rank calls it). Returns the checkpoint folder it read."""
-    from megatron.core import dist_checkpointing
-
     from nemo_aot.data.tokenization import resolve_path
     from nemo_aot.distributed.parallel import (ParallelConfig, init_distributed,
                                                initialize_model_parallel)
     from nemo_aot.models.config import to_transformer_config
     from nemo_aot.models.gpt import build_model_chunks
-    from nemo_aot.models.nemo_format import save_nemo
+    from nemo_aot.models.nemo_format import check_dist_checkpoint, load_dist_weights, save_nemo
 
     folder = find_checkpoint(path, step)
     cfg = checkpoint_config(folder, config_path, overrides)
@@ -107,16 +105,10 @@ def export_checkpoint(path: str, out: str, *, step: Optional[int] = None,
     initialize_model_parallel(parallel, cfg.model, seed=cfg.trainer.seed)
     config = to_transformer_config(cfg.model, parallel, cfg.precision.precision)
     chunks = build_model_chunks(cfg.model, config, "local")
-    if len(chunks) == 1:
-        template = chunks[0].sharded_state_dict(prefix="")
-    else:  # what MegatronGPTAOTModel.sharded_state_dict saves with interleaving
-        template = {f"model{i}": c.sharded_state_dict(prefix="") for i, c in enumerate(chunks)}
-    state = dist_checkpointing.load({"model": template}, folder)["model"]
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(state, strict=True)
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(state[f"model{i}"], strict=True)
+    # Training checkpoints store the model's sharded keys unprefixed. The .nemo loader's reader
+    # screens the files (no unpickling of code) and re-pads the vocabulary tables when this
+    # layout pads them differently from the training layout (e.g. TP8 -> TP1).
+    load_dist_weights(chunks, check_dist_checkpoint(folder), prefix="")
     tokenizer = resolve_path(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else None
     save_nemo(out, cfg.model, chunks, tokenizer)
     return folder

@@ -50,7 +50,8 @@ CONFIG_NAME = "model_config.yaml"
 WEIGHTS_DIR = "model_weights"
 TOKENIZER_DIR = "tokenizer"
 KEY_PREFIX = "model."
-_VOCAB_KEYS = ("model.embedding.word_embeddings.weight", "model.output_layer.weight")
+_VOCAB_NAMES = ("embedding.word_embeddings.weight", "output_layer.weight")
+_VOCAB_KEYS = tuple(KEY_PREFIX + n for n in _VOCAB_NAMES)
 _SAME_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
               "num_query_groups", "kv_channels", "encoder_seq_length", "max_position_embeddings",
               "position_embedding_type", "rotary_base", "layernorm_epsilon", "bias", "qkv_bias",
@@ -163,12 +164,12 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def nemo_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict:
+def nemo_sharded_state_dict(chunks: Sequence[torch.nn.Module], prefix: str = KEY_PREFIX) -> dict:
     """NeMo's layout: ``model.``-prefixed keys; ``model_{i}`` per virtual pipeline chunk."""
     modules = [_unwrap(c) for c in chunks]
     if len(modules) == 1:
-        return modules[0].sharded_state_dict(prefix=KEY_PREFIX)
-    return {f"model_{i}": m.sharded_state_dict(prefix=KEY_PREFIX) for i, m in enumerate(modules)}
+        return modules[0].sharded_state_dict(prefix=prefix)
+    return {f"model_{i}": m.sharded_state_dict(prefix=prefix) for i, m in enumerate(modules)}
 
 
 def _rank() -> int:
@@ -338,6 +339,11 @@ def weights_dir(extracted_dir: str) -> str:
         raise ValueError(f"{extracted_dir}: no {WEIGHTS_DIR}/ dist checkpoint" + (
             "; model_weights.ckpt is a pre-dist-checkpoint NeMo file (pickled), re-save it with "
             "a NeMo version that writes dist checkpoints" if old else ""))
+    return check_dist_checkpoint(wdir)
+
+
+def check_dist_checkpoint(wdir: str) -> str:
+    """``wdir``, checked to be a megatron torch_dist dist checkpoint."""
     try:
         with open(os.path.join(wdir, "metadata.json"), encoding="utf-8") as f:
             meta = json.load(f)
@@ -411,15 +417,22 @@ def checkpoint_dtype(extracted_dir: str) -> torch.dtype:
 
 def load_nemo_weights(chunks: Sequence[torch.nn.Module], extracted_dir: str) -> None:
     """Load model_weights/ into this rank's chunks (any TP/PP layout; collective)."""
+    load_dist_weights(chunks, weights_dir(extracted_dir), KEY_PREFIX)
+
+
+def load_dist_weights(chunks: Sequence[torch.nn.Module], wdir: str, prefix: str) -> None:
+    """Load the model tensors of a torch_dist checkpoint ``wdir`` whose keys are the model's
+    sharded keys under ``prefix`` (``model.`` in a .nemo, none in a training checkpoint) into
+    this rank's chunks, at any TP/PP layout, with the safety checks above (collective)."""
     from megatron.core import dist_checkpointing
 
-    wdir = weights_dir(extracted_dir)
     stored = read_checkpoint_metadata(wdir).state_dict_metadata
     _check_common(wdir)
     modules = [_unwrap(c) for c in chunks]
-    request = nemo_sharded_state_dict(modules)
+    request = nemo_sharded_state_dict(modules, prefix)
     subs = [request] if len(modules) == 1 else [request[f"model_{i}"] for i in range(len(modules))]
-    repad = [_prepare_request(sub, stored, wdir) for sub in subs]
+    vocab_keys = tuple(prefix + n for n in _VOCAB_NAMES)
+    repad = [_prepare_request(sub, stored, wdir, vocab_keys) for sub in subs]
     wanted = [set(sub) for sub in subs]
     state = dist_checkpointing.load(request, wdir)
     loaded = [state] if len(modules) == 1 else [state[f"model_{i}"] for i in range(len(modules))]
@@ -429,7 +442,7 @@ def load_nemo_weights(chunks: Sequence[torch.nn.Module], extracted_dir: str) -> 
         for name in keys:
             # Copy and release one tensor at a time: peak memory stays near one model copy.
             value, original = part.pop(name), originals.get(name)
-            key = name[len(KEY_PREFIX):]
+            key = name[len(prefix):]
             if key not in targets:
                 raise ValueError(f"{wdir}: {name} has no parameter in the model")
             target = targets.pop(key)
@@ -447,7 +460,7 @@ def load_nemo_weights(chunks: Sequence[torch.nn.Module], extracted_dir: str) -> 
             raise ValueError(f"{wdir}: model parameters not in the request: {missing}")
 
 
-def _prepare_request(sub: dict, stored: dict, wdir: str) -> dict:
+def _prepare_request(sub: dict, stored: dict, wdir: str, vocab_keys: tuple) -> dict:
     """Check one chunk's request against the metadata, in place: drop ``_extra_state`` objects
     (pickled bytes), refuse missing, non-tensor or misshapen entries, and turn a vocabulary
     table padded differently into a whole-table read. Returns {name: original} of those."""
@@ -468,7 +481,7 @@ def _prepare_request(sub: dict, stored: dict, wdir: str) -> dict:
         elif not hasattr(entry, "size"):
             problems.append(f"{item.key} is stored as pickled bytes, not a tensor")
         elif isinstance(item, ShardedTensor) and size != item.global_shape:
-            if item.key not in _VOCAB_KEYS or size[1:] != item.global_shape[1:]:
+            if item.key not in vocab_keys or size[1:] != item.global_shape[1:]:
                 problems.append(f"{item.key} stored {size}, model needs {item.global_shape}")
                 continue
             # Every rank reads the table whole; exactly one (the main replica of the first
@@ -478,7 +491,7 @@ def _prepare_request(sub: dict, stored: dict, wdir: str) -> dict:
             sub[name] = ShardedTensor.from_rank_offsets(
                 item.key, torch.empty(size, dtype=item.data.dtype), replica_id=0 if owner else 1)
     if problems:
-        raise ValueError(f"{wdir} does not fit the model built from model_config.yaml: "
+        raise ValueError(f"{wdir} does not fit the model built from its config: "
                          + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
     return repad
 
@@ -497,4 +510,5 @@ def nemo_artifact(extracted_dir: str, ref: Optional[str]) -> Optional[str]:
 __all__ = ["save_nemo", "read_nemo_config", "extract_nemo", "load_nemo_weights",
            "nemo_sharded_state_dict", "nemo_config_dict", "model_config_from_nemo",
            "checkpoint_dtype", "read_checkpoint_metadata", "weights_dir", "nemo_artifact",
+           "load_dist_weights", "check_dist_checkpoint",
            "CONFIG_NAME", "WEIGHTS_DIR", "TOKENIZER_DIR", "KEY_PREFIX"]

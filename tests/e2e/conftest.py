@@ -30,6 +30,11 @@ def small_data(tmp_path_factory):
 def init_nemo(tmp_path_factory):
     """A tiny random Llama built with transformers, converted to .nemo by the CLI: the policy
     every e2e run starts from (random init itself is not layout-invariant under PP)."""
+    return make_init_nemo(tmp_path_factory.mktemp("init"))
+
+
+def make_init_nemo(root, vocab_size=512):
+    """``vocab_size`` 300 pads to 384 rows at TP1 but 512 at TP2 (128 x TP)."""
     import shutil
 
     import torch
@@ -37,10 +42,9 @@ def init_nemo(tmp_path_factory):
 
     from nemo_aot.data.tokenization import resolve_path
 
-    root = tmp_path_factory.mktemp("init")
     hf_dir = root / "hf"
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=176,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(hf_dir)
