@@ -61,3 +61,14 @@ def test_cpu_swap_reference_equals_cached(single, small_data, init_nemo, tmp_pat
                                   "alignment.reference_policy=cpu_swap")])
     assert curve(history(tmp_path)) == curve(history(single))
     assert curve(history(tmp_path, "validation")) == curve(history(single, "validation"))
+
+
+def test_global_scope_validates_unpaired_data_to_the_end(tmp_path):
+    """The unpaired validation sampler ends with negatives-only batches once the positives run
+    out; the global scope used to fail on them ("holds no chosen or no rejected samples")."""
+    run_cli(["demo", "--output-dir", str(tmp_path), "data=bundled_unpaired",
+             "alignment.sort_scope=global", "trainer.max_steps=2", "trainer.val_check_interval=2",
+             "optim.warmup_steps=1", "trainer.limit_val_batches=null"])
+    val = history(tmp_path, "validation")
+    assert [r["step"] for r in val] == [0, 2]
+    assert val[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
