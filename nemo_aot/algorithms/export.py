@@ -91,7 +91,8 @@ def export_checkpoint(path: str, out: str, *, step: Optional[int] = None,
                                                initialize_model_parallel)
     from nemo_aot.models.config import to_transformer_config
     from nemo_aot.models.gpt import build_model_chunks
-    from nemo_aot.models.nemo_format import check_dist_checkpoint, load_dist_weights, save_nemo
+    from nemo_aot.models.dist_weights import check_dist_checkpoint, load_dist_weights
+    from nemo_aot.models.nemo_format import save_nemo
 
     folder = find_checkpoint(path, step)
     cfg = checkpoint_config(folder, config_path, overrides)
@@ -105,9 +106,9 @@ def export_checkpoint(path: str, out: str, *, step: Optional[int] = None,
     initialize_model_parallel(parallel, cfg.model, seed=cfg.trainer.seed)
     config = to_transformer_config(cfg.model, parallel, cfg.precision.precision)
     chunks = build_model_chunks(cfg.model, config, "local")
-    # Training checkpoints store the model's sharded keys unprefixed. The .nemo loader's reader
-    # screens the files (no unpickling of code) and re-pads the vocabulary tables when this
-    # layout pads them differently from the training layout (e.g. TP8 -> TP1).
+    # Training checkpoints store the model's sharded keys unprefixed. The reader the .nemo
+    # loader uses screens the files (no unpickling of code) and re-pads the vocabulary tables
+    # when this layout pads them differently from the training layout (e.g. TP8 -> TP1).
     load_dist_weights(chunks, check_dist_checkpoint(folder), prefix="")
     tokenizer = resolve_path(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else None
     save_nemo(out, cfg.model, chunks, tokenizer)

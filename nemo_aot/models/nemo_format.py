@@ -27,15 +27,13 @@ an artifact directory, so NeMo needs ``tokenizer.type`` pointed at it (or at a h
 Safety: extraction refuses absolute paths, ``..``, links and special files; loading never
 unpickles code: ``.metadata`` goes through an allow-listed unpickler, ``common.pt`` through
 torch's weights-only loader, requested keys must be tensors (pickled byte entries such as
-``_extra_state`` are never read), and tensors themselves load weights-only (torch DCP).
+``_extra_state`` are never read), and tensors themselves load weights-only (torch DCP); see
+``nemo_aot.models.dist_weights``, which also reads training checkpoints for ``nemo-aot export``.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import pickle
 import shutil
 import tarfile
 import tempfile
@@ -45,13 +43,15 @@ import torch
 import yaml
 
 from nemo_aot.models.config import GPTModelConfig, RopeScaling
+from nemo_aot.models.dist_weights import (VOCAB_NAMES, check_dist_checkpoint,
+                                          chunks_sharded_state_dict, load_dist_weights,
+                                          read_checkpoint_metadata, unpickle_metadata)
 
 CONFIG_NAME = "model_config.yaml"
 WEIGHTS_DIR = "model_weights"
 TOKENIZER_DIR = "tokenizer"
 KEY_PREFIX = "model."
-_VOCAB_NAMES = ("embedding.word_embeddings.weight", "output_layer.weight")
-_VOCAB_KEYS = tuple(KEY_PREFIX + n for n in _VOCAB_NAMES)
+_VOCAB_KEYS = tuple(KEY_PREFIX + n for n in VOCAB_NAMES)
 _SAME_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
               "num_query_groups", "kv_channels", "encoder_seq_length", "max_position_embeddings",
               "position_embedding_type", "rotary_base", "layernorm_epsilon", "bias", "qkv_bias",
@@ -134,7 +134,7 @@ def read_nemo_config(path: str) -> tuple[GPTModelConfig, dict]:
     values = dict(full)
     if values.get("vocab_size") is None and values.get("override_vocab_size") is None:
         try:  # without it, model_config_from_nemo names the missing key
-            meta = _unpickle_metadata(_read_member(path, f"{WEIGHTS_DIR}/.metadata"), path)
+            meta = unpickle_metadata(_read_member(path, f"{WEIGHTS_DIR}/.metadata"), path)
             rows = meta.state_dict_metadata[_VOCAB_KEYS[0]].size[0]
             values.update(vocab_size=int(rows), make_vocab_size_divisible_by=1)
         except (ValueError, KeyError, AttributeError):
@@ -158,18 +158,9 @@ def _read_member(path: str, name: str) -> bytes:
 
 
 # ----------------------------------------------------------------------------- writing
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while isinstance(getattr(module, "module", None), torch.nn.Module):  # DDP, Float16Module
-        module = module.module
-    return module
-
-
-def nemo_sharded_state_dict(chunks: Sequence[torch.nn.Module], prefix: str = KEY_PREFIX) -> dict:
+def nemo_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict:
     """NeMo's layout: ``model.``-prefixed keys; ``model_{i}`` per virtual pipeline chunk."""
-    modules = [_unwrap(c) for c in chunks]
-    if len(modules) == 1:
-        return modules[0].sharded_state_dict(prefix=prefix)
-    return {f"model_{i}": m.sharded_state_dict(prefix=prefix) for i, m in enumerate(modules)}
+    return chunks_sharded_state_dict(chunks, KEY_PREFIX)
 
 
 def _rank() -> int:
@@ -342,70 +333,6 @@ def weights_dir(extracted_dir: str) -> str:
     return check_dist_checkpoint(wdir)
 
 
-def check_dist_checkpoint(wdir: str) -> str:
-    """``wdir``, checked to be a megatron torch_dist dist checkpoint."""
-    try:
-        with open(os.path.join(wdir, "metadata.json"), encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{wdir}/metadata.json is missing or invalid: {err}") from err
-    backends = (meta.get("sharded_backend"), meta.get("common_backend", "torch"))
-    if backends != ("torch_dist", "torch"):
-        raise ValueError(f"{wdir}: backend {meta.get('sharded_backend')!r} is not supported "
-                         "(only torch_dist); convert zarr checkpoints with NeMo first")
-    return wdir
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles torch DCP ``.metadata``: plain DCP dataclasses and torch dtypes, nothing else."""
-
-    _ALLOWED = {
-        ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-        *(("torch.distributed.checkpoint.metadata", n) for n in (
-            "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-            "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
-        *(("torch.distributed.checkpoint.planner", n) for n in (
-            "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")),
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
-        return super().find_class(module, name)
-
-
-def _unpickle_metadata(data: bytes, where: str):
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    try:
-        meta = _MetadataUnpickler(io.BytesIO(data)).load()
-    except Exception as err:  # UnpicklingError and anything a crafted stream raises
-        raise ValueError(f"{where}: .metadata is not a plain torch_dist metadata file ({err}); "
-                         "refusing to unpickle it (tampered or foreign checkpoint)") from err
-    if not isinstance(meta, Metadata):
-        raise ValueError(f"{where}: .metadata holds a {type(meta).__name__}, not metadata")
-    return meta
-
-
-def read_checkpoint_metadata(wdir: str):
-    """The DCP Metadata of ``wdir/.metadata``, unpickled through an allow-list."""
-    return _unpickle_metadata(_read_member(wdir, ".metadata"), wdir)
-
-
-def _check_common(wdir: str) -> None:
-    path = os.path.join(wdir, "common.pt")
-    if not os.path.exists(path):
-        return  # megatron reports a missing common file itself
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path} holds more than tensors and plain containers ({err}); refusing "
-                         "to unpickle it (tampered or foreign checkpoint)") from err
-
-
 def checkpoint_dtype(extracted_dir: str) -> torch.dtype:
     """Storage dtype of the weights (that of the word embedding)."""
     meta = read_checkpoint_metadata(weights_dir(extracted_dir))
@@ -418,82 +345,6 @@ def checkpoint_dtype(extracted_dir: str) -> torch.dtype:
 def load_nemo_weights(chunks: Sequence[torch.nn.Module], extracted_dir: str) -> None:
     """Load model_weights/ into this rank's chunks (any TP/PP layout; collective)."""
     load_dist_weights(chunks, weights_dir(extracted_dir), KEY_PREFIX)
-
-
-def load_dist_weights(chunks: Sequence[torch.nn.Module], wdir: str, prefix: str) -> None:
-    """Load the model tensors of a torch_dist checkpoint ``wdir`` whose keys are the model's
-    sharded keys under ``prefix`` (``model.`` in a .nemo, none in a training checkpoint) into
-    this rank's chunks, at any TP/PP layout, with the safety checks above (collective)."""
-    from megatron.core import dist_checkpointing
-
-    stored = read_checkpoint_metadata(wdir).state_dict_metadata
-    _check_common(wdir)
-    modules = [_unwrap(c) for c in chunks]
-    request = nemo_sharded_state_dict(modules, prefix)
-    subs = [request] if len(modules) == 1 else [request[f"model_{i}"] for i in range(len(modules))]
-    vocab_keys = tuple(prefix + n for n in _VOCAB_NAMES)
-    repad = [_prepare_request(sub, stored, wdir, vocab_keys) for sub in subs]
-    wanted = [set(sub) for sub in subs]
-    state = dist_checkpointing.load(request, wdir)
-    loaded = [state] if len(modules) == 1 else [state[f"model_{i}"] for i in range(len(modules))]
-    del request, subs, state
-    for module, part, keys, originals in zip(modules, loaded, wanted, repad):
-        targets = module.state_dict(keep_vars=True)
-        for name in keys:
-            # Copy and release one tensor at a time: peak memory stays near one model copy.
-            value, original = part.pop(name), originals.get(name)
-            key = name[len(prefix):]
-            if key not in targets:
-                raise ValueError(f"{wdir}: {name} has no parameter in the model")
-            target = targets.pop(key)
-            with torch.no_grad():
-                if original is None:
-                    target.copy_(value)
-                else:  # this rank's rows of a vocabulary table read whole
-                    start, rows = original.global_offset[0], original.local_shape[0]
-                    take = max(0, min(rows, value.shape[0] - start))
-                    target.zero_()
-                    target[:take].copy_(value[start:start + take])
-            del value
-        missing = sorted(k for k in targets if not k.endswith("_extra_state"))
-        if missing:
-            raise ValueError(f"{wdir}: model parameters not in the request: {missing}")
-
-
-def _prepare_request(sub: dict, stored: dict, wdir: str, vocab_keys: tuple) -> dict:
-    """Check one chunk's request against the metadata, in place: drop ``_extra_state`` objects
-    (pickled bytes), refuse missing, non-tensor or misshapen entries, and turn a vocabulary
-    table padded differently into a whole-table read. Returns {name: original} of those."""
-    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
-    from megatron.core.dist_checkpointing.mapping import is_main_replica
-
-    repad, problems = {}, []
-    for name, item in list(sub.items()):
-        if isinstance(item, ShardedObject):  # _extra_state: never read
-            del sub[name]
-            continue
-        if not hasattr(item, "key"):  # plain (common) state
-            continue
-        entry = stored.get(item.key)
-        size = tuple(getattr(entry, "size", ()))
-        if entry is None:
-            problems.append(f"missing {item.key}")
-        elif not hasattr(entry, "size"):
-            problems.append(f"{item.key} is stored as pickled bytes, not a tensor")
-        elif isinstance(item, ShardedTensor) and size != item.global_shape:
-            if item.key not in vocab_keys or size[1:] != item.global_shape[1:]:
-                problems.append(f"{item.key} stored {size}, model needs {item.global_shape}")
-                continue
-            # Every rank reads the table whole; exactly one (the main replica of the first
-            # row block) owns it in megatron's access check.
-            owner = is_main_replica(item.replica_id) and item.global_offset[0] == 0
-            repad[name] = item
-            sub[name] = ShardedTensor.from_rank_offsets(
-                item.key, torch.empty(size, dtype=item.data.dtype), replica_id=0 if owner else 1)
-    if problems:
-        raise ValueError(f"{wdir} does not fit the model built from its config: "
-                         + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
-    return repad
 
 
 def nemo_artifact(extracted_dir: str, ref: Optional[str]) -> Optional[str]:
