@@ -19,12 +19,25 @@ import sys
 from typing import Optional, Sequence
 
 from nemo_aot import __version__
+from nemo_aot.progress import configure_logging
+
+
+_EPILOG = """\
+environment variables (all of them: README.md, "Environment variables"):
+  NEMO_AOT_LOG_LEVEL    console level of nemo_aot's own messages (data summary, progress
+                        of long phases): DEBUG, INFO (default), WARNING, ERROR; other
+                        libraries log at WARNING; ranks other than 0 show WARNING and up
+  NEMO_AOT_EXTRACT_DIR  where .nemo files are unpacked (default: the system temp dir)
+  RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+                        set by torchrun or `nemo-aot launch` (SLURM_* under srun)
+"""
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nemo-aot", description="Alignment via Optimal Transport (AOT) for LLMs on NeMo "
-        "and megatron-core: DPO plus two sorts, at cluster scale.")
+        "and megatron-core: DPO plus two sorts, at cluster scale.", epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"nemo-aot {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -118,8 +131,11 @@ def _quiet_known_warnings() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_known_warnings()
-    logging.basicConfig(level=os.environ.get("NEMO_AOT_LOG_LEVEL", "WARNING"),
-                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        configure_logging()
+    except ValueError as err:
+        print(f"nemo-aot: error: {err}", file=sys.stderr)
+        return 2
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -398,10 +398,13 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import logging
+    from nemo_aot.progress import configure_logging
 
-    logging.basicConfig(level=os.environ.get("NEMO_AOT_LOG_LEVEL", "WARNING"),
-                        format="%(levelname)s %(name)s: %(message)s")
+    try:  # nemo_aot at INFO (NEMO_AOT_LOG_LEVEL), others at WARNING, INFO from rank 0 only
+        configure_logging()
+    except ValueError as err:
+        print(f"nemo-aot launch: error: {err}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="python -m nemo_aot.launcher",
                                      description=__doc__.split("\n\n")[0])
     _add_arguments(parser)

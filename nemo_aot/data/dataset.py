@@ -3,7 +3,9 @@
 Paired data has one stream of examples (pairs: a prompt and two responses, chosen first);
 unpaired data has two streams, positives then negatives (a prompt and one response each).
 Problems with records are collected and reported together (the first few, with file and line);
-over-length records follow ``data.length_policy`` and every skip is counted in the summary.
+over-length records follow ``data.length_policy`` and every skip is counted in the summary, which
+is logged at INFO (shown by default) with how many records were read, kept and dropped and why.
+Tokenizing a large split reports progress on rank 0 (``nemo_aot.progress``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,15 @@ from nemo_aot.data.config import PAIRED_FORMATS, DataConfig, resolve_path
 from nemo_aot.data.formats import PreferencePair, Record, detect_format, parse_record
 from nemo_aot.data.readers import RecordError, iter_rows
 from nemo_aot.data.tokenization import PromptResponseTokenizer, load_tokenizer
+from nemo_aot.progress import Progress
 
 logger = logging.getLogger(__name__)
 MAX_REPORTED = 10
+TOKENIZE_CHUNK = 1024  # records per batched tokenizer call; progress is counted per chunk
+DROP_REASONS = {  # LoadSummary.dropped key -> why, as the summary line says it
+    "too_long": "longer than data.max_seq_length={limit} under data.length_policy=drop",
+    "response_too_long": "whose response alone does not fit data.max_seq_length={limit}",
+}
 
 
 @dataclass(frozen=True)
@@ -47,14 +55,24 @@ class LoadSummary:
     positives: Optional[int] = None
     negatives: Optional[int] = None
     lengths: dict = field(default_factory=dict)  # sequence|prompt|response -> {p50, p90, p99, max}
+    max_seq_length: Optional[int] = None  # the limit the length policy applied
 
     @property
     def num_dropped(self) -> int:
         return sum(self.dropped.values())
 
     def __str__(self) -> str:
-        parts = [f"{self.source} ({self.format}): {self.records} records, {self.kept} kept, "
-                 f"{self.truncated} truncated, {self.num_dropped} dropped {self.dropped or ''}".rstrip()]
+        limit = "?" if self.max_seq_length is None else self.max_seq_length
+        kept = f"{self.kept} kept"
+        if self.truncated:
+            kept += (f" ({self.truncated} with the prompt cut from the left to fit "
+                     f"data.max_seq_length={limit})")
+        dropped = f"{self.num_dropped} dropped"
+        if self.dropped:
+            dropped += " (" + ", ".join(
+                f"{count} {DROP_REASONS.get(reason, reason).format(limit=limit)}"
+                for reason, count in self.dropped.items()) + ")"
+        parts = [f"{self.source} ({self.format}): {self.records} records read, {kept}, {dropped}"]
         if self.positives is not None:
             parts.append(f"positives {self.positives}, negatives {self.negatives}")
         for name, stats in self.lengths.items():
@@ -96,8 +114,9 @@ def load_preference_data(config: DataConfig, split: str = "train", tokenizer=Non
     problems = _Problems()
     fmt, records = _read_records(config, path, negatives, hf_split, problems)
     problems.raise_if_any(source)
-    summary = LoadSummary(source=source, format=fmt, records=len(records))
-    examples = _tokenize(records, encoder, config, summary, problems)
+    summary = LoadSummary(source=source, format=fmt, records=len(records),
+                          max_seq_length=config.max_seq_length)
+    examples = _tokenize(records, encoder, config, summary, problems, f"tokenizing {split} split")
     problems.raise_if_any(source)
     paired = fmt in PAIRED_FORMATS
     streams = _streams(records, examples, paired, source, config.length_policy)
@@ -169,32 +188,49 @@ def _require_rows(rows: list, path: str) -> None:
 
 
 def _tokenize(records: list[Record], encoder: PromptResponseTokenizer, config: DataConfig,
-              summary: LoadSummary, problems: _Problems) -> list[Optional[TokenizedExample]]:
+              summary: LoadSummary, problems: _Problems, what: str) -> list[Optional[TokenizedExample]]:
+    """Render, tokenize (one batched call per chunk) and apply the length policy; once a record
+    is invalid, the rest are only rendered, to report every problem at once."""
+    examples: list[Optional[TokenizedExample]] = [None] * len(records)
+    with Progress(len(records), what, "records") as progress:
+        for start in range(0, len(records), TOKENIZE_CHUNK):
+            chunk = range(start, min(start + TOKENIZE_CHUNK, len(records)))
+            rendered, rendered_at = _render(records, chunk, encoder, problems)
+            if not problems.count:
+                for i, (prompt, responses) in zip(rendered_at, encoder.encode(rendered)):
+                    examples[i] = _example(records[i], prompt, responses, encoder, config, summary,
+                                           problems)
+            progress.update(len(chunk))
+    return examples
+
+
+def _render(records: list[Record], chunk: range, encoder: PromptResponseTokenizer,
+            problems: _Problems) -> tuple[list, list[int]]:
     rendered, rendered_at = [], []
-    for i, record in enumerate(records):
+    for i in chunk:
+        record = records[i]
         responses = (record.chosen, record.rejected) if isinstance(record, PreferencePair) else (record.completion,)
         try:
             rendered.append(encoder.render(record.prompt, responses, record.location))
             rendered_at.append(i)
         except RecordError as e:
             problems.add(e)
-    examples: list[Optional[TokenizedExample]] = [None] * len(records)
-    if problems.count:
-        return examples
-    for i, (prompt, responses) in zip(rendered_at, encoder.encode(rendered)):
-        record = records[i]
-        try:
-            prompt = _apply_length_policy(prompt, responses, config, encoder.bos_id, record.location, summary)
-        except RecordError as e:
-            problems.add(e)
-            continue
-        if prompt is None:
-            continue
-        rewards = ((record.chosen_reward, record.rejected_reward) if isinstance(record, PreferencePair)
-                   else (None,))
-        examples[i] = TokenizedExample(prompt, tuple(responses),
-                                       tuple(math.nan if r is None else r for r in rewards), record.location)
-    return examples
+    return rendered, rendered_at
+
+
+def _example(record: Record, prompt: np.ndarray, responses: list, encoder: PromptResponseTokenizer,
+             config: DataConfig, summary: LoadSummary, problems: _Problems) -> Optional[TokenizedExample]:
+    try:
+        prompt = _apply_length_policy(prompt, responses, config, encoder.bos_id, record.location, summary)
+    except RecordError as e:
+        problems.add(e)
+        return None
+    if prompt is None:
+        return None
+    rewards = ((record.chosen_reward, record.rejected_reward) if isinstance(record, PreferencePair)
+               else (None,))
+    return TokenizedExample(prompt, tuple(responses),
+                            tuple(math.nan if r is None else r for r in rewards), record.location)
 
 
 def _apply_length_policy(prompt: np.ndarray, responses: list, config: DataConfig, bos_id: Optional[int],
