@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 
 def register_score(subparsers) -> None:
     score = subparsers.add_parser(
         "score", help="per-record response log-probs of a preference file under a .nemo")
-    score.add_argument("--model", required=True, metavar="FILE.nemo", help="policy to score with")
+    score.add_argument("--model", required=True, metavar="FILE.nemo",
+                       help="policy to score with (a .nemo file or an extracted .nemo folder)")
     score.add_argument("--data", required=True, metavar="FILE",
                        help="preference data (.jsonl/.json/.parquet or a datasets name)")
     score.add_argument("--negatives", default=None, metavar="FILE",
@@ -42,28 +42,27 @@ def run_score(args) -> int:
     import torch
 
     from nemo_aot.data import DataConfig, load_preference_data, load_tokenizer, make_batches
-    from nemo_aot.distributed.parallel import ParallelConfig
+    from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
     from nemo_aot.models.aot_model import MegatronGPTAOTModel
-    from nemo_aot.models.nemo_format import extract_nemo, nemo_artifact, read_nemo_config
+    from nemo_aot.models.nemo_format import nemo_artifact, open_nemo, read_nemo_config
     from nemo_aot.models.options import PrecisionConfig
     from nemo_aot.models.reference import score_into_table
 
     model_cfg, full = read_nemo_config(args.model)
-    with tempfile.TemporaryDirectory(prefix="nemo_aot_score_") as tmp:
-        tokenizer_dir = args.tokenizer
+    parallel = ParallelConfig(args.tp, args.pp)
+    initialize_model_parallel(parallel, model_cfg)  # first, so the .nemo is extracted per node
+    with open_nemo(args.model) as extracted:
+        tokenizer_dir = args.tokenizer or nemo_artifact(
+            extracted, (full.get("tokenizer") or {}).get("type"))
         if tokenizer_dir is None:
-            extracted = extract_nemo(args.model, tmp)
-            tokenizer_dir = nemo_artifact(extracted, (full.get("tokenizer") or {}).get("type"))
-            if tokenizer_dir is None:
-                raise ValueError(f"{args.model} carries no tokenizer; pass --tokenizer DIR")
+            raise ValueError(f"{args.model} carries no tokenizer; pass --tokenizer DIR")
         data_cfg = DataConfig(format=args.format, train_path=args.data,
                               train_negatives_path=args.negatives, tokenizer_path=tokenizer_dir,
                               validation_path=None,
                               max_seq_length=args.max_seq_length or model_cfg.encoder_seq_length,
                               shuffle=False)
-        parallel = ParallelConfig(args.tp, args.pp)
         precision = PrecisionConfig(precision="bf16" if torch.cuda.is_available() else "fp32")
-        model = MegatronGPTAOTModel.restore_from(args.model, precision=precision,
+        model = MegatronGPTAOTModel.restore_from(extracted, precision=precision,
                                                  parallel=parallel)
         tokenizer = load_tokenizer(tokenizer_dir)
         data = load_preference_data(data_cfg, "train", tokenizer)

@@ -71,13 +71,12 @@ def model_cfg_node(model: GPTModelConfig, precision: PrecisionConfig, parallel: 
 
 
 def load_nemo_into(path: str, chunks: list) -> None:
-    """Read a .nemo's weights into model chunks at the current layout (collective)."""
-    import tempfile
+    """Read the weights of a .nemo file or extracted .nemo folder into model chunks at the
+    current layout (collective; a file is extracted once per node, see ``open_nemo``)."""
+    from nemo_aot.models.nemo_format import load_nemo_weights, open_nemo
 
-    from nemo_aot.models.nemo_format import extract_nemo, load_nemo_weights
-
-    with tempfile.TemporaryDirectory(prefix="nemo_aot_restore_") as tmp:
-        load_nemo_weights(chunks, extract_nemo(path, tmp))
+    with open_nemo(path) as extracted:
+        load_nemo_weights(chunks, extracted)
 
 
 class MegatronGPTAOTModel(ModelPT):

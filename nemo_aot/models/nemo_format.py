@@ -24,6 +24,15 @@ ours: keys and shapes match its local spec (``transformer_engine: false``); its 
 expects TE attention ``_extra_state`` entries the local spec does not write; the HF tokenizer is
 an artifact directory, so NeMo needs ``tokenizer.type`` pointed at it (or at a hub id).
 
+Reading: ``open_nemo(path)`` yields a folder holding the extracted .nemo: ``path`` itself when it
+is already an extracted folder (nothing copied), else one copy per node, made by the node's local
+rank 0 and removed after use. Environment variable:
+
+    NEMO_AOT_EXTRACT_DIR   where .nemo files are extracted (default: the system temp folder,
+                           ``$TMPDIR`` or /tmp); needs about the .nemo's size free on each node
+
+``extract_tokenizer(path, dest)`` extracts only the tokenizer artifact (no weights).
+
 Safety: extraction refuses absolute paths, ``..``, links and special files; loading never
 unpickles code: ``.metadata`` goes through an allow-listed unpickler, ``common.pt`` through
 torch's weights-only loader, requested keys must be tensors (pickled byte entries such as
@@ -33,21 +42,25 @@ torch's weights-only loader, requested keys must be tensors (pickled byte entrie
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tarfile
 import tempfile
-from typing import Any, Optional, Sequence
+import uuid
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import yaml
 
+from nemo_aot.distributed import node
 from nemo_aot.models.config import GPTModelConfig, RopeScaling
 from nemo_aot.models.dist_weights import (VOCAB_NAMES, check_dist_checkpoint,
                                           chunks_sharded_state_dict, load_dist_weights,
                                           read_checkpoint_metadata, unpickle_metadata)
 
 CONFIG_NAME = "model_config.yaml"
+EXTRACT_DIR_ENV = "NEMO_AOT_EXTRACT_DIR"
 WEIGHTS_DIR = "model_weights"
 TOKENIZER_DIR = "tokenizer"
 KEY_PREFIX = "model."
@@ -287,39 +300,190 @@ def _open_tar(path: str) -> tarfile.TarFile:
 
 def extract_nemo(path: str, dest: str) -> str:
     """Extract into ``dest`` (new or empty); refuse any member that could land outside it."""
+    root = _empty_dir(dest)
+    with _open_tar(path) as tar:
+        _unpack(tar, _safe_plan(tar, path, dest, root), path)
+    return dest
+
+
+def extract_tokenizer(path: str, dest: str) -> Optional[str]:
+    """The tokenizer artifact of a .nemo (``tokenizer.type: nemo:<member>``), without weights.
+
+    A .nemo file: only the artifact's members are extracted into ``dest`` (new or empty), with
+    ``extract_nemo``'s checks on every member; returns the artifact's path under ``dest``. An
+    extracted folder: returns the artifact's path inside it (nothing copied). ``None`` when the
+    .nemo stores no tokenizer (no ``nemo:`` reference, or no such member).
+    """
+    _, full = read_nemo_config(path)
+    ref = (full.get("tokenizer") or {}).get("type")
+    if not isinstance(ref, str) or not ref.startswith("nemo:"):
+        return None
+    if os.path.isdir(path):
+        return nemo_artifact(path, ref)
+    parts = _artifact_parts(ref)
+    root = _empty_dir(dest)
+    with _open_tar(path) as tar:
+        plan = [p for p in _safe_plan(tar, path, dest, root) if p[2][:len(parts)] == parts]
+        if not plan:
+            return None
+        _unpack(tar, plan, path)
+    return os.path.join(dest, *parts)
+
+
+def _empty_dir(dest: str) -> str:
     os.makedirs(dest, exist_ok=True)
     if os.listdir(dest):
         raise ValueError(f"extraction directory {dest} is not empty")
-    root = os.path.realpath(dest)
-    with _open_tar(path) as tar:
-        members = tar.getmembers()
-        plan = []
-        for m in members:
-            what = f"{path}: member {m.name!r}"
-            if m.name.startswith(("/", "\\")) or (len(m.name) > 1 and m.name[1] == ":"):
-                raise ValueError(f"{what} has an absolute path; refusing to extract")
-            parts = _parts(m.name)
-            if ".." in parts:
-                raise ValueError(f"{what} climbs out of the archive ('..'); refusing to extract")
-            if m.issym() or m.islnk():
-                raise ValueError(f"{what} is a link (to {m.linkname!r}); .nemo files hold none")
-            if not (m.isfile() or m.isdir()):
-                raise ValueError(f"{what} is a device, fifo or other special file; refusing")
-            target = os.path.join(root, *parts)
-            if parts and os.path.commonpath([root, os.path.realpath(target)]) != root:
-                raise ValueError(f"{what} resolves outside {dest}; refusing to extract")
-            plan.append((m, target, parts))
-        for m, target, parts in plan:
-            if not parts or m.isdir():
-                os.makedirs(target, exist_ok=True)
-                continue
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            try:
-                with tar.extractfile(m) as src, open(target, "xb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 24)
-            except FileExistsError as err:
-                raise ValueError(f"{path}: member {m.name!r} appears twice") from err
-    return dest
+    return os.path.realpath(dest)
+
+
+def _safe_plan(tar: tarfile.TarFile, path: str, dest: str, root: str) -> list:
+    """(member, target, parts) for every member; refuses the archive if any member is unsafe."""
+    plan = []
+    for m in tar.getmembers():
+        what = f"{path}: member {m.name!r}"
+        if m.name.startswith(("/", "\\")) or (len(m.name) > 1 and m.name[1] == ":"):
+            raise ValueError(f"{what} has an absolute path; refusing to extract")
+        parts = _parts(m.name)
+        if ".." in parts:
+            raise ValueError(f"{what} climbs out of the archive ('..'); refusing to extract")
+        if m.issym() or m.islnk():
+            raise ValueError(f"{what} is a link (to {m.linkname!r}); .nemo files hold none")
+        if not (m.isfile() or m.isdir()):
+            raise ValueError(f"{what} is a device, fifo or other special file; refusing")
+        target = os.path.join(root, *parts)
+        if parts and os.path.commonpath([root, os.path.realpath(target)]) != root:
+            raise ValueError(f"{what} resolves outside {dest}; refusing to extract")
+        plan.append((m, target, parts))
+    return plan
+
+
+def _unpack(tar: tarfile.TarFile, plan: list, path: str) -> None:
+    for m, target, parts in plan:
+        if not parts or m.isdir():
+            os.makedirs(target, exist_ok=True)
+            continue
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            with tar.extractfile(m) as src, open(target, "xb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+        except FileExistsError as err:
+            raise ValueError(f"{path}: member {m.name!r} appears twice") from err
+
+
+# ----------------------------------------------------------------------------- open_nemo
+@contextlib.contextmanager
+def open_nemo(path: str, extract_dir: Optional[str] = None) -> Iterator[str]:
+    """Yield a folder holding the extracted .nemo ``path``; collective under torch.distributed.
+
+    ``path`` a folder (an extracted .nemo): checked for ``model_config.yaml`` and yielded as is.
+    ``path`` a .nemo file: extracted once per node, by local rank 0 (``LOCAL_RANK``; every rank
+    extracts its own copy when that is unset), into ``<base>/nemo_aot_extract_<id>-<host>``
+    (``<id>`` picked by rank 0), where ``<base>`` is ``extract_dir``, else
+    ``$NEMO_AOT_EXTRACT_DIR``, else the system temp folder; the other ranks wait. The folder is
+    removed after the ``with`` body, once every rank has left it (at once if the body raises).
+    Without torch.distributed the one process extracts and removes its copy the same way.
+
+    Every rank must call it, after torch.distributed is initialized (before that, each process
+    counts as a node of its own). A failure on any rank (file missing, corrupt, disk full, folder
+    not visible to a rank of its node) raises ValueError on every rank. A job killed inside the
+    body leaves its ``nemo_aot_extract_*`` folders behind.
+    """
+    if _agreed_is_folder(path):
+        yield path
+        return
+    with _node_copy(path, _extract_base(extract_dir)) as folder:
+        yield folder
+
+
+def _extract_base(extract_dir: Optional[str]) -> str:
+    return os.path.abspath(extract_dir or os.environ.get(EXTRACT_DIR_ENV) or
+                           tempfile.gettempdir())
+
+
+def _check_folder(path: str) -> None:
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        raise ValueError(f"{path} is a folder without {CONFIG_NAME}, so not an extracted .nemo; "
+                         "point at a .nemo file or at the folder it was extracted into")
+
+
+def _agreed_is_folder(path: str) -> bool:
+    """Whether ``path`` is an extracted folder (True) or a .nemo file (False), on every rank."""
+    problem, kind = None, 1 if os.path.isdir(path) else 2
+    try:
+        if kind == 1:
+            _check_folder(path)
+        elif not os.path.isfile(path):
+            raise ValueError(f".nemo file not found: {path}")
+    except ValueError as err:
+        problem, kind = str(err), 0
+    low, neg_high = node.all_min([kind, -kind])
+    if low == 0:
+        raise ValueError(node.first_error(problem))
+    if low != -neg_high:
+        raise ValueError(f"{path} is a folder on some ranks and a file on others; give every "
+                         "rank the same .nemo file or extracted folder")
+    return kind == 1
+
+
+@contextlib.contextmanager
+def _node_copy(path: str, base: str) -> Iterator[str]:
+    """One extraction of ``path`` per node under ``base``; every rank yields its node's copy."""
+    distributed = torch.distributed.is_initialized()
+    local = node.local_rank() if distributed else 0
+    host, me = node.host_name(), _rank()
+    name = node.broadcast_text(f"nemo_aot_extract_{uuid.uuid4().hex[:16]}" if me == 0 else "")
+    folder = os.path.join(base, f"{name}-{host}" if local is not None else f"{name}-{host}-r{me}")
+    created: list[bool] = []
+
+    def extract() -> None:
+        os.makedirs(base, exist_ok=True)
+        os.mkdir(folder)
+        created.append(True)
+        _extract_into(path, folder)
+
+    error = None
+    try:  # LOCAL_RANK unknown: every rank is a node of its own
+        node.run_polling(extract if local in (0, None) else None)
+    except ValueError as err:
+        error = f"{host}: {err}"
+    except Exception as err:  # noqa: BLE001 - reported to every rank below
+        error = (f"{host}: {path}: cannot extract into {folder} ({type(err).__name__}: "
+                 f"{err}); set {EXTRACT_DIR_ENV} to a folder this job can write")
+    try:
+        message = node.first_error(error)
+        if message is None:
+            visible = os.path.isfile(os.path.join(folder, CONFIG_NAME))
+            message = node.first_error(None if visible else (
+                f"{host}: {path}: this rank does not see {folder}, which its node's local "
+                "rank 0 extracted; are LOCAL_RANK and the host names right?"))
+        if message is not None:
+            raise ValueError(message)
+        yield folder
+    except BaseException:
+        if created:  # no barrier: ranks that did not fail may never reach one
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    try:
+        node.barrier()  # nobody reads the folder any more
+    finally:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _extract_into(path: str, folder: str) -> None:
+    """extract_nemo, with I/O and archive errors as ValueError naming the file and the fix."""
+    try:
+        extract_nemo(path, folder)
+    except ValueError:
+        raise
+    except OSError as err:  # disk full, permissions (gzip.BadGzipFile is one too)
+        raise ValueError(f"{path}: extracting into {folder} failed ({err}); it needs about the "
+                         f".nemo's size free: set {EXTRACT_DIR_ENV} to a folder with room, or "
+                         "pass a pre-extracted .nemo folder") from err
+    except Exception as err:  # noqa: BLE001 - tarfile/zlib/EOF errors of a damaged file
+        raise ValueError(f"{path} is damaged or incomplete ({type(err).__name__}: {err}); "
+                         "copy or export it again") from err
 
 
 def weights_dir(extracted_dir: str) -> str:
@@ -351,15 +515,20 @@ def nemo_artifact(extracted_dir: str, ref: Optional[str]) -> Optional[str]:
     """Resolve a config reference ``nemo:<member>`` to a path inside ``extracted_dir``."""
     if not isinstance(ref, str) or not ref.startswith("nemo:"):
         return None
-    parts = _parts(ref[len("nemo:"):])
-    if not parts or ".." in parts:
-        raise ValueError(f"artifact reference {ref!r} is invalid")
-    path = os.path.join(extracted_dir, *parts)
+    path = os.path.join(extracted_dir, *_artifact_parts(ref))
     return path if os.path.exists(path) else None
 
 
-__all__ = ["save_nemo", "read_nemo_config", "extract_nemo", "load_nemo_weights",
+def _artifact_parts(ref: str) -> list[str]:
+    parts = _parts(ref[len("nemo:"):])
+    if not parts or ".." in parts:
+        raise ValueError(f"artifact reference {ref!r} is invalid")
+    return parts
+
+
+__all__ = ["save_nemo", "read_nemo_config", "extract_nemo", "open_nemo", "extract_tokenizer",
+           "load_nemo_weights",
            "nemo_sharded_state_dict", "nemo_config_dict", "model_config_from_nemo",
            "checkpoint_dtype", "read_checkpoint_metadata", "weights_dir", "nemo_artifact",
            "load_dist_weights", "check_dist_checkpoint",
-           "CONFIG_NAME", "WEIGHTS_DIR", "TOKENIZER_DIR", "KEY_PREFIX"]
+           "CONFIG_NAME", "WEIGHTS_DIR", "TOKENIZER_DIR", "KEY_PREFIX", "EXTRACT_DIR_ENV"]

@@ -306,3 +306,110 @@ def test_vocab_size_falls_back_to_the_stored_embedding(nemo_file, tmp_path):
     assert (cfg.vocab_size, cfg.padded_vocab_size(1), cfg.padded_vocab_size(2)) == (384, 384, 384)
     logits = _load(bare, tmp_path)
     assert (logits - hf_logits(nemo_file[1], random_tokens())).abs().max() <= 1e-4
+
+
+# ----------------------------------------------------------------------------- open_nemo
+BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir,
+                       "nemo_aot", "data", "bundled", "tiny_sft.nemo")
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor)}
+
+
+def test_extracted_folder_loads_the_same_weights_as_the_file(nemo_file, tmp_path, monkeypatch):
+    from nemo_aot.conversion.convert import build_single_model, single_process_world
+    from nemo_aot.models.aot_model import load_nemo_into
+    from nemo_aot.models.nemo_format import extract_nemo, read_nemo_config
+
+    base = tmp_path / "extract_base"
+    monkeypatch.setenv("NEMO_AOT_EXTRACT_DIR", str(base))
+    folder = extract_nemo(nemo_file[0], str(tmp_path / "pre"))
+    before = sorted(os.walk(folder))
+    cfg, _ = read_nemo_config(folder)
+    with single_process_world():
+        model = build_single_model(cfg, torch.float32)
+        load_nemo_into(nemo_file[0], [model])
+        from_file = _params(model)
+        assert os.listdir(base) == [], "the .nemo's copy must be removed after loading"
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        load_nemo_into(folder, [model])
+        from_folder = _params(model)
+    assert from_file.keys() == from_folder.keys() and len(from_file) > 5
+    for key, value in from_file.items():
+        assert torch.equal(value, from_folder[key]), key
+    assert from_file["embedding.word_embeddings.weight"].abs().sum() > 0
+    assert sorted(os.walk(folder)) == before, "the folder is used as is"
+
+
+def test_open_nemo_without_distributed(tmp_path, monkeypatch):
+    from nemo_aot.models.nemo_format import open_nemo
+
+    assert not torch.distributed.is_initialized()
+    env_base, arg_base = tmp_path / "env", tmp_path / "arg"
+    monkeypatch.setenv("NEMO_AOT_EXTRACT_DIR", str(env_base))
+    with open_nemo(BUNDLED) as folder:
+        assert os.path.dirname(folder) == str(env_base)
+        assert {"model_config.yaml", "model_weights", "tokenizer"} <= set(os.listdir(folder))
+    assert os.listdir(env_base) == []
+    (arg_base / "keep").mkdir(parents=True)  # already there: never removed
+    with pytest.raises(RuntimeError, match="body failed"):
+        with open_nemo(BUNDLED, str(arg_base)) as folder:
+            assert os.path.dirname(folder) == str(arg_base)
+            raise RuntimeError("body failed")
+    assert os.listdir(arg_base) == ["keep"] and os.listdir(env_base) == []
+    monkeypatch.delenv("NEMO_AOT_EXTRACT_DIR")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "sys_tmp"))
+    (tmp_path / "sys_tmp").mkdir()
+    with open_nemo(BUNDLED) as folder:
+        assert os.path.dirname(folder) == str(tmp_path / "sys_tmp")
+    with pytest.raises(ValueError, match="without model_config.yaml"):
+        with open_nemo(str(arg_base)):
+            pass
+    with pytest.raises(ValueError, match="not found"):
+        with open_nemo(str(tmp_path / "missing.nemo")):
+            pass
+    (tmp_path / "junk.nemo").write_bytes(b"not a tar" * 100)
+    with pytest.raises(ValueError, match="junk.nemo"):
+        with open_nemo(str(tmp_path / "junk.nemo"), str(arg_base)):
+            pass
+    assert os.listdir(arg_base) == ["keep"] and os.listdir(tmp_path / "sys_tmp") == []
+
+
+def test_extract_tokenizer_extracts_only_the_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from nemo_aot.models.nemo_format import extract_nemo, extract_tokenizer
+
+    dest = tmp_path / "tok"
+    folder = extract_tokenizer(BUNDLED, str(dest))
+    assert folder == str(dest / "tokenizer") and os.listdir(dest) == ["tokenizer"]
+    assert len(AutoTokenizer.from_pretrained(folder)) > 100
+    pre = extract_nemo(BUNDLED, str(tmp_path / "pre"))
+    in_place = tmp_path / "unused"
+    assert extract_tokenizer(pre, str(in_place)) == os.path.join(pre, "tokenizer")
+    assert not in_place.exists(), "nothing is copied from an extracted folder"
+
+
+def test_extract_tokenizer_without_one_and_unsafe_members(tmp_path):
+    from nemo_aot.models.nemo_format import extract_tokenizer
+
+    with tarfile.open(BUNDLED) as tar:
+        config = yaml.safe_load(tar.extractfile("model_config.yaml"))
+    config["tokenizer"] = None
+    bare = _rewrite(BUNDLED, str(tmp_path / "bare.nemo"),
+                    replace={"model_config.yaml": yaml.safe_dump(config).encode()})
+    assert extract_tokenizer(bare, str(tmp_path / "a")) is None
+    for i, (member, match) in enumerate([
+            (_member("tokenizer/../../evil.txt"), "climbs out"),
+            (_member("/tmp/evil-absolute.txt"), "absolute path"),
+            (_member("tokenizer/evil", tarfile.SYMTYPE, link="/etc/passwd"), "is a link"),
+            (_member("tokenizer/fifo", tarfile.FIFOTYPE), "special file")]):
+        bad = _rewrite(BUNDLED, str(tmp_path / f"bad{i}.nemo"), add=[member])
+        with pytest.raises(ValueError, match=match):
+            extract_tokenizer(bad, str(tmp_path / f"d{i}"))
+        assert not os.path.exists(tmp_path / f"d{i}" / "tokenizer")
+    assert not (tmp_path / "evil.txt").exists() and not os.path.exists("/tmp/evil-absolute.txt")
