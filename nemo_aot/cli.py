@@ -49,8 +49,13 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="Hydra overrides on top of the demo recipe")
     demo.set_defaults(func=_demo)
 
-    train = sub.add_parser("train", help="align a model: Hydra overrides of conf/gpt_aot.yaml; "
-                           "run under torchrun or srun for multi-GPU/multi-node")
+    train = sub.add_parser(
+        "train", help="align a model: a recipe and Hydra overrides of conf/gpt_aot.yaml; run "
+        "under torchrun or srun for multi-GPU/multi-node",
+        description="Align a model. A recipe is required: recipe=<name>, one of "
+        f"{', '.join(_recipes())} (conf/recipe/: base = the schema's defaults on your own "
+        "init_from and data, demo = the bundled tiny run). The tokenizer is the one stored in "
+        "init_from unless data.tokenizer_path names another with the same vocabulary.")
     train.add_argument("--config-name", default="gpt_aot", help="top-level config (conf/)")
     train.add_argument("--config-dir", default=None, help="a conf/ directory of your own")
     train.add_argument("--print-config", action="store_true",
@@ -75,6 +80,16 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _recipes() -> list:
+    from nemo_aot.algorithms.config import find_config_dir
+
+    try:
+        folder = os.path.join(find_config_dir(), "recipe")
+    except ValueError:
+        return []
+    return sorted(n[:-len(".yaml")] for n in os.listdir(folder) if n.endswith(".yaml"))
+
+
 def _demo(args) -> int:
     from nemo_aot.algorithms.config import compose_config
     from nemo_aot.algorithms.run import run_training
@@ -84,7 +99,7 @@ def _demo(args) -> int:
     print(f"nemo-aot demo: aligning a {cfg.model.num_layers}-layer Llama-style model "
           f"(hidden {cfg.model.hidden_size}) with {cfg.alignment.loss_type} "
           f"(sort scope {cfg.alignment.sort_scope}, beta {cfg.alignment.beta}) on the bundled "
-          f"arithmetic preference data, {cfg.trainer.max_steps} steps on CPU", flush=True)
+          f"arithmetic preference data, {_run_length(cfg.trainer)} on CPU", flush=True)
     result = run_training(cfg)
     if result.nemo_path is None:
         return 0
@@ -97,6 +112,13 @@ def _demo(args) -> int:
     return 0
 
 
+def _run_length(trainer) -> str:
+    if trainer.max_steps is None:
+        return f"{trainer.max_epochs} epoch(s)"
+    epochs = "" if trainer.max_epochs is None else f" (at most {trainer.max_epochs} epoch(s))"
+    return f"{trainer.max_steps} steps{epochs}"
+
+
 def _train(args) -> int:
     from nemo_aot.algorithms.config import compose_config, to_yaml
 
@@ -105,11 +127,15 @@ def _train(args) -> int:
         print(to_yaml(cfg))
         return 0
     from nemo_aot.algorithms.run import run_training
+    from nemo_aot.algorithms.trainer import COMPLETE_REASONS
 
     result = run_training(cfg)
     if result.nemo_path:
         print(f"nemo-aot train: {result.final_step} steps ({result.stop_reason}); "
               f"policy at {result.nemo_path}")
+    elif result.stop_reason not in COMPLETE_REASONS:
+        print(f"nemo-aot train: stopped ({result.stop_reason}) at step {result.final_step}; "
+              "run the same command again to resume", file=sys.stderr)
     return 0
 
 

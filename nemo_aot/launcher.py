@@ -34,7 +34,6 @@ import subprocess
 import sys
 from typing import Callable, Mapping, Optional, Sequence
 
-COMPLETE_REASONS = ("max_steps", "max_epochs")
 PORT_BASE, PORT_SPAN = 10000, 20000
 
 
@@ -335,6 +334,8 @@ def _parse_train_argv(argv: Sequence[str]) -> argparse.Namespace:
 
 def write_status(path: str, stop_reason: str, step: Optional[int], job_id: Optional[str]) -> None:
     """Atomically write ``key=value`` lines the sbatch script greps (no Python needed there)."""
+    from nemo_aot.algorithms.trainer import COMPLETE_REASONS
+
     complete = stop_reason in COMPLETE_REASONS
     text = (f"stop_reason={stop_reason}\nstep={'' if step is None else step}\n"
             f"complete={'true' if complete else 'false'}\njob_id={job_id or ''}\n")
@@ -346,13 +347,15 @@ def write_status(path: str, stop_reason: str, step: Optional[int], job_id: Optio
 
 
 def launch(args: argparse.Namespace) -> int:
-    from nemo_aot.algorithms.config import compose_raw, to_aot_config
+    from nemo_aot.algorithms.config import check_model_overrides, compose_raw, to_aot_config
 
     train = _parse_train_argv(args.train_argv)
     env = derive_env()
     # Placement first (its message names nodes and tasks per node), then every training rule
     # at the launched world size.
-    cfg = to_aot_config(compose_raw(train.config_name, train.overrides, train.config_dir))
+    raw = compose_raw(train.config_name, train.overrides, train.config_dir)
+    cfg = to_aot_config(raw)
+    check_model_overrides(raw, cfg, train.overrides)
     warnings = check_placement(cfg, env)
     cfg.validate(env.world_size)
     if args.dry_run:

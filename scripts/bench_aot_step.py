@@ -217,7 +217,7 @@ def build_nemo(bench: Bench, reference_forward: bool) -> Variant:
                                           micro_batch_size=a.pairs // a.micro_batches,
                                           grad_clip=1.0, nonfinite="abort"),
                     optim=OptimConfig(lr=LR, warmup_steps=0, lr_decay_style="constant"))
-    optimizer, scheduler = build_optimizer(cfg, model)
+    optimizer, scheduler = build_optimizer(cfg, model, a.warmup + a.steps)
     trainer = AOTTrainer(cfg, model, optimizer, scheduler, [], [], save_fn=lambda t: None,
                          log_fn=lambda *unused: None)
     micro_batches = bench.micro_batches()

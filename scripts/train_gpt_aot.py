@@ -21,6 +21,9 @@ CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "conf
 @hydra.main(config_path=CONF, config_name="gpt_aot", version_base=None)
 def main(raw) -> None:
     from nemo_aot.algorithms.run import run_training
+    from nemo_aot.progress import configure_logging
+
+    configure_logging()  # as `nemo-aot`: nemo_aot at INFO (NEMO_AOT_LOG_LEVEL), INFO on rank 0
 
     world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE") else None
     try:

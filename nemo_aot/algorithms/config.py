@@ -234,6 +234,9 @@ class AOTConfig:
             section.validate()
         if self.init_from is not None and not str(self.init_from).strip():
             raise ValueError("init_from is empty; set it to a .nemo path or to null")
+        if self.data.tokenizer_path is None and not self.init_from:
+            raise ValueError("data.tokenizer_path is null and there is no init_from to take the "
+                             "tokenizer from; set data.tokenizer_path to a tokenizer folder")
         world = self.world_size(world_size)
         model_parallel = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
         # Without a world size, the layout rules that do not depend on it still run (DP = 1).
@@ -358,7 +361,31 @@ def compose_config(config_name: str = "gpt_aot", overrides: Sequence[str] = (),
     raw = compose_raw(config_name, overrides, config_dir)
     if world_size is None and os.environ.get("WORLD_SIZE"):
         world_size = int(os.environ["WORLD_SIZE"])
-    return to_aot_config(raw, world_size)
+    cfg = to_aot_config(raw, world_size)
+    check_model_overrides(raw, cfg, overrides)
+    return cfg
+
+
+def check_model_overrides(raw: Any, cfg: AOTConfig, overrides: Sequence[str]) -> None:
+    """Refuse a ``model.<key>=`` override that contradicts the checkpoint's architecture (the
+    checkpoint defines the model; the override would be silently dropped)."""
+    from omegaconf import OmegaConf
+
+    if not cfg.init_from:
+        return
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if not key.startswith("model.") or "=" not in item:
+            continue
+        wanted, stored = OmegaConf.select(raw, key), cfg.model
+        for part in key.split(".")[1:]:
+            stored = getattr(stored, part, None)
+        if dataclasses.is_dataclass(stored):
+            stored = dataclasses.asdict(stored)
+        if wanted != stored:
+            raise ValueError(f"{key}={wanted} contradicts init_from {cfg.init_from}, whose "
+                             f"architecture has {key}={stored}; the checkpoint defines the "
+                             "model: drop the override (or convert a checkpoint that has it)")
 
 
 def compose_raw(config_name: str = "gpt_aot", overrides: Sequence[str] = (),
@@ -380,7 +407,11 @@ def compose_raw(config_name: str = "gpt_aot", overrides: Sequence[str] = (),
         with initialize_config_dir(config_dir=directory, version_base=None, job_name="nemo_aot"):
             return compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
-        raise ValueError(_explain(err, config_name)) from None
+        message = _explain(err, config_name)
+        if "You must specify 'recipe'" in message:
+            message += ("\n(recipe=base: the schema's defaults with your own init_from and data; "
+                        "recipe=demo: the bundled tiny run; see conf/recipe/)")
+        raise ValueError(message) from None
     except yaml.YAMLError as err:
         raise ValueError(f"{config_name}: a YAML file under {directory} does not parse: {err}") from None
     except (AssertionError, AttributeError) as err:  # OmegaConf: overriding inside a null section
@@ -393,11 +424,20 @@ def compose_raw(config_name: str = "gpt_aot", overrides: Sequence[str] = (),
         restore_gh_from_backup(outer)
 
 
-def to_aot_config(raw: Any, world_size: Optional[int] = None) -> AOTConfig:
-    """A composed DictConfig (or a plain dict) -> validated AOTConfig; unknown keys fail."""
+def to_aot_config(raw: Any, world_size: Optional[int] = None, *,
+                  adopt_init_from: bool = True) -> AOTConfig:
+    """A composed DictConfig (or a plain dict) -> validated AOTConfig; unknown keys fail (also
+    those added with Hydra's ``+``/``++``). With ``adopt_init_from``, the architecture is read
+    from ``init_from``'s .nemo (see ``adopt_checkpoint_architecture``) before validation, so the
+    parallel layout is checked against the model that will be trained."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    plain = OmegaConf.to_container(raw, resolve=False) if OmegaConf.is_config(raw) else raw
+    unknown = unknown_keys(plain or {})
+    if unknown:
+        raise ValueError("config: " + "; ".join(
+            f"{key}: no such key{_suggest(key)}" for key in unknown))
     try:
         merged = OmegaConf.merge(OmegaConf.structured(AOTConfig), raw)
         required = required_keys(merged)
@@ -408,7 +448,44 @@ def to_aot_config(raw: Any, world_size: Optional[int] = None) -> AOTConfig:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ValueError(_explain(err, "config")) from None
+    if adopt_init_from:
+        cfg = adopt_checkpoint_architecture(cfg)
     return cfg.validate(world_size)
+
+
+def unknown_keys(node: Any, schema: Any = None, prefix: str = "") -> list[str]:
+    """Dotted keys of a plain nested dict that the dataclass schema (AOTConfig) does not have.
+    Free-form fields (dicts such as data.columns) take any key."""
+    schema = AOTConfig if schema is None else schema
+    known = {f.name for f in dataclasses.fields(schema)}
+    found = []
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        if key not in known:
+            found.append(full)
+            continue
+        sub = _field_type(schema, key)
+        if sub is not None and isinstance(value, dict):
+            found.extend(unknown_keys(value, sub, f"{full}."))
+    return found
+
+
+def adopt_checkpoint_architecture(cfg: AOTConfig) -> AOTConfig:
+    """``cfg`` with the model section read from ``init_from`` (a .nemo file or an extracted
+    .nemo folder): the checkpoint defines the architecture; the model group of a recipe only
+    stands in for it when there is no checkpoint."""
+    if not cfg.init_from or not str(cfg.init_from).strip():
+        return cfg
+    from nemo_aot.data.config import resolve_path
+    from nemo_aot.models.nemo_format import read_nemo_config
+
+    path = resolve_path(cfg.init_from)
+    if not os.path.exists(path):
+        raise ValueError(f"init_from: {cfg.init_from} does not exist; point it at a .nemo file "
+                         "or an extracted .nemo folder (convert Hugging Face checkpoints with "
+                         "`nemo-aot convert hf-to-nemo`)")
+    model, _ = read_nemo_config(path)
+    return dataclasses.replace(cfg, model=model)
 
 
 def required_keys(raw: Any) -> dict[str, str]:
@@ -434,7 +511,8 @@ def load_config(path: str, world_size: Optional[int] = None) -> AOTConfig:
 
     if not os.path.isfile(path):
         raise ValueError(f"config file {path} does not exist")
-    return to_aot_config(OmegaConf.load(path), world_size)
+    # A resolved config already holds the architecture; init_from may be gone by now.
+    return to_aot_config(OmegaConf.load(path), world_size, adopt_init_from=False)
 
 
 def to_yaml(cfg: AOTConfig) -> str:
@@ -495,4 +573,6 @@ def _field_type(cls: Any, name: str) -> Any:
 
 __all__ = ["AOTConfig", "TrainerConfig", "OptimConfig", "CheckpointConfig", "LoggingConfig",
            "compose_config", "compose_raw", "to_aot_config", "load_config", "to_yaml", "config_hash",
-           "find_config_dir", "register_schema", "required_keys", "SCHEMA_NAME"]
+           "find_config_dir", "register_schema", "required_keys", "unknown_keys",
+           "check_model_overrides",
+           "adopt_checkpoint_architecture", "SCHEMA_NAME"]

@@ -7,10 +7,11 @@ that was stopped before its end::
     nemo-aot export --checkpoint RUN_DIR/checkpoints --step 400 --out policy_400.nemo
     nemo-aot export --checkpoint RUN_DIR/checkpoints/step_00000400 --out policy_400.nemo
 
-Every checkpoint folder carries the run's resolved config (``config.yaml``); the architecture
-and the tokenizer (``data.tokenizer_path``) come from it. Only the model weights are read (no
-optimizer state), into megatron-core's local layer spec, whose sharded keys match the
-TransformerEngine spec's, so a checkpoint trained with TE/FP8 exports on a CPU host too.
+Every checkpoint folder carries the run's resolved config (``config.yaml``), from which the
+architecture comes, and the tokenizer the run trained with (``tokenizer/``). Only the model
+weights are read (no optimizer state), into megatron-core's local layer spec, whose sharded
+keys match the TransformerEngine spec's, so a checkpoint trained with TE/FP8 exports on a CPU
+host too.
 
 Layout: in one process the weights are read at TP=PP=1, whatever layout trained them (the
 dist checkpoint reshards on load); that needs the whole model in host memory once. For a model
@@ -29,6 +30,7 @@ import torch
 from nemo_aot.algorithms.checkpointing import MARKER, CheckpointManager, read_marker
 
 CONFIG_FILE = "config.yaml"
+TOKENIZER_COPY = "tokenizer"  # in every checkpoint folder: the tokenizer the run trained with
 
 
 def find_checkpoint(path: str, step: Optional[int] = None) -> str:
@@ -79,7 +81,8 @@ def checkpoint_config(folder: str, config_path: Optional[str] = None,
                              "parallel.tensor_model_parallel_size=2")
     if overrides:
         raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
-    return to_aot_config(raw)
+    # The stored config already holds the architecture; init_from may be gone by now.
+    return to_aot_config(raw, adopt_init_from=False)
 
 
 def export_checkpoint(path: str, out: str, *, step: Optional[int] = None,
@@ -110,7 +113,9 @@ def export_checkpoint(path: str, out: str, *, step: Optional[int] = None,
     # loader uses screens the files (no unpickling of code) and re-pads the vocabulary tables
     # when this layout pads them differently from the training layout (e.g. TP8 -> TP1).
     load_dist_weights(chunks, check_dist_checkpoint(folder), prefix="")
-    tokenizer = resolve_path(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else None
+    tokenizer = os.path.join(folder, TOKENIZER_COPY)  # the run's tokenizer, saved with the state
+    if not os.path.isdir(tokenizer):  # checkpoints written before it was stored
+        tokenizer = resolve_path(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else None
     save_nemo(out, cfg.model, chunks, tokenizer)
     return folder
 

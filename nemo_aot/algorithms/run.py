@@ -2,6 +2,13 @@
 optimizer, checkpoints, logging; then fit, and export the policy as a ``.nemo``.
 
 Every rank runs ``run_training``; rank 0 alone writes logs, plots and the final export.
+
+Preemption (SIGTERM/SIGUSR1) is honoured from the first line: a signal during data loading,
+weight loading or reference scoring stops every rank at the next agreed point without training;
+one during training saves a checkpoint after the step. A run stopped by a signal or by the time
+budget does not export (a large .nemo can outlast the grace period); its result says why it
+stopped, so the launcher's status file tells the sbatch script to requeue, and the requeued
+job resumes and exports at the end.
 """
 
 from __future__ import annotations
@@ -9,30 +16,49 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Optional
+import tempfile
+import time
+from typing import Any, Optional
 
 import torch
 
 from nemo_aot.algorithms.checkpointing import CheckpointManager, sharded_rng_state
-from nemo_aot.algorithms.config import config_hash, to_yaml
-from nemo_aot.algorithms.export import CONFIG_FILE
-from nemo_aot.algorithms.trainer import AOTTrainer, build_optimizer, total_steps
+from nemo_aot.algorithms.config import adopt_checkpoint_architecture, config_hash, to_yaml
+from nemo_aot.algorithms.export import CONFIG_FILE, TOKENIZER_COPY
+from nemo_aot.algorithms.trainer import (COMPLETE_REASONS, AOTTrainer, build_optimizer,
+                                         check_schedule, total_steps)
+from nemo_aot.distributed.agreement import StopRequested, rank, stop_point
 
 logger = logging.getLogger(__name__)
+
+# Padding a checkpoint's vocabulary beyond its tokenizer: HF configs round up by up to a few
+# percent (e.g. 151936 rows for 151665 tokens); more than this is another model's tokenizer.
+VOCAB_SLACK = (1024, 0.05)
 
 
 @dataclasses.dataclass
 class RunResult:
     output_dir: str
-    final_step: int
+    final_step: Optional[int]
+    """The step training reached; None when the run stopped before training (a signal)."""
     stop_reason: Optional[str]
     nemo_path: Optional[str]
     metrics_path: Optional[str]
     plots: list
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+@dataclasses.dataclass
+class RunData:
+    """Tokenizer and batches of one run (this rank's share of every global batch)."""
+
+    tokenizer: Any
+    tokenizer_dir: str
+    train: Any
+    val: Any
+    train_batches: Any
+    val_batches: Any
+    coverage: Any
+    """Every training sample once, in validation order (the reference cache's completion)."""
 
 
 def _write_text(path: str, text: str) -> None:
@@ -41,40 +67,100 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def _architecture(cfg):
-    """The model architecture: from ``init_from``'s .nemo when set, else ``cfg.model``."""
+def check_init_from(cfg):
+    """``cfg`` with the architecture of ``init_from`` (a .nemo file or an extracted folder)."""
     if not cfg.init_from:
-        return cfg.model
-    from nemo_aot.models.nemo_format import read_nemo_config
+        return cfg
+    from nemo_aot.data.config import resolve_path
 
-    model_cfg, _ = read_nemo_config(cfg.init_from)
-    return model_cfg
+    path = resolve_path(cfg.init_from)
+    if not (os.path.isfile(path) or os.path.isdir(path)):
+        raise ValueError(f"init_from: {cfg.init_from} is neither a .nemo file nor an extracted "
+                         ".nemo folder (convert Hugging Face checkpoints with `nemo-aot convert "
+                         "hf-to-nemo`)")
+    return adopt_checkpoint_architecture(cfg)
 
 
-def _load_data(cfg, dp_rank, dp_size):
-    from nemo_aot.data import load_preference_data, load_tokenizer, make_batches
+def policy_tokenizer(cfg, scratch: str):
+    """(tokenizer, its folder): ``data.tokenizer_path`` when set, else the tokenizer stored in
+    ``init_from``. A given tokenizer must have the stored one's vocabulary; without a stored
+    one, its size must fit the checkpoint's vocabulary up to padding."""
+    from nemo_aot.data import load_tokenizer
+    from nemo_aot.data.config import resolve_path
+    from nemo_aot.models.nemo_format import extract_tokenizer
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    stored_dir = None
+    if cfg.init_from:
+        stored_dir = extract_tokenizer(resolve_path(cfg.init_from),
+                                       os.path.join(scratch, "init_from_tokenizer"))
+    if cfg.data.tokenizer_path is None:
+        if stored_dir is None:
+            raise ValueError(f"init_from {cfg.init_from} stores no tokenizer; set "
+                             "data.tokenizer_path to the policy's Hugging Face tokenizer folder")
+        return load_tokenizer(stored_dir), stored_dir
+    given_dir = resolve_path(cfg.data.tokenizer_path)
+    tokenizer = load_tokenizer(given_dir)
+    if stored_dir is not None:
+        _same_vocabulary(tokenizer, load_tokenizer(stored_dir), cfg)
+    _fits_model(tokenizer, cfg)
+    return tokenizer, given_dir
+
+
+def _same_vocabulary(given, stored, cfg) -> None:
+    ours, theirs = given.get_vocab(), stored.get_vocab()
+    if ours == theirs:
+        return
+    differs = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[:3]
+    raise ValueError(
+        f"data.tokenizer_path={cfg.data.tokenizer_path} has a different vocabulary ({len(ours)} "
+        f"tokens) from the tokenizer stored in init_from {cfg.init_from} ({len(theirs)} tokens; "
+        f"e.g. {differs}); set data.tokenizer_path=null to use the stored one")
+
+
+def _fits_model(tokenizer, cfg) -> None:
+    size, vocab = len(tokenizer), cfg.model.vocab_size
+    where = f"init_from {cfg.init_from}" if cfg.init_from else "model.vocab_size"
+    if size > vocab:
+        raise ValueError(f"data.tokenizer_path={cfg.data.tokenizer_path} has {size} tokens but "
+                         f"the model's vocabulary ({where}) has {vocab}; use the model's own "
+                         "tokenizer")
+    if vocab - size > max(VOCAB_SLACK[0], VOCAB_SLACK[1] * vocab):
+        raise ValueError(f"data.tokenizer_path={cfg.data.tokenizer_path} has {size} tokens, far "
+                         f"fewer than the model's vocabulary of {vocab} ({where}): it belongs to "
+                         "another model; use the model's own tokenizer")
+
+
+def build_data(cfg, scratch: str, dp_rank: int, dp_size: int) -> RunData:
+    from nemo_aot.data import load_preference_data, make_batches
+
+    tokenizer, tokenizer_dir = policy_tokenizer(cfg, scratch)
     t = cfg.trainer
     train = load_preference_data(cfg.data, "train", tokenizer)
     val = load_preference_data(cfg.data, "validation", tokenizer)
-    train_batches = make_batches(train, cfg.data, t.global_batch_size, t.micro_batch_size,
-                                 dp_rank, dp_size, train=True)
-    val_batches = make_batches(val, cfg.data, t.global_batch_size, t.micro_batch_size,
-                               dp_rank, dp_size, train=False)
-    coverage = make_batches(train, cfg.data, t.global_batch_size, t.micro_batch_size,
-                            dp_rank, dp_size, train=False)
-    return tokenizer, train, val, train_batches, val_batches, coverage
+
+    def batches(data, train_order: bool):
+        return make_batches(data, cfg.data, t.global_batch_size, t.micro_batch_size,
+                            dp_rank, dp_size, train=train_order)
+
+    return RunData(tokenizer, tokenizer_dir, train, val, batches(train, True), batches(val, False),
+                   batches(train, False))
 
 
-def _reference_tables(cfg, model, data, model_origin: str):
+def _reference_tables(cfg, model, data: RunData, model_origin: str, dp_rank: int, dp_size: int,
+                      stop_requested):
     """Cached reference log-probs per split (scored in step order; see models/reference.py)."""
+    from nemo_aot.data import make_batches
     from nemo_aot.models.reference import cached_reference, fingerprint
 
+    t = cfg.trainer
+    epoch0 = make_batches(data.train, cfg.data, t.global_batch_size, t.micro_batch_size,
+                          dp_rank, dp_size, train=True)
+    splits = {"train": (data.train, epoch0, data.coverage),
+              "validation": (data.val, data.val_batches, [])}
     cache_dir = cfg.alignment.reference_cache_dir or os.path.join(cfg.logging.output_dir,
                                                                   "reference_cache")
     tables = {}
-    for split, (d, ordered, coverage) in data.items():
+    for split, (d, ordered, coverage) in splits.items():
         sizes = tuple(len(s) for s in d.streams) if d.kind == "unpaired" else (len(d.streams[0]),) * 2
         key = fingerprint(split=split, source=d.source, sizes=sizes, model=model_origin,
                           seq=cfg.data.max_seq_length, mbs=cfg.trainer.micro_batch_size,
@@ -82,7 +168,9 @@ def _reference_tables(cfg, model, data, model_origin: str):
                           tokenizer=cfg.data.tokenizer_path, kind=d.kind)
         path = os.path.join(cache_dir, f"{split}_{key}.pt")
         tables[split] = cached_reference(model.step_runner, _epoch_then_rest(ordered, coverage),
-                                         sizes, path)
+                                         sizes, path, total=len(ordered) + len(coverage),
+                                         what=f"reference scoring ({split})",
+                                         stop_requested=stop_requested)
     return tables
 
 
@@ -94,61 +182,58 @@ def _epoch_then_rest(ordered, coverage):
 
 
 def run_training(cfg) -> RunResult:
+    from nemo_aot.algorithms.signals import PreemptionHandler
+
+    started = time.monotonic()  # the time budget includes set-up
+    with PreemptionHandler(enabled=cfg.checkpoint.save_on_signal) as preemption, \
+            tempfile.TemporaryDirectory(prefix="nemo_aot_run_") as scratch:
+        try:
+            return _run(cfg, preemption, started, scratch)
+        except StopRequested as stop:
+            if rank() == 0:
+                logger.warning("%s received during %s: stopping before training; nothing was "
+                               "trained or exported, a requeued job starts over from here",
+                               preemption.signal_name or "a signal on another rank", stop)
+            return RunResult(cfg.logging.output_dir, None, "signal", None, None, [])
+
+
+def _run(cfg, preemption, started: float, scratch: str) -> RunResult:
     from megatron.core import dist_checkpointing, parallel_state
 
     from nemo_aot.algorithms.observer import RunObserver
-    from nemo_aot.algorithms.signals import PreemptionHandler
     from nemo_aot.distributed.parallel import initialize_model_parallel
-    from nemo_aot.models.aot_model import MegatronGPTAOTModel, model_cfg_node
+    from nemo_aot.models.aot_model import MegatronGPTAOTModel, load_nemo_into, model_cfg_node
 
-    if cfg.init_from:
-        from nemo_aot.data.tokenization import resolve_path
-
-        cfg = dataclasses.replace(cfg, init_from=resolve_path(cfg.init_from))  # bundled: paths
-        if not os.path.isfile(cfg.init_from):
-            raise ValueError(f"init_from: {cfg.init_from} is not a file; point it at a .nemo "
-                             "(convert Hugging Face checkpoints with `nemo-aot convert hf-to-nemo`)")
-    model_arch = _architecture(cfg)
-    if cfg.init_from and model_arch != cfg.model:
-        # The checkpoint defines the architecture; re-validate the run against it.
-        logger.info("init_from %s: using its architecture instead of the model section",
-                    cfg.init_from)
-        cfg = dataclasses.replace(cfg, model=model_arch)
-    initialize_model_parallel(cfg.parallel, model_arch, seed=cfg.trainer.seed)
+    cfg = check_init_from(cfg)
+    initialize_model_parallel(cfg.parallel, cfg.model, seed=cfg.trainer.seed)
     resolved = to_yaml(cfg)
-    if _rank() == 0:
+    if rank() == 0:
         _write_text(os.path.join(cfg.logging.output_dir, CONFIG_FILE), resolved)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     cfg.validate(torch.distributed.get_world_size())
-    tokenizer, train, val, train_batches, val_batches, coverage = _load_data(cfg, dp_rank, dp_size)
-    if len(tokenizer) > model_arch.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
-                         f"{model_arch.vocab_size}; use the model's own tokenizer")
+    data = build_data(cfg, scratch, dp_rank, dp_size)
+    check_schedule(cfg, total_steps(cfg, len(data.train_batches)), len(data.train_batches))
+    stop_point(preemption.requested, "data loading")
+
     model = MegatronGPTAOTModel(
-        model_cfg_node(model_arch, cfg.precision, cfg.parallel, cfg.alignment),
+        model_cfg_node(cfg.model, cfg.precision, cfg.parallel, cfg.alignment),
         use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
     if cfg.init_from:
-        from nemo_aot.models.aot_model import load_nemo_into
+        from nemo_aot.data.config import resolve_path
 
-        load_nemo_into(cfg.init_from, list(model.chunks))
-    origin = cfg.init_from or f"random-init seed={cfg.trainer.seed} {model_arch.to_dict()}"
-
+        load_nemo_into(resolve_path(cfg.init_from), list(model.chunks))
+    stop_point(preemption.requested, "model set-up")
+    origin = cfg.init_from or f"random-init seed={cfg.trainer.seed} {cfg.model.to_dict()}"
     if cfg.alignment.reference_policy == "cached":
-        from nemo_aot.data import make_batches
-
-        t = cfg.trainer
-        epoch0 = make_batches(train, cfg.data, t.global_batch_size, t.micro_batch_size,
-                              dp_rank, dp_size, train=True)
-        model.reference_tables = _reference_tables(
-            cfg, model, {"train": (train, epoch0, coverage), "validation": (val, val_batches, [])},
-            origin)
+        model.reference_tables = _reference_tables(cfg, model, data, origin, dp_rank, dp_size,
+                                                   lambda: preemption.requested)
     else:
         model.enable_cpu_swap()
 
-    optimizer, scheduler = build_optimizer(cfg, model)
-    ckpt_root = cfg.checkpoint.dir or os.path.join(cfg.logging.output_dir, "checkpoints")
-    manager = CheckpointManager(ckpt_root, keep_last=cfg.checkpoint.keep_last)
+    train_batches = data.train_batches
+    optimizer, scheduler = build_optimizer(cfg, model, len(train_batches))
+    manager = CheckpointManager(cfg.checkpoint_dir(), keep_last=cfg.checkpoint.keep_last)
     latest = manager.latest_valid() if cfg.checkpoint.resume == "auto" else None
 
     def state_template(is_loading: bool):
@@ -169,19 +254,21 @@ def run_training(cfg) -> RunResult:
             state = state_template(is_loading=False)
             state["common"] = common
             dist_checkpointing.save(state, tmp_dir)
-            if _rank() == 0:  # self-describing: `nemo-aot export` rebuilds the model from it
+            if rank() == 0:  # self-describing: `nemo-aot export` rebuilds the policy from it
                 _write_text(os.path.join(tmp_dir, CONFIG_FILE), resolved)
+                _copy_tokenizer(data.tokenizer_dir, os.path.join(tmp_dir, TOKENIZER_COPY))
 
         manager.save(trainer.state.step, write,
                      metadata={**trainer.state.to_dict(), "config_hash": config_hash(cfg)})
 
-    observer = RunObserver(cfg, model_arch, total_steps(cfg, len(train_batches)), dp_size,
+    observer = RunObserver(cfg, cfg.model, total_steps(cfg, len(train_batches)), dp_size,
                            torch.distributed.get_world_size(),
                            resume_step=latest.step if latest is not None else None,
-                           enabled=_rank() == 0)
-    trainer = AOTTrainer(cfg, model, optimizer, scheduler, train_batches, val_batches,
+                           enabled=rank() == 0)
+    trainer = AOTTrainer(cfg, model, optimizer, scheduler, train_batches, data.val_batches,
                          save_fn=save, log_fn=observer.log,
-                         validation_hook=observer.on_validation)
+                         validation_hook=observer.on_validation,
+                         signal_received=lambda: preemption.requested, started=started)
     if latest is not None:
         from nemo_aot.algorithms.checkpointing import restore_rng_state
 
@@ -195,15 +282,27 @@ def run_training(cfg) -> RunResult:
             setattr(trainer.state, k, v)
         observer.resumed(latest.path, trainer.state.step)
 
-    with PreemptionHandler(enabled=cfg.checkpoint.save_on_signal) as preemption:
-        trainer.should_stop = preemption.should_stop
-        if trainer.state.step == 0 and cfg.trainer.val_check_interval:
-            trainer.validate()
-        trainer.fit()
+    if trainer.state.step == 0 and cfg.trainer.val_check_interval:
+        trainer.validate()
+    trainer.fit()
     nemo_path = None
-    if cfg.checkpoint.export_nemo_at_end:
+    if cfg.checkpoint.export_nemo_at_end and trainer.stop_reason in COMPLETE_REASONS:
         nemo_path = os.path.join(cfg.logging.output_dir, "aot_policy.nemo")
-        model.save_to(nemo_path, tokenizer_dir=cfg.data.tokenizer_path)
+        model.save_to(nemo_path, tokenizer_dir=data.tokenizer_dir)
+    elif cfg.checkpoint.export_nemo_at_end and rank() == 0:
+        logger.warning("stopped by %s at step %d: the policy is in the checkpoint; no .nemo "
+                       "exported (a resumed run exports at its end, or use `nemo-aot export`)",
+                       trainer.stop_reason, trainer.state.step)
     observer.close()
     return RunResult(cfg.logging.output_dir, trainer.state.step, trainer.stop_reason,
-                     nemo_path if _rank() == 0 else None, observer.metrics_path, observer.plots)
+                     nemo_path if rank() == 0 else None, observer.metrics_path, observer.plots)
+
+
+def _copy_tokenizer(source: str, dest: str) -> None:
+    import shutil
+
+    os.makedirs(dest, exist_ok=True)
+    for name in sorted(os.listdir(source)):
+        path = os.path.join(source, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(dest, name))

@@ -150,7 +150,7 @@ def build_sft(cfg):
         use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
     if cfg.init_from:
         load_nemo_into(cfg.init_from, list(model.chunks))
-    optimizer, scheduler = build_optimizer(cfg, model)
+    optimizer, scheduler = build_optimizer(cfg, model, len(batches))
     return cfg, model, optimizer, scheduler, batches
 
 

@@ -1,11 +1,14 @@
-"""Graceful preemption: a signal sets a flag; the loop asks, once per step, whether to stop.
+"""Graceful preemption: a signal sets a flag; the run asks, at agreed points, whether to stop.
 
 Contract: ``PreemptionHandler`` installs handlers for SIGTERM and SIGUSR1 that only record the
 signal (no I/O, no exceptions inside the handler), and restores the previous handlers on
-``close()``. The training loop calls ``should_stop()`` at the end of every step; it all-reduces
-the local flag with MAX over the default process group, so a signal that reached only some ranks
-(or reached them in different steps) stops every rank after the same step. The loop then saves a
-checkpoint and exits 0.
+``close()``. A run installs it before any long set-up work (data loading, weight loading,
+reference scoring) and acts on it only at points every rank reaches: the local flag
+(``requested``) is all-reduced with MAX over the default process group, so a signal that reached
+only some ranks (or reached them at different moments) stops every rank at the same point. In
+the training loop (once per step) the run then saves a checkpoint and exits 0; during set-up it
+exits 0 without training. Either way it skips the final export, and the launcher's status file
+says the run is not complete, so the sbatch script requeues the job.
 
 Schedulers:
 * SLURM: ``#SBATCH --signal=USR1@300`` (no ``B:``) sends SIGUSR1 to every task 300 s before the
@@ -22,6 +25,8 @@ import signal
 import threading
 from types import FrameType
 from typing import Optional, Sequence
+
+from nemo_aot.distributed.agreement import any_rank
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +73,14 @@ class PreemptionHandler:
     def signal_name(self) -> Optional[str]:
         return None if self.received is None else signal.Signals(self.received).name
 
+    @property
+    def requested(self) -> bool:
+        """This rank received a signal (local: agree with ``any_rank`` before acting on it)."""
+        return self.received is not None
+
     def should_stop(self, group=None) -> bool:
         """True on every rank when any rank has received a signal (one tiny all-reduce)."""
-        return any_rank(self.received is not None, group)
-
-
-def any_rank(flag: bool, group=None) -> bool:
-    """Logical OR of ``flag`` over ``group`` (MAX all-reduce); just ``flag`` without a group."""
-    import torch
-
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return bool(flag)
-    device = "cpu"
-    if torch.distributed.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=group)
-    return bool(value.item())
+        return any_rank(self.requested, group)
 
 
 __all__ = ["PreemptionHandler", "any_rank", "DEFAULT_SIGNALS"]

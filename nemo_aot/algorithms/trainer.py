@@ -27,13 +27,20 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+# Stop reasons of a finished run (it exports its policy); any other stop (signal, time budget)
+# leaves a checkpoint to resume from.
+COMPLETE_REASONS = ("max_steps", "max_epochs")
 
-def build_optimizer(cfg, model):
-    """megatron-core optimizer (optionally distributed) and its LR/WD scheduler."""
+
+def build_optimizer(cfg, model, steps_per_epoch: int):
+    """megatron-core optimizer (optionally distributed) and its LR/WD scheduler over the run's
+    real length: ``max_steps`` or ``max_epochs`` x ``steps_per_epoch``, whichever ends first."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     o, precision = cfg.optim, cfg.precision.precision
+    total = total_steps(cfg, steps_per_epoch)
+    check_schedule(cfg, total, steps_per_epoch)
     opt_config = OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
@@ -43,14 +50,33 @@ def build_optimizer(cfg, model):
         # fp16 only: a dynamic loss scale (bf16 and fp32 need none)
         initial_loss_scale=2.0 ** 16 if precision == "fp16" else None)
     optimizer = get_megatron_optimizer(opt_config, list(model.chunks))
-    gbs, total = cfg.trainer.global_batch_size, total_steps(cfg)
+    gbs = cfg.trainer.global_batch_size
+    # megatron counts samples; warmup then decay over the rest of the run
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_steps * gbs, lr_decay_steps=max(total, 1) * gbs,
+        lr_warmup_steps=o.warmup_steps * gbs, lr_decay_steps=total * gbs,
         lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-        wd_incr_steps=max(total, 1) * gbs, wd_incr_style="constant")
+        wd_incr_steps=total * gbs, wd_incr_style="constant")
     model.transformer_config.grad_scale_func = optimizer.scale_loss
     return optimizer, scheduler
+
+
+def check_schedule(cfg, total: int, steps_per_epoch: int) -> None:
+    """The LR schedule needs at least one step after warmup; say which keys set the length."""
+    t, warmup = cfg.trainer, cfg.optim.warmup_steps
+    if warmup < total:
+        return
+    limits = []
+    if t.max_steps is not None:
+        limits.append(f"trainer.max_steps={t.max_steps}")
+    if t.max_epochs is not None:
+        limits.append(f"trainer.max_epochs={t.max_epochs} x {steps_per_epoch} steps per epoch "
+                      f"(the training data at trainer.global_batch_size={t.global_batch_size})")
+    length = f"the run is {total} optimizer steps long ({' and '.join(limits)})"
+    if total < 1:
+        raise ValueError(f"{length}; lower trainer.global_batch_size or add training data")
+    raise ValueError(f"optim.warmup_steps={warmup} is not smaller than the run: {length}; "
+                     "lower optim.warmup_steps (the LR schedule needs decay steps)")
 
 
 def total_steps(cfg, steps_per_epoch: Optional[int] = None) -> int:
@@ -85,16 +111,20 @@ class AOTTrainer:
     def __init__(self, cfg, model, optimizer, scheduler, train_batches, val_batches,
                  save_fn: Callable[["AOTTrainer"], None], log_fn: Callable[[str, int, dict], None],
                  validation_hook: Optional[Callable[[int, dict, dict], None]] = None,
-                 should_stop: Optional[Callable[[], bool]] = None):
+                 signal_received: Optional[Callable[[], bool]] = None,
+                 started: Optional[float] = None):
         self.cfg, self.model = cfg, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_batches, self.val_batches = train_batches, val_batches
         self.save_fn, self.log_fn = save_fn, log_fn
         self.validation_hook = validation_hook
-        self.should_stop = should_stop or (lambda: False)
+        # This rank's own view: the loop acts on it only after all ranks agree (_stop_reason).
+        self.signal_received = signal_received or (lambda: False)
         self.state = TrainState()
         self.max_steps = total_steps(cfg, len(train_batches))
-        self.started = time.monotonic()
+        # The time budget counts from the start of the run (set-up included), on each rank's
+        # clock; the first rank past it stops every rank.
+        self.started = time.monotonic() if started is None else started
         self.stop_reason: Optional[str] = None
 
     # ------------------------------------------------------------------ one step
@@ -195,14 +225,20 @@ class AOTTrainer:
         return bool(interval) and self.state.step % interval == 0
 
     def _stop_reason(self) -> Optional[str]:
-        if self.should_stop():
+        """Why to stop after this step, the same on every rank: signals and the time budget are
+        local observations, agreed with one all-reduce; the step count is the same everywhere."""
+        from nemo_aot.distributed.agreement import any_ranks
+
+        signal, out_of_time = any_ranks([self.signal_received(), self._out_of_time()])
+        if signal:
             return "signal"
         if self.max_steps and self.state.step >= self.max_steps:
             configured = self.cfg.trainer.max_steps
             return "max_steps" if configured == self.max_steps else "max_epochs"
-        if self._out_of_time():
+        if out_of_time:
             return "max_time"
         return None
 
 
-__all__ = ["AOTTrainer", "TrainState", "build_optimizer", "total_steps"]
+__all__ = ["AOTTrainer", "TrainState", "build_optimizer", "check_schedule", "total_steps",
+           "COMPLETE_REASONS"]

@@ -64,8 +64,10 @@ class DataConfig:
     """Column renames from canonical field names (prompt, chosen, rejected, completion, label,
     chosen_reward, rejected_reward) to the dataset's columns, e.g. {chosen: good_answer}."""
 
-    tokenizer_path: str = "bundled:tokenizer"
-    """Local folder of a Hugging Face tokenizer (tokenizer.json + tokenizer_config.json)."""
+    tokenizer_path: Optional[str] = None
+    """Local folder of a Hugging Face tokenizer (tokenizer.json + tokenizer_config.json); null =
+    the tokenizer stored in init_from's .nemo. A tokenizer given here must have the same
+    vocabulary as the stored one (it may differ in chat template and settings)."""
 
     apply_chat_template: str = "auto"
     """auto: conversational records go through the tokenizer's chat template, plain text is
@@ -112,8 +114,9 @@ class DataConfig:
         _choice("apply_chat_template", self.apply_chat_template, CHAT_TEMPLATE_MODES)
         if not self.train_path:
             raise ValueError("data.train_path is empty; set it to a data file, folder or dataset name")
-        if not self.tokenizer_path:
-            raise ValueError("data.tokenizer_path is empty; set it to a local tokenizer folder")
+        if self.tokenizer_path is not None and not str(self.tokenizer_path).strip():
+            raise ValueError("data.tokenizer_path is empty; set it to a local tokenizer folder, "
+                             "or to null to use the tokenizer stored in init_from's .nemo")
         if not isinstance(self.max_seq_length, int) or self.max_seq_length < 2:
             raise ValueError(f"data.max_seq_length must be an integer >= 2, got {self.max_seq_length!r}")
         if not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1:

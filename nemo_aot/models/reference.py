@@ -19,13 +19,15 @@ import hashlib
 import json
 import logging
 import os
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from nemo_aot.distributed.agreement import StopRequested, any_ranks, from_rank0, rank
 from nemo_aot.distributed.parallel import compute_device
+from nemo_aot.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -106,40 +108,65 @@ class ReferenceTable:
         return table
 
 
-def score_into_table(step, batches: Iterable[list[dict]], sizes: tuple[int, int]) -> ReferenceTable:
+def score_into_table(step, batches: Iterable[list[dict]], sizes: tuple[int, int],
+                     total: Optional[int] = None, what: str = "reference scoring",
+                     stop_requested: Optional[Callable[[], bool]] = None) -> ReferenceTable:
     """Score batches into a new table, skipping global batches whose responses all have a value
-    already (decided jointly by every rank, so the collectives stay matched)."""
+    already. Per global batch, one all-reduce agrees on both decisions every rank must take
+    together: whether to score it, and whether any rank was asked to stop (``stop_requested``,
+    this rank's own view, e.g. a preemption signal); a stop raises ``StopRequested`` on every
+    rank. Rank 0 logs progress with an ETA over ``total`` global batches."""
     table = ReferenceTable(sizes)
-    for micro_batches in batches:
-        needed = torch.tensor([0 if table.covers(micro_batches) else 1], device=compute_device())
-        if dist.is_initialized():
-            dist.all_reduce(needed, op=dist.ReduceOp.MAX)
-        if needed.item():
-            table.add(_gather_scores(step.score(micro_batches)))
+    stop_requested = stop_requested or (lambda: False)
+    with Progress(total=total, what=what, unit="global batches") as progress:
+        for micro_batches in batches:
+            needed, stop = any_ranks([not table.covers(micro_batches), stop_requested()])
+            if stop:
+                raise StopRequested(what)
+            if needed:
+                table.add(_gather_scores(step.score(micro_batches)))
+            progress.update()
     return table
 
 
 def cached_reference(step, batches: Iterable[list[dict]], sizes: tuple[int, int],
-                     cache_path: str) -> ReferenceTable:
-    """Load the table from ``cache_path`` or score it and write it there (rank 0, atomically)."""
-    if os.path.exists(cache_path):
-        state = torch.load(cache_path, map_location="cpu", weights_only=True)
-        table = ReferenceTable.from_state(state)
-        if tuple(t.numel() for t in table.logp) == tuple(sizes) and table.missing() == 0:
-            logger.info("reference log-probs: reusing %s", cache_path)
-            return table
-        logger.warning("reference cache %s does not match this data; rescoring", cache_path)
-    table = score_into_table(step, batches, sizes)
+                     cache_path: str, total: Optional[int] = None,
+                     what: str = "reference scoring",
+                     stop_requested: Optional[Callable[[], bool]] = None) -> ReferenceTable:
+    """Load the table from ``cache_path`` or score it and write it there (rank 0, atomically).
+
+    Rank 0 alone reads the cache and decides whether it fits this data; its table reaches every
+    rank by broadcast. Other ranks may not see the file at all (node-local output folders, NFS
+    attribute caching after a requeue): deciding on each rank's own view would split the ranks
+    into scorers, whose collectives never complete, and skippers."""
+    state = _read_cache(cache_path, sizes) if rank() == 0 else None
+    state = from_rank0(state)
+    if state is not None:
+        return ReferenceTable.from_state(state)
+    table = score_into_table(step, batches, sizes, total, what, stop_requested)
     if table.missing():
         raise RuntimeError(f"the scoring pass left {table.missing()} responses without a reference "
                            "log-prob (sampler did not cover the split)")
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
         tmp = f"{cache_path}.tmp{os.getpid()}"
         torch.save(table.state(), tmp)
         os.replace(tmp, cache_path)
         logger.info("reference log-probs: wrote %s", cache_path)
     return table
+
+
+def _read_cache(cache_path: str, sizes: tuple[int, int]) -> Optional[dict]:
+    """The cached table's state when ``cache_path`` holds one for this data, else None."""
+    if not os.path.exists(cache_path):
+        return None
+    state = torch.load(cache_path, map_location="cpu", weights_only=True)
+    table = ReferenceTable.from_state(state)
+    if tuple(t.numel() for t in table.logp) == tuple(sizes) and table.missing() == 0:
+        logger.info("reference log-probs: reusing %s", cache_path)
+        return table.state()
+    logger.warning("reference cache %s does not match this data; rescoring", cache_path)
+    return None
 
 
 class CpuSwapReference:

@@ -57,8 +57,8 @@ def make_init_nemo(root, vocab_size=512):
 
 
 def train_args(data_dir, output_dir, *extra):
-    return ["trainer.max_steps=8", "trainer.max_epochs=null", "trainer.global_batch_size=8",
-            "trainer.micro_batch_size=2", "trainer.val_check_interval=4",
+    return ["recipe=demo", "trainer.max_steps=8", "trainer.max_epochs=null",
+            "trainer.global_batch_size=8", "trainer.micro_batch_size=2", "trainer.val_check_interval=4",
             "checkpoint.save_interval=4",
             f"data.train_path={data_dir}/train.jsonl",
             f"data.validation_path={data_dir}/validation.jsonl",

@@ -8,7 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
+from config_stubs import DEMO_WITHOUT_CHECKPOINT, config_only_nemo, model_group
+from nemo_aot.data.config import DataConfig
 from nemo_aot.algorithms.config import (AOTConfig, compose_config, compose_raw, config_hash,
                                         find_config_dir, load_config, required_keys, to_yaml)
 
@@ -16,20 +19,35 @@ CONF = find_config_dir()
 TOP_LEVEL = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(f"{CONF}/*.yaml"))
 GROUP_OPTIONS = sorted(os.path.relpath(p, CONF)[:-len(".yaml")]
                        for p in glob.glob(f"{CONF}/*/*.yaml"))
-# Group options are composed on top of the demo; parallel layouts need a model they divide
+DEMO = DEMO_WITHOUT_CHECKPOINT
+# Group options are composed on top of it; parallel layouts need a model they divide
 # (llama3_70b: 64 heads, 8 KV groups, 80 layers).
 CONTEXT = {"parallel": ["model=llama3_70b"]}
 
 
-def _fill_required(config_name, overrides):
-    """Overrides giving placeholder values to the keys a config marks ${required:...}."""
-    required = required_keys(compose_raw(config_name, overrides))
-    fills = [f"{key}={'null' if 'validation' in key else 'placeholder.nemo'}" for key in required]
-    return required, fills
+def compose(*overrides, world_size=None):
+    return compose_config("gpt_aot", [*DEMO, *overrides], world_size=world_size)
 
 
-def _compose_all(config_name, overrides):
-    required, fills = _fill_required(config_name, overrides)
+def _fill_required(config_name, overrides, root):
+    """Overrides giving values to the keys a config marks ${required:...}: init_from gets a
+    config-only .nemo of the config's own model section."""
+    from nemo_aot.models.config import GPTModelConfig
+
+    raw = compose_raw(config_name, overrides)
+    required = required_keys(raw)
+    model = GPTModelConfig.from_dict(OmegaConf.to_container(raw.model, resolve=True))
+
+    def value(key):
+        if key == "init_from":
+            return config_only_nemo(model, root)
+        return "null" if "validation" in key else "placeholder"
+
+    return required, [f"{key}={value(key)}" for key in required]
+
+
+def _compose_all(config_name, overrides, root):
+    required, fills = _fill_required(config_name, overrides, root)
     if required:  # without values the config must refuse, naming every key
         with pytest.raises(ValueError) as err:
             compose_config(config_name, overrides)
@@ -45,45 +63,47 @@ def test_discovery_finds_the_shipped_configs():
 
 
 @pytest.mark.parametrize("config_name", TOP_LEVEL)
-def test_top_level_config_composes(config_name):
-    assert isinstance(_compose_all(config_name, []), AOTConfig)
+def test_top_level_config_composes(config_name, tmp_path):
+    assert isinstance(_compose_all(config_name, ["recipe=demo"], tmp_path), AOTConfig)
 
 
 @pytest.mark.parametrize("option", GROUP_OPTIONS)
-def test_group_option_composes(option):
+def test_group_option_composes(option, tmp_path):
     group, name = option.split("/")
-    cfg = _compose_all("gpt_aot", CONTEXT.get(group, []) + [f"{group}={name}"])
+    base = [] if group == "recipe" else DEMO
+    cfg = _compose_all("gpt_aot", base + CONTEXT.get(group, []) + [f"{group}={name}"], tmp_path)
     cfg.validate(world_size=cfg.world_size())
 
 
-def test_default_is_the_embedded_demo():
-    cfg = compose_config()
+def test_train_needs_a_recipe():
+    with pytest.raises(ValueError, match=r"(?s)recipe.*llama3_8b.*recipe=base"):
+        compose_config("gpt_aot", ["init_from=bundled:tiny_sft.nemo"])
+
+
+def test_demo_recipe_is_the_embedded_demo():
+    cfg = compose_config("gpt_aot", ["recipe=demo"])
     assert cfg.model.num_layers == 2 and cfg.model.vocab_size == 512
     assert cfg.precision.precision == "fp32" and cfg.data.train_path.startswith("bundled:")
     assert 10 <= cfg.trainer.max_steps <= 100
     assert cfg.init_from == "bundled:tiny_sft.nemo"  # the packaged SFT policy
+    assert cfg.data.tokenizer_path is None  # the tokenizer stored in it
     from nemo_aot.data.config import resolve_path
 
     assert os.path.isfile(resolve_path(cfg.init_from))
-    AOTConfig().validate(world_size=1)  # the bare dataclass defaults are valid too
+    AOTConfig(data=DataConfig(tokenizer_path="bundled:tokenizer")).validate(world_size=1)
 
 
-def test_recipes_lay_out_their_clusters():
+def test_base_recipe_is_the_schema_defaults_on_your_data(tmp_path):
+    cfg = _compose_all("gpt_aot", ["recipe=base"], tmp_path)
+    defaults = AOTConfig()
+    assert (cfg.optim, cfg.trainer, cfg.alignment, cfg.precision) == \
+        (defaults.optim, defaults.trainer, defaults.alignment, defaults.precision)
+    assert cfg.data.format == "trl_paired" and cfg.data.tokenizer_path is None
+
+
+def test_recipes_lay_out_their_clusters(tmp_path):
     def recipe(name):
-        return _compose_all("gpt_aot", [f"recipe={name}"])
-
-    r8 = recipe("llama3_8b")
-    assert r8.world_size() == 8 and r8.parallel.data_parallel_size(8) == 4
-    assert r8.optim.use_distributed_optimizer and r8.precision.precision == "bf16"
-    r70 = recipe("llama3_70b")
-    world = r70.world_size()
-    assert world == 64 and r70.trainer.num_nodes > 1
-    assert r70.parallel.tensor_model_parallel_size * r70.parallel.pipeline_model_parallel_size \
-        * r70.parallel.data_parallel_size(world) == world and r70.parallel.data_parallel_size(world) > 1
-    paper = recipe("paper")
-    a = paper.alignment
-    assert (a.loss_type, a.surrogate, a.beta, a.sort_scope) == ("aot_unpaired", "logistic", 0.01, "global")
-
+        return _compose_all("gpt_aot", [f"recipe={name}"], tmp_path)
 
 @pytest.mark.parametrize("override, key, suggestion", [
     ("trainer.max_stepz=3", "trainer.max_stepz", "trainer.max_steps"),
@@ -94,7 +114,7 @@ def test_recipes_lay_out_their_clusters():
 ])
 def test_typo_key_fails_naming_it(override, key, suggestion):
     with pytest.raises(ValueError) as err:
-        compose_raw("gpt_aot", [override])
+        compose_raw("gpt_aot", [*DEMO, override])
     assert key in str(err.value)
     if suggestion:
         assert f"Did you mean {suggestion}" in str(err.value)
@@ -105,14 +125,14 @@ def test_typo_in_a_yaml_file_fails_naming_it(tmp_path):
     with open(tmp_path / "conf" / "model" / "llama3_8b.yaml", "a") as f:
         f.write("rotary_bse: 10000.0\n")
     with pytest.raises(ValueError, match=r"model.rotary_bse.*Did you mean model.rotary_base"):
-        compose_config("gpt_aot", ["model=llama3_8b"], config_dir=str(tmp_path / "conf"))
+        compose_config("gpt_aot", [*DEMO, "model=llama3_8b"], config_dir=str(tmp_path / "conf"))
 
 
 def test_wrong_type_and_unknown_option_fail():
     with pytest.raises(ValueError, match="trainer.max_steps"):
-        compose_config("gpt_aot", ["trainer.max_steps=abc"])
+        compose("trainer.max_steps=abc")
     with pytest.raises(ValueError, match="model/llama3_9b"):
-        compose_config("gpt_aot", ["model=llama3_9b"])
+        compose("model=llama3_9b")
 
 
 @pytest.mark.parametrize("overrides, world_size, match", [
@@ -126,13 +146,13 @@ def test_wrong_type_and_unknown_option_fail():
 ])
 def test_impossible_layout_fails_at_compose(overrides, world_size, match):
     with pytest.raises(ValueError, match=match):
-        compose_config("gpt_aot", overrides, world_size=world_size)
+        compose(*overrides, world_size=world_size)
 
 
 def test_world_size_comes_from_the_launcher(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="world size 3"):
-        compose_config("gpt_aot", ["parallel=tp2"])
+        compose("parallel=tp2")
 
 
 @pytest.mark.parametrize("overrides, world_size, match", [
@@ -166,24 +186,24 @@ def test_world_size_comes_from_the_launcher(monkeypatch):
 ])
 def test_cross_field_rules(overrides, world_size, match):
     with pytest.raises(ValueError, match=match):
-        compose_config("gpt_aot", overrides, world_size=world_size)
+        compose(*overrides, world_size=world_size)
 
 
 def test_valid_variants_pass():
-    compose_config("gpt_aot", ["parallel=tp2_pp2"], world_size=8)  # DP 2
-    compose_config("gpt_aot", ["alignment.loss_type=dpo", "alignment.sort_scope=micro"])
-    compose_config("gpt_aot", ["alignment.sort_scope=data_parallel", "trainer.micro_batch_size=1",
-                               "trainer.global_batch_size=4"], world_size=4)
+    compose("parallel=tp2_pp2", world_size=8)  # DP 2
+    compose("alignment.loss_type=dpo", "alignment.sort_scope=micro")
+    compose("alignment.sort_scope=data_parallel", "trainer.micro_batch_size=1",
+                               "trainer.global_batch_size=4", world_size=4)
 
 
 def test_yaml_round_trip_and_hash(tmp_path):
-    cfg = compose_config("gpt_aot", ["model=llama3_1_8b", "data.max_seq_length=128"])
+    cfg = compose("model=llama3_1_8b", "data.max_seq_length=128")
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(cfg))
     again = load_config(str(path))
     assert again == cfg and config_hash(again) == config_hash(cfg)
     assert again.model.rope_scaling.factor == 8.0
-    assert config_hash(compose_config("gpt_aot", ["optim.lr=2e-3"])) != config_hash(compose_config())
+    assert config_hash(compose("optim.lr=2e-3")) != config_hash(compose())
     path.write_text(to_yaml(cfg) + "extra_section: 1\n")
     with pytest.raises(ValueError, match="extra_section"):
         load_config(str(path))
@@ -193,7 +213,7 @@ def test_conf_ships_inside_the_package():
     package_conf = os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__import__("nemo_aot").__file__))), "nemo_aot", "conf")
     assert os.path.isfile(os.path.join(package_conf, "gpt_aot.yaml"))
-    assert compose_config(config_dir=package_conf) == compose_config()
+    assert compose_config(config_dir=package_conf, overrides=DEMO) == compose()
     with pytest.raises(ValueError, match="not found"):
         find_config_dir("/nonexistent/conf")
 
@@ -212,7 +232,7 @@ def test_compose_inside_an_outer_hydra_keeps_its_state():
     from hydra.core.global_hydra import GlobalHydra
 
     with initialize_config_dir(config_dir=CONF, version_base=None):
-        cfg = compose_config("gpt_aot", ["trainer.max_steps=3", "optim.warmup_steps=1"])
+        cfg = compose("trainer.max_steps=3", "optim.warmup_steps=1")
         assert cfg.trainer.max_steps == 3 and GlobalHydra.instance().is_initialized()
     assert not GlobalHydra.instance().is_initialized()
 
@@ -221,7 +241,50 @@ def test_plain_dicts_are_checked_against_the_schema():
     from nemo_aot.algorithms.config import to_aot_config
 
     cfg = to_aot_config({"trainer": {"max_steps": 5}, "optim": {"warmup_steps": 1},
-                         "precision": {"precision": "fp32"}})
+                         "precision": {"precision": "fp32"},
+                         "data": {"tokenizer_path": "bundled:tokenizer"}})
     assert cfg.trainer.max_steps == 5 and cfg.model.num_query_groups == 2
     with pytest.raises(ValueError, match=r"optim.betas.*Known keys"):
         to_aot_config({"optim": {"betas": [0.9, 0.95]}})
+
+
+@pytest.mark.parametrize("override, key, suggestion", [
+    ("++alignment.betta=3", "alignment.betta", "alignment.beta"),
+    ("+lora_rank=8", "lora_rank", None),
+    ("++model.dpo.ref_policy_kl_penalty=0.1", "model.dpo", None),
+    ("+trainer.max_stepz=3", "trainer.max_stepz", "trainer.max_steps"),
+])
+def test_added_keys_are_checked_against_the_schema(override, key, suggestion):
+    """Hydra's + and ++ add keys a struct config lacks; nothing the schema lacks may pass."""
+    with pytest.raises(ValueError) as err:
+        compose(override)
+    assert f"{key}: no such key" in str(err.value)
+    if suggestion:
+        assert f"Did you mean {suggestion}" in str(err.value)
+    assert compose("++alignment.beta=3").alignment.beta == 3  # known keys may use them
+
+
+def test_the_checkpoint_defines_the_architecture(tmp_path):
+    """Layout rules run against init_from's model, not the recipe's model group: TP 8 divides
+    an 8B checkpoint's heads even though the tiny default model has 4."""
+    big = model_group("llama3_8b")
+    nemo = config_only_nemo(big, tmp_path)
+    cfg = compose(f"init_from={nemo}", "parallel.tensor_model_parallel_size=8", world_size=8)
+    assert cfg.model == big and cfg.model.num_attention_heads == 32
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        compose("parallel.tensor_model_parallel_size=8", world_size=8)  # the tiny model
+    with pytest.raises(ValueError, match=r"model.num_layers=4 contradicts init_from"):
+        compose(f"init_from={nemo}", "model.num_layers=4")
+    assert compose(f"init_from={nemo}", "model.num_layers=32").model.num_layers == 32
+    with pytest.raises(ValueError, match=r"init_from: .*nowhere.nemo does not exist"):
+        compose(f"init_from={tmp_path}/nowhere.nemo")
+
+
+def test_print_config_shows_the_checkpoint_architecture(tmp_path):
+    nemo = config_only_nemo(model_group("llama3_8b"), tmp_path)
+    out = subprocess.run([sys.executable, "-m", "nemo_aot.cli", "train", "--print-config",
+                          "recipe=llama3_8b", f"init_from={nemo}", "data.train_path=t.jsonl",
+                          "data.validation_path=null", "parallel.tensor_model_parallel_size=8"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "num_layers: 32" in out.stdout and "tensor_model_parallel_size: 8" in out.stdout

@@ -24,18 +24,24 @@ def test_version_and_help():
 
 
 def test_train_typo_fails_naming_the_key_before_any_model():
-    out = _run("-m", "nemo_aot.cli", "train", "trainer.max_stepz=3")
+    out = _run("-m", "nemo_aot.cli", "train", "recipe=demo", "trainer.max_stepz=3")
     assert out.returncode == 2
     assert "trainer.max_stepz" in out.stderr and "trainer.max_steps" in out.stderr
 
 
 def test_train_impossible_layout_fails_before_any_model():
-    out = _run("-m", "nemo_aot.cli", "train", "parallel.tensor_model_parallel_size=3")
+    out = _run("-m", "nemo_aot.cli", "train", "recipe=demo", "parallel.tensor_model_parallel_size=3")
     assert out.returncode == 2 and "num_attention_heads" in out.stderr
+
+
+def test_train_without_a_recipe_names_the_choices():
+    out = _run("-m", "nemo_aot.cli", "train", "init_from=bundled:tiny_sft.nemo")
+    assert out.returncode == 2 and "recipe=<OPTION>" in out.stderr
+    assert "llama3_8b" in out.stderr and "recipe=base" in out.stderr
 
 
 def test_hydra_script_composes_the_same_tree(tmp_path):
     out = _run(os.path.join(ROOT, "scripts", "train_gpt_aot.py"), "--cfg", "job",
-               "alignment.beta=0.05", cwd=tmp_path)
+               "recipe=demo", "alignment.beta=0.05", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "beta: 0.05" in out.stdout and "sort_scope:" in out.stdout

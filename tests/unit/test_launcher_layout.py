@@ -6,12 +6,20 @@ import os
 import re
 import shlex
 
+import atexit
+import shutil
+import tempfile
+
 import pytest
 
+from config_stubs import config_only_nemo, model_group
 from nemo_aot import launcher
 
-DATA = ["init_from=/lustre/p/llama3_70b.nemo", "data.train_path=/lustre/p/train.jsonl",
-        "data.validation_path=/lustre/p/val.jsonl", "data.tokenizer_path=/lustre/p/tok"]
+# The 70B checkpoint's architecture (its model_config.yaml only): the layout is checked on it.
+_STUBS = tempfile.mkdtemp(prefix="launcher_layout_")
+atexit.register(shutil.rmtree, _STUBS, ignore_errors=True)
+DATA = [f"init_from={config_only_nemo(model_group('llama3_70b'), _STUBS)}",
+        "data.train_path=/lustre/p/train.jsonl", "data.validation_path=/lustre/p/val.jsonl"]
 
 
 @pytest.fixture
@@ -88,7 +96,8 @@ def test_inconsistent_layouts_fail_with_the_fix(job, capsys, nodes, per_node, ex
 
 def test_tensor_parallel_across_nodes_is_a_warning(job, capsys):
     job(2, 1, 0)
-    code, out, _ = run(capsys, "--dry-run", "--", "train", "parallel.tensor_model_parallel_size=2",
+    code, out, _ = run(capsys, "--dry-run", "--", "train", "recipe=demo",
+                       "parallel.tensor_model_parallel_size=2",
                        "trainer.global_batch_size=8", "trainer.micro_batch_size=2")
     assert code == 0
     assert "TP 2 x PP 1 x DP 1 = 2" in out
@@ -120,7 +129,7 @@ def test_launch_exports_ranks_then_trains_and_records_the_outcome(job, capsys, m
 
     monkeypatch.setattr(run_module, "run_training", fake_training)
     status = tmp_path / "status.txt"
-    code, _, err = run(capsys, "--status-file", str(status), "--", "train",
+    code, _, err = run(capsys, "--status-file", str(status), "--", "train", "recipe=demo",
                        "parallel.tensor_model_parallel_size=2", "trainer.global_batch_size=8")
     assert code == 0, err
     assert seen["env"] == {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0",
@@ -137,6 +146,12 @@ def test_status_file_marks_only_finished_runs_complete(tmp_path, reason, complet
     path = tmp_path / "sub" / "status.txt"
     launcher.write_status(str(path), reason, 10, None)
     assert f"complete={complete}\n" in path.read_text()
+
+
+def test_status_of_a_run_stopped_before_its_first_step(tmp_path):
+    path = tmp_path / "status.txt"
+    launcher.write_status(str(path), "signal", None, "7")
+    assert path.read_text() == "stop_reason=signal\nstep=\ncomplete=false\njob_id=7\n"
 
 
 def test_register_adds_a_launch_subcommand():

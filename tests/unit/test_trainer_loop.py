@@ -97,6 +97,6 @@ def test_stops_at_first_of_max_steps_and_max_epochs_and_saves_on_cadence():
 
 def test_signal_stops_after_the_current_step_and_saves():
     trainer, saves, _ = _trainer([0.5] * 10, [1.0] * 10, max_steps=10, val_check_interval=0)
-    trainer.should_stop = lambda: trainer.state.step >= 3
+    trainer.signal_received = lambda: trainer.state.step >= 3
     trainer.fit()
     assert trainer.state.step == 3 and trainer.stop_reason == "signal" and saves[-1] == 3
