@@ -45,7 +45,7 @@ PEAK_BF16_TFLOPS = (
     (r"B200", 2250.0),
 )
 # Progress-bar fields: metric name -> short label.
-BAR_FIELDS = (("loss", "loss"), ("rewards/margin", "margin"), ("rewards/accuracy", "acc"),
+BAR_FIELDS = (("loss", "loss"), ("rewards/margins", "margin"), ("rewards/accuracies", "acc"),
               ("fsd_violation", "fsd"), ("tokens_per_s", "tok/s"))
 
 

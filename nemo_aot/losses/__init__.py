@@ -11,13 +11,14 @@ from .aot import aot_paired_loss, aot_unpaired_loss, transport_inputs
 from .api import LOSSES, preference_loss
 from .dpo import dpo_loss, ipo_loss
 from .global_scope import GlobalSortPlan, matched_partner_loss, plan_global_sort
-from .metrics import QUANTILE_LEVELS, finalize_metrics, preference_metric_sums
+from .metrics import QUANTILE_LEVELS, finalize_metrics, logit_metric_sums, preference_metric_sums
 from .surrogates import SURROGATES, get_surrogate
 from .transport import dominance_violation, quantile_cells, transport_cost
 
 __all__ = [
     "GlobalSortPlan", "LOSSES", "QUANTILE_LEVELS", "SURROGATES",
     "aot_paired_loss", "aot_unpaired_loss", "dominance_violation", "dpo_loss", "finalize_metrics",
-    "get_surrogate", "ipo_loss", "matched_partner_loss", "plan_global_sort", "preference_loss",
-    "preference_metric_sums", "quantile_cells", "transport_cost", "transport_inputs",
+    "get_surrogate", "ipo_loss", "logit_metric_sums", "matched_partner_loss", "plan_global_sort",
+    "preference_loss", "preference_metric_sums", "quantile_cells", "transport_cost",
+    "transport_inputs",
 ]

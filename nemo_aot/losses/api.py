@@ -97,6 +97,17 @@ def _check_tensors(loss_type: str, tensors: Sequence[torch.Tensor]) -> None:
                              f"{tensors[j].shape[0]}; loss_type={loss_type!r} needs {need}")
 
 
+def _check_lengths(tensors: Sequence[torch.Tensor], lengths: Sequence[torch.Tensor]) -> None:
+    if not lengths:
+        return
+    if len(lengths) != 2:
+        raise ValueError(f"lengths must be (chosen, rejected) token counts, got {len(lengths)} tensors")
+    for side, t, logps in zip(("chosen", "rejected"), lengths, tensors[:2]):
+        if not isinstance(t, torch.Tensor) or t.shape != logps.shape:
+            raise ValueError(f"lengths: the {side} token counts must be a tensor of shape "
+                             f"{tuple(logps.shape)} like the {side} log-probs")
+
+
 def _check_values(tensors: Sequence[torch.Tensor], check_finite: bool) -> None:
     for name, t in zip(ARG_NAMES[:2], tensors[:2]):
         if t.numel() == 0:
@@ -118,6 +129,7 @@ def preference_loss(
     surrogate: str = "logistic",
     gather: Gather | None = None,
     check_finite: bool = True,
+    lengths: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Preference loss on per-sequence log-probs (1-D, one entry per response).
 
@@ -134,6 +146,9 @@ def preference_loss(
             (AOT and DPO; IPO has its own fixed form).
         gather: ``None`` for the ``micro`` scope, or the ``data_parallel`` gather (module doc).
         check_finite: raise on NaN/Inf inputs (one host sync).
+        lengths: ``(chosen, rejected)`` response token counts when the log-probs are
+            length-averaged: the loss uses the averages, the TRL-named metrics (``rewards/*``,
+            ``logps/*``) the token sums, as TRL logs them. Gathered with the log-probs.
 
     Returns:
         ``(loss, metric_sums)``: the scalar loss (fp32, or fp64 for fp64 inputs) and the additive
@@ -145,14 +160,16 @@ def preference_loss(
     dtype = torch.float32
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
-    tensors = [t.to(dtype) for t in tensors]
+    extra = [] if lengths is None else list(lengths)
+    _check_lengths(tensors, extra)
+    tensors = [t.to(dtype) for t in tensors + tuple(extra)]
     if gather is not None:
         tensors = list(gather(tensors))
+    tensors, extra = tensors[:4], tensors[4:]
     _check_values(tensors, check_finite)
     pc, pr, rc, rr = tensors
     loss = LOSSES[loss_type](pc, pr, rc, rr, float(beta), surrogate, float(label_smoothing))
-    with torch.no_grad():
-        paired = loss_type in PAIRED or pc.shape[0] == pr.shape[0]
-        margins = dict(policy_margins=pc - pr, reference_margins=rc - rr) if loss_type in PAIRED else {}
-        metrics = preference_metric_sums(loss, pc - rc, pr - rr, beta=float(beta), paired=paired, **margins)
+    paired = loss_type in PAIRED or pc.shape[0] == pr.shape[0]
+    metrics = preference_metric_sums(loss, pc, pr, rc, rr, beta=float(beta), paired=paired,
+                                     margins=loss_type in PAIRED, lengths=extra or None)
     return loss, metrics

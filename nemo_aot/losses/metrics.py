@@ -1,37 +1,56 @@
 """Training diagnostics for preference losses, as additive pieces that reduce by one sum.
 
-Rewards follow TRL's convention: ``reward = beta * (log pi(y|x) - log pi_ref(y|x))``, i.e. the
-log-ratio scaled by ``beta`` whatever the surrogate (for the margin surrogates beta is a margin,
-but the scaling is kept so numbers stay comparable across runs).
+The logged names and meanings are those of Hugging Face TRL's ``DPOTrainer``, so dashboards built
+for it read nemo_aot's runs. With summed response log-probs ``log pi(y|x)`` (TRL sums over the
+completion tokens for every loss type, its length-normalized IPO included):
 
-``preference_metric_sums`` returns a flat ``dict[str, Tensor]`` of detached fp32 scalars, every one
-of them *additive*: sums, sums of squares, counts, and per-call statistics summed with ``calls``
-counting the calls. To report a training step, sum each entry over micro-batches and over
-data-parallel ranks (e.g. ``all_reduce(torch.stack(list(sums.values())))``), then call
+  rewards/chosen, rewards/rejected   mean implicit reward ``beta * (log pi(y|x) - log pi_ref(y|x))``
+                                     of the chosen / rejected responses (beta-scaled whatever the
+                                     surrogate: for the margin surrogates beta is a margin, but the
+                                     scaling keeps numbers comparable across runs)
+  rewards/margins                    rewards/chosen - rewards/rejected (= TRL's mean pairwise margin
+                                     for pairs; the difference of the means without pairs)
+  rewards/accuracies                 fraction of pairs with chosen reward > rejected reward; NaN
+                                     without pairs (aot_unpaired with n != m; pairs are
+                                     index-aligned, as in TRL)
+  logps/chosen, logps/rejected       mean summed policy log-prob of the chosen / rejected responses
+  logits/chosen, logits/rejected     mean over the response tokens of the policy's mean logit over
+                                     the vocabulary (pieces from ``logit_metric_sums``, computed by
+                                     the caller that sees the logits)
+
+When the loss is given length-averaged log-probs (``alignment.length_normalize``), pass the token
+counts as ``lengths``: the TRL-named values above then use the token sums (average x count), as
+TRL does. Beside them, the AOT diagnostics:
+
+  loss                               mean loss over calls
+  rewards/{side}_std                 population std of the rewards above
+  rewards/{side}_q{10,50,90}         empirical quantiles Q(t) = x_(ceil(t n)) of the rewards above,
+                                     averaged over calls
+  fsd_violation                      fraction of quantile levels where Q_chosen(t) < Q_rejected(t)
+                                     of what the loss sorts (length-averaged rewards under
+                                     length_normalize): the measure of the set on which first-order
+                                     dominance fails
+  fsd_violation/margins              paired losses only: the same for policy vs reference margins
+
+Every piece is *additive*: sums, sums of squares, counts, and per-call statistics summed with
+``calls`` counting the calls. To report a training step, sum each entry over micro-batches and
+over data-parallel ranks (e.g. ``all_reduce(torch.stack(list(sums.values())))``), then call
 ``finalize_metrics`` once. That gives exact means/stds over all samples seen, and per-call
-statistics (loss, FSD violation, quantiles) averaged over calls. Under the ``data_parallel`` sort
-scope every rank already sees the gathered batch; the sum over ranks multiplies numerators and
-denominators alike, so the same recipe stays exact. No ``.item()`` is called.
-
-Logged values (``finalize_metrics``):
-  loss                       mean loss over calls
-  rewards/chosen[_std]       mean (population std) of chosen rewards; likewise rewards/rejected
-  rewards/margin             rewards/chosen - rewards/rejected (= mean pairwise margin for pairs)
-  rewards/accuracy           fraction of pairs with chosen reward > rejected reward; NaN without
-                             pairs (aot_unpaired with n != m; pairs are index-aligned, as in TRL)
-  rewards/{side}_q{10,50,90} empirical quantiles Q(t) = x_(ceil(t n)), averaged over calls
-  fsd_violation              fraction of quantile levels where Q_chosen(t) < Q_rejected(t): the
-                             measure of the set on which first-order dominance fails
-  fsd_violation/margins      paired losses only: the same for policy vs reference margins
+statistics (loss, FSD violation, quantiles) averaged over calls. Pieces computed on a batch that
+every rank already sees (the ``data_parallel`` and ``global`` sort scopes) are summed dp times,
+numerators and denominators alike, so the same recipe stays exact. No ``.item()`` is called.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from .transport import dominance_violation, empirical_quantiles
 
 QUANTILE_LEVELS = (0.1, 0.5, 0.9)
+SIDES = ("chosen", "rejected")
 
 
 def _moments(name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -43,35 +62,68 @@ def _moments(name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def preference_metric_sums(
     loss: torch.Tensor,
-    chosen_logratios: torch.Tensor,
-    rejected_logratios: torch.Tensor,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
     *,
     beta: float,
     paired: bool,
-    policy_margins: torch.Tensor | None = None,
-    reference_margins: torch.Tensor | None = None,
+    margins: bool = False,
+    lengths: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> dict[str, torch.Tensor]:
-    """Additive metric pieces for one loss call (see the module docstring for the recipe)."""
-    chosen = beta * chosen_logratios.detach().float()
-    rejected = beta * rejected_logratios.detach().float()
-    sums = {"loss_sum": loss.detach().float(), "calls": chosen.new_ones(())}
-    sums.update(_moments("chosen_reward", chosen))
-    sums.update(_moments("rejected_reward", rejected))
-    if paired:
-        sums["accuracy_sum"] = (chosen > rejected).float().sum()
-        sums["pair_count"] = chosen.new_full((), float(chosen.numel()))
-    else:
-        sums["accuracy_sum"] = chosen.new_zeros(())
-        sums["pair_count"] = chosen.new_zeros(())
-    chosen_sorted, rejected_sorted = torch.sort(chosen).values, torch.sort(rejected).values
-    sums["fsd_violation_sum"] = dominance_violation(chosen_sorted, rejected_sorted, presorted=True)
-    for side, x in (("chosen", chosen_sorted), ("rejected", rejected_sorted)):
-        qs = empirical_quantiles(x, QUANTILE_LEVELS, presorted=True)
+    """Additive metric pieces for one loss call on the loss's own inputs.
+
+    ``paired``: chosen i and rejected i form a pair (accuracy is defined). ``margins``: also the
+    FSD violation of policy vs reference margins (the paired loss types). ``lengths``: (chosen,
+    rejected) token counts when the log-probs are length-averaged (see the module docstring).
+    """
+    inputs = [t.detach().float() for t in (policy_chosen_logps, policy_rejected_logps,
+                                           reference_chosen_logps, reference_rejected_logps)]
+    pc, pr, rc, rr = inputs
+    compared = {"chosen": beta * (pc - rc), "rejected": beta * (pr - rr)}  # what the loss sees
+    compared_sorted = {side: torch.sort(x).values for side, x in compared.items()}
+    reward, ordered = compared, compared_sorted
+    if lengths is not None:                                    # TRL's values use token sums
+        lc, lr = (t.detach().float() for t in lengths)
+        pc, rc, pr, rr = pc * lc, rc * lc, pr * lr, rr * lr
+        reward = {"chosen": beta * (pc - rc), "rejected": beta * (pr - rr)}
+        ordered = {side: torch.sort(x).values for side, x in reward.items()}
+    sums = {"loss_sum": loss.detach().float(), "calls": pc.new_ones(())}
+    for side, logps in zip(SIDES, (pc, pr)):
+        sums.update(_moments(f"{side}_reward", reward[side]))
+        sums[f"{side}_logps_sum"] = logps.sum()
+        qs = empirical_quantiles(ordered[side], QUANTILE_LEVELS, presorted=True)
         for t, q in zip(QUANTILE_LEVELS, qs):
             sums[f"{side}_reward_q{round(100 * t)}_sum"] = q
-    if policy_margins is not None and reference_margins is not None:
-        sums["margin_fsd_violation_sum"] = dominance_violation(
-            policy_margins.detach().float(), reference_margins.detach().float())
+    if paired:
+        sums["accuracy_sum"] = (reward["chosen"] > reward["rejected"]).float().sum()
+        sums["pair_count"] = pc.new_full((), float(pc.numel()))
+    else:
+        sums["accuracy_sum"] = pc.new_zeros(())
+        sums["pair_count"] = pc.new_zeros(())
+    sums["fsd_violation_sum"] = dominance_violation(
+        compared_sorted["chosen"], compared_sorted["rejected"], presorted=True)
+    if margins:  # what aot_paired sorts: policy margins against reference margins
+        sums["margin_fsd_violation_sum"] = dominance_violation(inputs[0] - inputs[1],
+                                                               inputs[2] - inputs[3])
+    return sums
+
+
+@torch.no_grad()
+def logit_metric_sums(chosen_logit_sums: torch.Tensor, chosen_tokens: torch.Tensor,
+                      rejected_logit_sums: torch.Tensor,
+                      rejected_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Additive pieces of ``logits/{chosen,rejected}``, TRL's token-weighted mean logit.
+
+    Per response (1-D, one entry each): the sum over its tokens of the policy's mean logit over
+    the vocabulary, and its token count.
+    """
+    sums = {}
+    for side, total, tokens in (("chosen", chosen_logit_sums, chosen_tokens),
+                                ("rejected", rejected_logit_sums, rejected_tokens)):
+        sums[f"{side}_logits_sum"] = total.detach().float().sum()
+        sums[f"{side}_logits_tokens"] = tokens.detach().float().sum()
     return sums
 
 
@@ -80,7 +132,7 @@ def finalize_metrics(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Turn (reduced) additive pieces into the logged values listed in the module docstring."""
     calls = sums["calls"]
     out = {"loss": sums["loss_sum"] / calls}
-    for side in ("chosen", "rejected"):
+    for side in SIDES:
         count = sums[f"{side}_reward_count"]
         mean = sums[f"{side}_reward_sum"] / count
         var = (sums[f"{side}_reward_sqsum"] / count - mean.square()).clamp_min(0.0)
@@ -89,8 +141,13 @@ def finalize_metrics(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for t in QUANTILE_LEVELS:
             key = f"{side}_reward_q{round(100 * t)}"
             out[f"rewards/{side}_q{round(100 * t)}"] = sums[f"{key}_sum"] / calls
-    out["rewards/margin"] = out["rewards/chosen"] - out["rewards/rejected"]
-    out["rewards/accuracy"] = sums["accuracy_sum"] / sums["pair_count"]
+    out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    out["rewards/accuracies"] = sums["accuracy_sum"] / sums["pair_count"]
+    for side in SIDES:
+        out[f"logps/{side}"] = sums[f"{side}_logps_sum"] / sums[f"{side}_reward_count"]
+    for side in SIDES:
+        if f"{side}_logits_sum" in sums:
+            out[f"logits/{side}"] = sums[f"{side}_logits_sum"] / sums[f"{side}_logits_tokens"]
     out["fsd_violation"] = sums["fsd_violation_sum"] / calls
     if "margin_fsd_violation_sum" in sums:
         out["fsd_violation/margins"] = sums["margin_fsd_violation_sum"] / calls

@@ -17,8 +17,11 @@ and hands the four log-prob vectors to ``nemo_aot.losses.preference_loss``:
                     the full-batch loss in value and gradient. The grad pass must reproduce the
                     first pass's values (``alignment.reproduce_atol``) or the step fails loudly.
 
-Metrics are additive sums (``nemo_aot.losses.metrics``) reduced once per step over micro-batches,
-DP ranks, and from the last pipeline stage to every rank.
+Metrics are additive sums (``nemo_aot.losses.metrics``, TRL's names) reduced once per step over
+micro-batches, DP ranks, and from the last pipeline stage to every rank. The loss's pieces come
+from the batch it sorts; ``logits/*`` pieces from this rank's rows of each micro-batch whose loss
+has pieces. Under ``length_normalize`` the response token counts travel with the log-probs, so
+``rewards/*`` and ``logps/*`` use token sums as TRL's do.
 """
 
 from __future__ import annotations
@@ -32,28 +35,32 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_aot.distributed.collectives import all_gather_list_with_grad, data_parallel_gather
 from nemo_aot.distributed.parallel import compute_device
-from nemo_aot.losses import (finalize_metrics, matched_partner_loss, plan_global_sort,
-                             preference_loss, transport_inputs)
+from nemo_aot.losses import (finalize_metrics, logit_metric_sums, matched_partner_loss,
+                             plan_global_sort, preference_loss, transport_inputs)
 from nemo_aot.models.logprobs import sequence_logprobs, tp_vocab_range, vocab_parallel_logprobs
 from nemo_aot.models.options import AlignmentConfig
 
 MicroBatch = dict[str, torch.Tensor]
 
 
-def split_rows(mb: MicroBatch, logps: torch.Tensor, paired: bool):
-    """(policy chosen, policy rejected, reference chosen, reference rejected), real rows only.
+def split_sides(mb: MicroBatch, values: torch.Tensor, paired: bool):
+    """(chosen, rejected) entries of a per-row vector, real rows only.
 
     Paired micro-batches keep row i and row i + B/2 as one pair; a filler pair has weight 0 on
     both rows, so dropping filler rows keeps the pairs aligned.
     """
     real = mb["sample_weight"] > 0
-    chosen, rejected = mb["label"] & real, ~mb["label"] & real
-    ref = mb["reference_logps"].to(device=logps.device, dtype=logps.dtype)
     if paired:
-        half = logps.shape[0] // 2
+        half = values.shape[0] // 2
         keep = real[:half]
-        return logps[:half][keep], logps[half:][keep], ref[:half][keep], ref[half:][keep]
-    return logps[chosen], logps[rejected], ref[chosen], ref[rejected]
+        return values[:half][keep], values[half:][keep]
+    return values[mb["label"] & real], values[~mb["label"] & real]
+
+
+def split_rows(mb: MicroBatch, logps: torch.Tensor, paired: bool):
+    """(policy chosen, policy rejected, reference chosen, reference rejected), real rows only."""
+    ref = mb["reference_logps"].to(device=logps.device, dtype=logps.dtype)
+    return (*split_sides(mb, logps, paired), *split_sides(mb, ref, paired))
 
 
 class AOTStep:
@@ -72,35 +79,52 @@ class AOTStep:
         dummy = torch.zeros(2)
         _, names = preference_loss(dummy, dummy, dummy, dummy, loss_type=alignment.loss_type,
                                    **self._loss_kwargs())
-        self.metric_keys = sorted(names)
+        self.metric_keys = sorted([*names, *logit_metric_sums(dummy, dummy, dummy, dummy)])
         self.collect_rewards = False  # validation: keep per-sample rewards for the CDF plots
         self._rewards: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.last_sums: dict[str, float] = {}
         self.last_rewards: Optional[dict[str, torch.Tensor]] = None
 
     # ----------------------------------------------------------------- last-stage pieces
-    def _sequence_logps(self, logits: torch.Tensor, mb: MicroBatch):
+    def _sequence_logps(self, logits: torch.Tensor, mb: MicroBatch, with_logits: bool = False):
+        """Per row: (log-prob, token count, sum over the response tokens of the mean logit over
+        the vocabulary, or None without ``with_logits``)."""
         start, group = tp_vocab_range(self.padded_vocab_size)
-        token_logps = vocab_parallel_logprobs(
+        out = vocab_parallel_logprobs(
             logits, mb["labels"], vocab_size=self.vocab_size, vocab_start=start, group=group,
-            chunk_tokens=self.alignment.logprob_chunk_size)
-        return sequence_logprobs(token_logps, mb["loss_mask"], self.alignment.length_normalize)
+            chunk_tokens=self.alignment.logprob_chunk_size, mean_logits=with_logits)
+        token_logps, mean_logits = out if with_logits else (out, None)
+        logps, counts = sequence_logprobs(token_logps, mb["loss_mask"],
+                                          self.alignment.length_normalize)
+        logit_sums = None if mean_logits is None else \
+            (mean_logits * mb["loss_mask"].to(mean_logits.dtype)).sum(-1)
+        return logps, counts, logit_sums
+
+    def _lengths(self, mb: MicroBatch, counts: torch.Tensor):
+        """(chosen, rejected) token counts, which the loss needs only for averaged log-probs."""
+        return split_sides(mb, counts, self.paired) if self.alignment.length_normalize else None
+
+    def _logit_pieces(self, mb: MicroBatch, counts: torch.Tensor, logit_sums: torch.Tensor):
+        (sc, sr), (nc, nr) = (split_sides(mb, x.detach(), self.paired)
+                              for x in (logit_sums, counts))
+        return logit_metric_sums(sc, nc, sr, nr)
 
     def _loss_kwargs(self) -> dict[str, Any]:
         a = self.alignment
         return dict(beta=a.beta, label_smoothing=a.label_smoothing, surrogate=a.surrogate)
 
-    def _scoped_loss(self, pc, pr, rc, rr):
+    def _scoped_loss(self, pc, pr, rc, rr, lengths=None):
         a = self.alignment
+        lengths = list(lengths or ())
         if a.sort_scope == "data_parallel" and parallel_state.get_data_parallel_world_size() > 1:
-            pc, pr, rc, rr = data_parallel_gather(parallel_state.get_data_parallel_group())(
-                [pc, pr, rc, rr])
+            pc, pr, rc, rr, *lengths = data_parallel_gather(
+                parallel_state.get_data_parallel_group())([pc, pr, rc, rr, *lengths])
         if pc.numel() == 0 or pr.numel() == 0:
             # Nothing to compare (all filler, or one side only): no loss, no gradient, no
             # metrics; the zero stays in the graph so backward() still runs.
             return (pc.sum() + pr.sum()) * 0, None
         return preference_loss(pc, pr, rc, rr, loss_type=a.loss_type, check_finite=False,
-                               **self._loss_kwargs())
+                               lengths=lengths or None, **self._loss_kwargs())
 
     # ----------------------------------------------------------------- schedule
     def _run(self, micro_batches: list[MicroBatch], loss_for: Callable, forward_only: bool):
@@ -139,15 +163,17 @@ class AOTStep:
             return self._global_step(micro_batches, forward_only)
 
         def loss_for(index, mb, logits):
-            logps, _ = self._sequence_logps(logits, mb)
+            logps, counts, logit_sums = self._sequence_logps(logits, mb, with_logits=True)
             rows = split_rows(mb, logps, self.paired)
             if self.collect_rewards:
                 pc, pr, rc, rr = (t.detach().double().cpu() for t in rows)
                 self._rewards.append((self.alignment.beta * (pc - rc),
                                       self.alignment.beta * (pr - rr)))
-            loss, sums = self._scoped_loss(*rows)
-            # megatron divides the returned loss in place; the metric pieces must not share it
-            sums = None if sums is None else {k: v.detach().clone() for k, v in sums.items()}
+            loss, sums = self._scoped_loss(*rows, lengths=self._lengths(mb, counts))
+            if sums is not None:
+                sums.update(self._logit_pieces(mb, counts, logit_sums))
+                # megatron divides the returned loss in place; the pieces must not share it
+                sums = {k: v.detach().clone() for k, v in sums.items()}
             return loss, {"sums": sums}
 
         stats = self._run(micro_batches, loss_for, forward_only)
@@ -159,7 +185,7 @@ class AOTStep:
         self.alignment.length_normalize = False  # the cache stores sums; normalization is later
 
         def loss_for(index, mb, logits):
-            logps, counts = self._sequence_logps(logits, mb)
+            logps, counts, _ = self._sequence_logps(logits, mb)
             return logps.sum() * 0, {"scores": (mb["label"], mb["sample_index"], logps.detach(),
                                                 counts)}
 
@@ -173,12 +199,13 @@ class AOTStep:
     # ----------------------------------------------------------------- global scope
     def _global_step(self, micro_batches, forward_only):
         a = self.alignment
-        captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+        captured: list[tuple] = []
 
         def first_pass(index, mb, logits):
-            logps, _ = self._sequence_logps(logits, mb)
+            logps, counts, logit_sums = self._sequence_logps(logits, mb, with_logits=True)
             rows = split_rows(mb, logps.detach(), self.paired)
-            captured.append(rows)
+            captured.append((rows, self._lengths(mb, counts),
+                             self._logit_pieces(mb, counts, logit_sums)))
             if self.collect_rewards:
                 pc, pr, rc, rr = (t.double().cpu() for t in rows)
                 self._rewards.append((self.alignment.beta * (pc - rc),
@@ -193,11 +220,11 @@ class AOTStep:
         if last_stage:
             plan, offsets, sums = self._plan(captured)
         if forward_only:
-            return self._reduce_metrics(sums, already_global=True)
+            return self._reduce_metrics(sums)
         scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
 
         def grad_pass(index, mb, logits):
-            logps, _ = self._sequence_logps(logits, mb)
+            logps, _, _ = self._sequence_logps(logits, mb)
             if plan is None:
                 return logps.sum() * 0, {}
             u, v = transport_inputs(a.loss_type, *split_rows(mb, logps, self.paired))
@@ -208,19 +235,22 @@ class AOTStep:
             return term * scale, {}
 
         self._run(micro_batches, grad_pass, forward_only=False)
-        return self._reduce_metrics(sums, already_global=True)
+        return self._reduce_metrics(sums)
 
     def _plan(self, captured):
-        """Gather every rank's first-pass transport inputs in rank-major order and sort them."""
+        """Gather every rank's first-pass transport inputs in rank-major order and sort them.
+
+        Returns (plan, per-micro-batch offsets, [metric pieces]): the loss's pieces of the
+        gathered batch and this rank's ``logits/*`` pieces.
+        """
         a = self.alignment
-        us, vs, full = [], [], [[], [], [], []]
-        for rows in captured:
+        us, vs, columns = [], [], []
+        for rows, lengths, _ in captured:
             u, v = transport_inputs(a.loss_type, *rows)
             us.append(u)
             vs.append(v)
-            for acc, t in zip(full, rows):
-                acc.append(t)
-        local = [torch.cat(us), torch.cat(vs)] + [torch.cat(t) for t in full]
+            columns.append([*rows, *(lengths or ())])
+        local = [torch.cat(us), torch.cat(vs)] + [torch.cat(c) for c in zip(*columns)]
         group = parallel_state.get_data_parallel_group()
         dp_rank = parallel_state.get_data_parallel_rank()
         if parallel_state.get_data_parallel_world_size() > 1:
@@ -231,7 +261,7 @@ class AOTStep:
             local = all_gather_list_with_grad(local, group)
         else:
             base = [0, 0]
-        u_all, v_all, pc, pr, rc, rr = local
+        u_all, v_all, pc, pr, rc, rr, *lengths = local
         if u_all.numel() == 0 or v_all.numel() == 0:
             # No sort possible (e.g. a validation batch of negatives only): as in the other
             # scopes, the batch adds no loss, no gradient and no metrics.
@@ -242,12 +272,19 @@ class AOTStep:
             offsets.append((u0, v0))
             u0, v0 = u0 + u.numel(), v0 + v.numel()
         _, metric_sums = preference_loss(pc, pr, rc, rr, loss_type=a.loss_type,
-                                         check_finite=False, **self._loss_kwargs())
+                                         check_finite=False, lengths=lengths or None,
+                                         **self._loss_kwargs())
+        for _, _, pieces in captured:  # this rank's logits/* pieces, summed over DP later
+            for k, v in pieces.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + v
         return plan, offsets, [metric_sums]
 
     # ----------------------------------------------------------------- metrics
-    def _reduce_metrics(self, sums: list[Optional[dict]], already_global: bool = False):
+    def _reduce_metrics(self, sums: list[Optional[dict]]):
         """Sum over micro-batches and DP ranks on the last stage; share with every rank.
+
+        Pieces of a batch every DP rank sees (data_parallel and global scopes) are counted dp
+        times, numerators and denominators alike, so the finalized values stay exact.
 
         Sets ``self.last_sums`` (the reduced additive pieces, to accumulate over validation
         batches) and, when ``collect_rewards`` is on, ``self.last_rewards``.
@@ -261,7 +298,7 @@ class AOTStep:
                 if s is not None:  # None: an all-filler micro-batch contributes nothing
                     vec += torch.stack([s[k].detach().double() for k in keys]).to(vec.device)
             dp_group = parallel_state.get_data_parallel_group()
-            if not already_global and parallel_state.get_data_parallel_world_size() > 1:
+            if parallel_state.get_data_parallel_world_size() > 1:
                 dist.all_reduce(vec, group=dp_group)
             rewards = None
             if self.collect_rewards:

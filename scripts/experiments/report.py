@@ -61,8 +61,9 @@ def load(out: str) -> tuple:
 
 
 def _final_train_rewards(path: str, fraction: float = 0.1) -> dict:
-    """Mean training-batch rewards (log pi/pi_ref of chosen / rejected answers) over the last
-    ``fraction`` of the logged steps: where the run moved the two distributions."""
+    """Mean training-batch rewards (``rewards/chosen``, ``rewards/rejected``: TRL's
+    beta * log pi/pi_ref of chosen / rejected answers) over the last ``fraction`` of the logged
+    steps: where the run moved the two distributions."""
     if not os.path.exists(path):
         return {}
     with open(path) as f:
@@ -262,8 +263,9 @@ def write_report(out: str, timings: dict = None) -> dict:
         "## Beta sweep", "", *_loss_table(tables["sweep"], reference), "",
         "## Sort scope and sort-batch size (aot_unpaired)", "",
         *_scope_table(tables["scope"]), "",
-        "Train rewards: mean log pi/pi_ref of the chosen / rejected answers in the training "
-        "batches over the last 10% of steps (from each run's metrics.jsonl).", "",
+        "Train rewards: mean beta * log pi/pi_ref of the chosen / rejected answers in the "
+        "training batches over the last 10% of steps (`rewards/chosen`, `rewards/rejected` in "
+        "each run's metrics.jsonl).", "",
         f"Plots: `{os.path.relpath(cdf, out)}`, `{os.path.relpath(acc, out)}`.", "",
         "Stage wall times (s, summed over invocations if the study was resumed): "
         + ", ".join(f"{k} {v:.0f}" for k, v in _in_stage_order(timings or {}))

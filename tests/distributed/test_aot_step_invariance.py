@@ -16,18 +16,23 @@ from multirank import run_multirank
 N_POS, N_NEG = 2, 3  # unpaired micro-batches with n != m (exact merged-grid transport)
 
 
-def _micro_batches(count, offset=0, paired=False):
+def _micro_batches(count, offset=0, paired=False, length_normalize=False):
     n_neg = N_POS if paired else N_NEG
-    return [mu.preference_rows(N_POS, n_neg, seed=offset + i, paired=paired) for i in range(count)]
+    mbs = [mu.preference_rows(N_POS, n_neg, seed=offset + i, paired=paired) for i in range(count)]
+    for mb in mbs:
+        if length_normalize:  # per-token reference log-probs, as attach_reference gives them
+            mb["reference_logps"] = mb["reference_logps"] / mb["loss_mask"].sum(-1)
+    return mbs
 
 
-def _alignment(scope, loss_type):
+def _alignment(scope, loss_type, length_normalize=False):
     from nemo_aot.models.options import AlignmentConfig
 
-    return AlignmentConfig(loss_type=loss_type, sort_scope=scope, beta=0.1, logprob_chunk_size=7)
+    return AlignmentConfig(loss_type=loss_type, sort_scope=scope, beta=0.1, logprob_chunk_size=7,
+                           length_normalize=length_normalize)
 
 
-def _run(tp, pp, scope, loss_type, groups, ckpt_dir, grad_dir, save_init):
+def _run(tp, pp, scope, loss_type, groups, ckpt_dir, grad_dir, save_init, length_normalize=False):
     """groups: list over DP ranks of lists of micro-batches."""
     from megatron.core import parallel_state
 
@@ -39,7 +44,7 @@ def _run(tp, pp, scope, loss_type, groups, ckpt_dir, grad_dir, save_init):
     else:
         mu.load(chunks, ckpt_dir)
     step = AOTStep(chunks, config, vocab_size=250, padded_vocab_size=256,
-                   alignment=_alignment(scope, loss_type))
+                   alignment=_alignment(scope, loss_type, length_normalize))
     metrics = step.step(groups[parallel_state.get_data_parallel_rank()])
     mu.grads_into_params(chunks)
     mu.save(chunks, grad_dir)
@@ -50,16 +55,19 @@ def _full(directory):
     return mu.full_state(directory)
 
 
-def _compare(tmp_path, world, tp, pp, scope, loss_type, groups, reference_micro):
+def _compare(tmp_path, world, tp, pp, scope, loss_type, groups, reference_micro,
+             length_normalize=False):
     init, ref_g, run_g = (str(tmp_path / n) for n in ("init", "ref_grads", "run_grads"))
     (ref,) = run_multirank(_run, 1, args=(1, 1, "micro", loss_type, [reference_micro], init,
-                                          ref_g, True), timeout=240)
-    out = run_multirank(_run, world, args=(tp, pp, scope, loss_type, groups, init, run_g, False),
-                        timeout=300)
+                                          ref_g, True, length_normalize), timeout=240)
+    out = run_multirank(_run, world, args=(tp, pp, scope, loss_type, groups, init, run_g, False,
+                                           length_normalize), timeout=300)
     for metrics in out:
         assert metrics.keys() == ref.keys()
+        assert {"logps/chosen", "logits/chosen", "rewards/margins", "rewards/accuracies"} <= ref.keys()
         assert metrics["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6)
-        assert metrics["rewards/chosen"] == pytest.approx(ref["rewards/chosen"], rel=1e-4, abs=1e-5)
+        for key, value in ref.items():   # every metric, TRL's included: exact reduction
+            assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5, nan_ok=True), key
     (a,) = run_multirank(_full, 1, args=(ref_g,), timeout=240)
     (b,) = run_multirank(_full, 1, args=(run_g,), timeout=240)
     nonzero = 0
@@ -89,6 +97,16 @@ def test_global_scope_dp2_is_one_sort_over_the_global_batch(tmp_path):
     rank0, rank1 = _micro_batches(2, 0), _micro_batches(2, 10)
     merged = [mu.merge_rows(rank0 + rank1)]
     _compare(tmp_path, 2, 1, 1, "global", "aot_unpaired", [rank0, rank1], merged)
+
+
+@pytest.mark.parametrize("scope", ["data_parallel", "global"])
+def test_length_normalized_dp2_gathers_the_token_counts(tmp_path, scope):
+    """The loss sorts per-token means; the metrics (TRL's names) use token sums on every layout."""
+    rank0 = _micro_batches(2 if scope == "data_parallel" else 1, 0, length_normalize=True)
+    rank1 = _micro_batches(len(rank0), 10, length_normalize=True)
+    merged = ([mu.merge_rows([rank0[k], rank1[k]]) for k in range(2)] if scope == "data_parallel"
+              else [mu.merge_rows(rank0 + rank1)])
+    _compare(tmp_path, 2, 1, 1, scope, "aot_unpaired", [rank0, rank1], merged, length_normalize=True)
 
 
 def test_global_scope_four_micro_batches_equal_one(tmp_path):

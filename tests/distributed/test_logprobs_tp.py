@@ -22,10 +22,11 @@ def _tp_run():
     logits, target, weight = _data()
     shard = PADDED // world
     mine = logits[..., rank * shard:(rank + 1) * shard].clone().requires_grad_()
-    out = vocab_parallel_logprobs(mine, target, vocab_size=VOCAB, vocab_start=rank * shard,
-                                  group=dist.group.WORLD, chunk_tokens=4)
+    out, mean_logits = vocab_parallel_logprobs(mine, target, vocab_size=VOCAB,
+                                               vocab_start=rank * shard, group=dist.group.WORLD,
+                                               chunk_tokens=4, mean_logits=True)
     (out * weight).sum().backward()
-    return out.detach(), mine.grad
+    return out.detach(), mine.grad, mean_logits
 
 
 def test_tp2_equals_single_rank():
@@ -34,8 +35,12 @@ def test_tp2_equals_single_rank():
     ref = vocab_parallel_logprobs(full, target, vocab_size=VOCAB)
     (ref * weight).sum().backward()
     results = run_multirank(_tp_run, 2, timeout=120)
-    for out, _ in results:
+    # mean logit over the true vocabulary (padded columns excluded), as TP=1 gives it
+    _, single_means = vocab_parallel_logprobs(logits, target, vocab_size=VOCAB, mean_logits=True)
+    torch.testing.assert_close(single_means, logits[..., :VOCAB].mean(-1))
+    for out, _, mean_logits in results:
         torch.testing.assert_close(out.double(), ref.detach().double(), rtol=1e-6, atol=1e-6)
-    grad = torch.cat([g for _, g in results], dim=-1)
+        torch.testing.assert_close(mean_logits, single_means, rtol=1e-12, atol=1e-12)
+    grad = torch.cat([g for _, g, _ in results], dim=-1)
     torch.testing.assert_close(grad, full.grad, rtol=1e-6, atol=1e-7)
     assert torch.all(grad[..., VOCAB:] == 0)

@@ -7,6 +7,9 @@ import pytest
 
 from conftest import curve, history, run_cli, train_args
 
+TRL_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
+
 
 @pytest.fixture(scope="module")
 def single(small_data, init_nemo, tmp_path_factory):
@@ -20,11 +23,15 @@ def test_training_lowers_the_loss(single):
     assert [r["step"] for r in train] == list(range(1, 9))
     assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
     assert train[0]["rewards/chosen"] == 0.0 and train[0]["rewards/rejected"] == 0.0
+    # Hugging Face TRL's DPOTrainer names, so its dashboards read these runs
+    for split in ("train", "validation"):
+        assert set(TRL_NAMES) <= set(history(single, split)[-1]), split
+    assert train[0]["logps/chosen"] < 0 and train[0]["logits/chosen"] is not None
     assert sum(r["loss"] for r in train[-2:]) / 2 < train[0]["loss"] - 0.01
     val = history(single, "validation")
     assert [r["step"] for r in val] == [0, 4, 8]
     assert val[-1]["loss"] < val[0]["loss"] - 0.01
-    assert val[-1]["rewards/margin"] > 0
+    assert val[-1]["rewards/margins"] > 0
     assert val[-1]["fsd_violation"] < val[1]["fsd_violation"] or val[-1]["fsd_violation"] == 0
     assert (single / "aot_policy.nemo").exists()
     assert (single / "plots" / "reward_cdf.png").stat().st_size > 1000
@@ -50,7 +57,8 @@ def test_parallel_layouts_follow_the_single_process_curve(layout, single, small_
     ref, got = history(single), history(tmp_path)
     assert [r["step"] for r in got] == [r["step"] for r in ref]
     for a, b in zip(ref, got):
-        for key in ("loss", "rewards/chosen", "rewards/rejected", "grad_norm"):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen",
+                    "logits/rejected", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=2e-3, abs=2e-4), (a["step"], key)
 
 

@@ -55,3 +55,20 @@ def test_sequence_logprobs_sum_and_mean():
     assert total.tolist() == [-5.0, -4.0] and count.tolist() == [2.0, 1.0]
     mean, _ = sequence_logprobs(lp, mask, length_normalize=True)
     assert mean.tolist() == [-2.5, -4.0]
+
+
+@pytest.mark.parametrize("padded", [0, 5])
+def test_mean_logits_over_the_true_vocabulary_leave_grads_alone(padded):
+    torch.manual_seed(3)
+    vocab = 37
+    logits = (torch.randn(2, 7, vocab + padded) * 3).requires_grad_()
+    target = torch.randint(0, vocab, (2, 7))
+    out, means = vocab_parallel_logprobs(logits, target, vocab_size=vocab, chunk_tokens=3,
+                                         mean_logits=True)
+    torch.testing.assert_close(means, logits[..., :vocab].detach().mean(-1), rtol=1e-5, atol=1e-6)
+    assert not means.requires_grad
+    torch.testing.assert_close(out, vocab_parallel_logprobs(logits, target, vocab_size=vocab))
+    out.sum().backward()     # the extra output adds nothing to backward
+    ref = logits.detach().clone().requires_grad_()
+    _reference(ref, target, vocab).sum().backward()
+    torch.testing.assert_close(logits.grad.double(), ref.grad.double(), rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nemo_aot.losses import preference_loss
+from nemo_aot.losses import finalize_metrics, logit_metric_sums, preference_loss
 
 OURS = {"aot": "aot_paired", "aot_unpaired": "aot_unpaired", "sigmoid": "dpo", "ipo": "ipo"}
 
@@ -77,28 +77,36 @@ def _trl_trainer_cls():
 
 
 class _StandInModel:
-    """Returns the per-token log-probs we set; TRL sums them over completion tokens."""
+    """Returns the per-token log-probs (and mean logits) we set; TRL sums the log-probs over
+    completion tokens."""
     training = True
 
-    def __init__(self, per_token_logps):
+    def __init__(self, per_token_logps, mean_logits=None):
         self.per_token_logps = per_token_logps
+        self.mean_logits = torch.zeros_like(per_token_logps.detach()) if mean_logits is None else mean_logits
 
     def __call__(self, **kwargs):
         lp = self.per_token_logps
         return types.SimpleNamespace(log_probs=lp, entropy=torch.zeros_like(lp.detach()),
-                                     mean_logits=torch.zeros_like(lp.detach()),
+                                     mean_logits=self.mean_logits,
                                      is_top1=torch.zeros(lp.shape, dtype=torch.bool))
 
 
 def _trl_loss(trainer_cls, trl_type, pc, pr, rc, rr, completion_lengths, beta, label_smoothing):
     """Run TRL's _compute_loss with the reference log-probs precomputed."""
+    return _trl_run(trainer_cls, trl_type, pc, pr, rc, rr, completion_lengths, beta, label_smoothing)[0]
+
+
+def _trl_run(trainer_cls, trl_type, pc, pr, rc, rr, completion_lengths, beta, label_smoothing,
+             mean_logits=None):
+    """TRL's (loss, logged metrics) with the reference log-probs precomputed."""
     n, seq = pc.shape[0], int(completion_lengths.max()) + 1
     # Put each sequence's whole log-prob on its first completion token; the rest are 0.
     per_token = torch.zeros(2 * n, seq - 1, dtype=pc.dtype)
     per_token = per_token + F.one_hot(torch.zeros(2 * n, dtype=torch.long), seq - 1) * torch.cat([pc, pr])[:, None]
     mask = (torch.arange(seq)[None, :] < completion_lengths[:, None]).long()
     accel = types.SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
-    model = _StandInModel(per_token)
+    model = _StandInModel(per_token, mean_logits)
     fake = types.SimpleNamespace(
         model=model, accelerator=accel, aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
         f_divergence_type="reverse_kl", loss_types=[trl_type], loss_weights=[1.0], beta=beta,
@@ -107,7 +115,8 @@ def _trl_loss(trainer_cls, trl_type, pc, pr, rc, rr, completion_lengths, beta, l
     )
     inputs = {"input_ids": torch.ones(2 * n, seq, dtype=torch.long), "attention_mask": mask,
               "completion_mask": mask, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
-    return trainer_cls._compute_loss(fake, model, inputs, False)
+    loss = trainer_cls._compute_loss(fake, model, inputs, False)
+    return loss, {k: v[-1] for k, v in fake._metrics["train"].items()}
 
 
 @pytest.mark.parametrize("trl_type", ["aot", "aot_unpaired", "sigmoid", "ipo"])
@@ -129,3 +138,34 @@ def test_matches_trl_dpo_trainer(trl_type, n):
                                                      label_smoothing=smoothing)[0], pc, pr, rc, rr)
     for r, o in zip(ref, ours):
         torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("trl_type", ["aot", "aot_unpaired", "sigmoid", "ipo"])
+def test_logged_metrics_equal_trl_dpo_trainer(trl_type):
+    """Same names, same values: TRL's rewards/* (beta-scaled, of summed log-probs even for its
+    length-normalized IPO), logps/* and logits/* (token-weighted mean logit)."""
+    trainer_cls = _trl_trainer_cls()
+    n, beta = 8, 0.1
+    pc, pr, rc, rr = _inputs(n, seed=7)
+    rc[:2] = pc[:2] + 1.0       # a few pairs the policy gets wrong, so accuracy is not 0 or 1
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(2, 9, (2 * n,), generator=g)
+    seq = int(lengths.max()) + 1
+    mean_logits = torch.randn(2 * n, seq - 1, generator=g, dtype=torch.float64)
+    _, trl = _trl_run(trainer_cls, trl_type, pc, pr, rc, rr, lengths, beta, 0.0, mean_logits)
+
+    lc, lr = lengths[:n].double(), lengths[n:].double()
+    inputs, extra = (pc, pr, rc, rr), {}
+    if trl_type == "ipo":       # our IPO takes length-averaged log-probs, plus the counts
+        inputs, extra = (pc / lc, pr / lr, rc / lc, rr / lr), {"lengths": (lc, lr)}
+    _, sums = preference_loss(*inputs, loss_type=OURS[trl_type], beta=beta, **extra)
+    # TRL averages the logits over the completion tokens after the first (its shifted mask)
+    shifted = (torch.arange(seq)[None, :] < lengths[:, None]).double()[:, 1:]
+    row_sums, row_tokens = (mean_logits * shifted).sum(-1), shifted.sum(-1)
+    sums.update(logit_metric_sums(row_sums[:n], row_tokens[:n], row_sums[n:], row_tokens[n:]))
+    ours = finalize_metrics(sums)
+    names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
+    assert 0 < trl["rewards/accuracies"] < 1
+    for name in names:
+        assert ours[name].item() == pytest.approx(trl[name], rel=1e-5, abs=1e-6), name

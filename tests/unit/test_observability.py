@@ -20,14 +20,14 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def test_jsonl_records_are_flushed_and_typed(tmp_path):
     logger = MetricsLogger(str(tmp_path), tensorboard=False, enabled=True)
-    logger.log({"loss": torch.tensor(0.5), "rewards/margin": np.float32(0.25),
-                "rewards/accuracy": float("nan"), "lr": 1e-3}, step=1)
+    logger.log({"loss": torch.tensor(0.5), "rewards/margins": np.float32(0.25),
+                "rewards/accuracies": float("nan"), "lr": 1e-3}, step=1)
     logger.log({"loss": 0.4, "fsd_violation": 0.1}, step=2, split="validation")
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()  # readable before close
     assert len(lines) == 2
     first = json.loads(lines[0])
     assert first["step"] == 1 and first["split"] == "train" and first["loss"] == 0.5
-    assert first["rewards/margin"] == 0.25 and first["rewards/accuracy"] is None and first["lr"] == 1e-3
+    assert first["rewards/margins"] == 0.25 and first["rewards/accuracies"] is None and first["lr"] == 1e-3
     assert isinstance(first["time"], float)
     logger.close()
     assert [r["step"] for r in read_history(str(tmp_path), split="validation")] == [2]
@@ -90,7 +90,7 @@ def test_progress_bar_shows_the_run_on_rank_zero(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     stream = io.StringIO()
     bar = ProgressBar(20, initial_step=5, file=stream)
-    bar.update(6, {"loss": 0.69, "rewards/margin": 0.01, "rewards/accuracy": 0.75,
+    bar.update(6, {"loss": 0.69, "rewards/margins": 0.01, "rewards/accuracies": 0.75,
                    "fsd_violation": 0.2, "tokens_per_s": 1234.5, "lr": 1e-3})
     bar.close()
     text = stream.getvalue()
