@@ -1,7 +1,7 @@
 """``nemo-aot``: align, convert and score Llama-family models with AOT on megatron-core.
 
     nemo-aot demo                          the embedded default: tiny model, bundled data, CPU
-    nemo-aot train [KEY=VALUE ...]         Hydra overrides of conf/gpt_aot.yaml (torchrun-ready)
+    nemo-aot train recipe=R [KEY=VALUE ...] a recipe + Hydra overrides of conf/gpt_aot.yaml
     nemo-aot convert hf-to-nemo|nemo-to-hf checkpoint conversion
     nemo-aot score --model M.nemo --data F --out scores.jsonl
     nemo-aot launch [--dry-run] -- train ...  SLURM/torchrun-aware launcher (docs/cluster.md)

@@ -316,7 +316,7 @@ def train_overrides(run: Run, mode: Mode, out: str, reference: str, run_dir: str
     data = os.path.join(out, "data")
     batch = mode.sequences // 2 if run.paired else mode.sequences
     return [
-        f"init_from={reference}", f"data.format=trl_{kind}",
+        "recipe=demo", f"init_from={reference}", f"data.format=trl_{kind}",
         f"data.train_path={data}/train_{kind}.jsonl",
         f"data.validation_path={data}/dev_{kind}.jsonl",
         f"data.tokenizer_path={common.TOKENIZER}", "data.max_seq_length=64",

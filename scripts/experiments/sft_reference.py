@@ -65,7 +65,7 @@ def sft_config(train_path: str, init_from: str, args):
     from nemo_aot.algorithms.config import compose_config
 
     return compose_config("gpt_aot", [
-        f"init_from={init_from}", f"data.train_path={train_path}", "data.validation_path=null",
+        "recipe=demo", f"init_from={init_from}", f"data.train_path={train_path}", "data.validation_path=null",
         f"data.tokenizer_path={common.TOKENIZER}", "data.max_seq_length=64",
         f"data.seed={args.seed}", f"trainer.seed={args.seed}",
         f"trainer.max_steps={args.steps}", "trainer.max_epochs=null",

@@ -1,0 +1,185 @@
+"""The recipe tier: every file in conf/recipe/ trains end to end, through the launcher the sbatch
+script runs, scaled down only where it must be to run on 2 CPU cores:
+
+* model: the bundled tiny policy (``bundled:tiny_sft.nemo``) as ``init_from``;
+* layout and world size: TP and PP capped at 2, DP at 2, at most 4 gloo ranks; sequence
+  parallelism kept where TP stays above 1; ``trainer.num_nodes x devices`` set to match;
+* batch sizes: micro-batch capped at 2, at most 2 accumulation steps;
+* sequence length: capped at the tiny model's 256;
+* data: the bundled arithmetic set in the recipe's own format, sized so that one epoch is a few
+  steps longer than the recipe's warmup (the data are the user's in production).
+
+Everything else is the recipe's own: the epoch or step limit, warmup and LR schedule, loss,
+surrogate, beta, sort scope, reference policy, precision, optimizer, checkpoint and validation
+cadence, time budget. A recipe added to conf/recipe/ is covered without touching this file.
+"""
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from multirank import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RECIPES = sorted(os.path.basename(p)[:-len(".yaml")]
+                 for p in glob.glob(os.path.join(ROOT, "conf", "recipe", "*.yaml")))
+TINY = "bundled:tiny_sft.nemo"
+MAX_RANKS, CAP_TP, CAP_PP, CAP_DP, CAP_MICRO, CAP_ACCUMULATION, CAP_SEQ = 4, 2, 2, 2, 2, 2, 256
+EXTRA_STEPS = 4  # an epoch lasts the warmup plus this many steps
+
+
+def _composed(recipe):
+    """The recipe's raw config with its required keys filled (architecture: the tiny policy)."""
+    from nemo_aot.algorithms.config import compose_raw, required_keys
+
+    fills = {"init_from": TINY, "data.train_path": "x", "data.validation_path": "null",
+             "data.train_negatives_path": "x", "data.validation_negatives_path": "null"}
+    raw = compose_raw("gpt_aot", [f"recipe={recipe}"])
+    keys = required_keys(raw)
+    return compose_raw("gpt_aot", [f"recipe={recipe}", *(f"{k}={fills[k]}" for k in keys)]), keys
+
+
+def scale_down(recipe, data_dir, out_dir):
+    """(overrides, ranks, expected stop reason, expected steps) of ``recipe`` at test size."""
+    raw, required = _composed(recipe)
+    t, p = raw.trainer, raw.parallel
+    tp = min(p.tensor_model_parallel_size, CAP_TP)
+    pp = min(p.pipeline_model_parallel_size, CAP_PP)
+    world = t.num_nodes * t.devices if t.devices else tp * pp
+    dp = min(max(world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size), 1), CAP_DP)
+    while tp * pp * dp > MAX_RANKS:
+        dp -= 1
+    micro = min(t.micro_batch_size, CAP_MICRO)
+    accumulation = min(t.global_batch_size // (t.micro_batch_size * max(world // (
+        p.tensor_model_parallel_size * p.pipeline_model_parallel_size), 1)), CAP_ACCUMULATION)
+    gbs = micro * dp * max(accumulation, 1)
+    ranks = tp * pp * dp
+    overrides = [
+        f"recipe={recipe}", f"parallel.tensor_model_parallel_size={tp}",
+        f"parallel.pipeline_model_parallel_size={pp}", "parallel.virtual_pipeline_model_parallel_size=null",
+        f"parallel.sequence_parallel={str(bool(p.sequence_parallel and tp > 1)).lower()}",
+        "trainer.num_nodes=1", f"trainer.devices={ranks if t.devices else 'null'}",
+        f"trainer.micro_batch_size={micro}", f"trainer.global_batch_size={gbs}",
+        f"data.max_seq_length={min(raw.data.max_seq_length, CAP_SEQ)}",
+        f"logging.output_dir={out_dir}", "logging.progress_bar=false"]
+    if "init_from" in required:
+        overrides.append(f"init_from={TINY}")
+    steps_per_epoch = None
+    if "data.train_path" in required:
+        steps_per_epoch = raw.optim.warmup_steps + EXTRA_STEPS
+        overrides += _data(raw.data.format, data_dir, gbs * steps_per_epoch, micro, dp)
+    if t.max_epochs is None:
+        return overrides, ranks, "max_steps", t.max_steps
+    if steps_per_epoch is None:  # the recipe brings its own data (the demo)
+        return overrides, ranks, None, t.max_steps
+    epoch_steps = steps_per_epoch * t.max_epochs
+    if t.max_steps is not None and t.max_steps < epoch_steps:
+        return overrides, ranks, "max_steps", t.max_steps
+    return overrides, ranks, "max_epochs", epoch_steps
+
+
+def _bundled(kind, n):
+    from nemo_aot.data.config import resolve_path
+
+    with open(resolve_path(f"bundled:{kind}/train.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) >= n, f"bundled {kind} data has {len(rows)} rows, the recipe needs {n}"
+    with open(resolve_path(f"bundled:{kind}/validation.jsonl")) as f:
+        return rows[:n], [json.loads(line) for line in f]
+
+
+def _write(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def _data(fmt, data_dir, samples, micro, dp):
+    """Bundled data in ``fmt``: ``samples`` training pairs (or sequences, unpaired)."""
+    if fmt in ("trl_paired", "nemo_dpo", "auto"):
+        train, val = _bundled("paired", samples)
+        if fmt == "nemo_dpo":
+            train, val = ([{"prompt": r["prompt"], "chosen_response": r["chosen"],
+                            "rejected_response": r["rejected"]} for r in rows]
+                          for rows in (train, val))
+        return [f"data.train_path={_write(data_dir / 'train.jsonl', train)}",
+                f"data.validation_path={_write(data_dir / 'val.jsonl', val)}"]
+    # Unpaired: the same share of positives in every micro-batch as in the data.
+    rows, val = _bundled("unpaired", 2 * samples)
+    positives = [r for r in rows if r["label"]][:samples // 2]
+    negatives = [r for r in rows if not r["label"]][:samples - len(positives)]
+    if fmt == "trl_unpaired":
+        return [f"data.train_path={_write(data_dir / 'train.jsonl', positives + negatives)}",
+                f"data.validation_path={_write(data_dir / 'val.jsonl', val)}"]
+    strip = [{k: v for k, v in r.items() if k != "label"} for r in positives + negatives]
+    vpos = [{k: v for k, v in r.items() if k != "label"} for r in val if r["label"]]
+    vneg = [{k: v for k, v in r.items() if k != "label"} for r in val if not r["label"]]
+    return [f"data.train_path={_write(data_dir / 'pos.jsonl', strip[:len(positives)])}",
+            f"data.train_negatives_path={_write(data_dir / 'neg.jsonl', strip[len(positives):])}",
+            f"data.validation_path={_write(data_dir / 'vpos.jsonl', vpos)}",
+            f"data.validation_negatives_path={_write(data_dir / 'vneg.jsonl', vneg)}"]
+
+
+def _launch(overrides, ranks, status):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    launcher = ["-m", "nemo_aot.launcher", "--status-file", str(status), "--", "train"]
+    if ranks == 1:
+        cmd = [sys.executable, *launcher, *overrides]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+               f"--master_port={free_port()}", *launcher, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (f"{' '.join(cmd)} exited {proc.returncode}\n"
+                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _records(out_dir, split):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_trains_end_to_end(recipe, tmp_path):
+    from nemo_aot.algorithms.config import compose_config
+
+    out = tmp_path / "run"
+    overrides, ranks, reason, steps = scale_down(recipe, tmp_path, out)
+    cfg = compose_config("gpt_aot", overrides, world_size=ranks)
+    _launch(overrides, ranks, tmp_path / "status.txt")
+
+    status = dict(line.split("=", 1) for line in (tmp_path / "status.txt").read_text().split())
+    assert status["complete"] == "true", status
+    assert reason is None or status["stop_reason"] == reason, status
+    train = _records(out, "train")
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
+    # Policy == reference before the first update: every reward is exactly zero.
+    assert train[0]["rewards/chosen"] == 0.0 and train[0]["rewards/rejected"] == 0.0
+    assert all(math.isfinite(r["loss"]) for r in train)
+
+    # The recipe's LR schedule over the run's real length: warmup to the peak, then decay that
+    # reaches min_lr at the last step and not before.
+    o, lrs = cfg.optim, [r["lr"] for r in train]
+    if o.warmup_steps:
+        assert lrs[o.warmup_steps - 1] == pytest.approx(o.lr, rel=1e-6)
+        assert lrs[:o.warmup_steps] == sorted(lrs[:o.warmup_steps])
+    if o.lr_decay_style == "constant":
+        assert lrs[-1] == pytest.approx(o.lr, rel=1e-6)
+    else:
+        assert lrs[-1] == pytest.approx(o.min_lr, abs=1e-9 + 1e-6 * o.lr)
+        assert min(lrs[o.warmup_steps:-1]) > o.min_lr + 1e-9 * o.lr
+
+    val = _records(out, "validation")
+    interval = cfg.trainer.val_check_interval
+    if interval and cfg.data.validation_path:
+        assert [r["step"] for r in val] == [0, *range(interval, steps + 1, interval)]
+    assert os.path.isfile(out / "aot_policy.nemo")
+    final = out / "checkpoints" / f"step_{steps:08d}"
+    assert (final / "COMPLETE.json").exists() and (final / "tokenizer" / "tokenizer.json").exists()
