@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import math
 import os
+import tempfile
 import time
 from typing import Callable, Optional
 
@@ -119,27 +120,25 @@ def _agree(flag: bool) -> bool:
     return box[0]
 
 
-def build_sft(cfg):
-    """(validated cfg, model, optimizer, scheduler, training batches) at cfg's parallel layout."""
+def build_sft(cfg, scratch: str):
+    """(validated cfg, model, optimizer, scheduler, training batches, tokenizer folder) at cfg's
+    parallel layout; ``scratch`` holds the tokenizer taken from init_from while it is used."""
     from megatron.core import parallel_state
 
-    from nemo_aot.algorithms.run import _architecture
+    from nemo_aot.algorithms.run import check_init_from, policy_tokenizer
     from nemo_aot.algorithms.trainer import build_optimizer
-    from nemo_aot.data import load_preference_data, load_tokenizer, make_batches
+    from nemo_aot.data import load_preference_data, make_batches
     from nemo_aot.distributed.parallel import initialize_model_parallel
     from nemo_aot.models.aot_model import MegatronGPTAOTModel, load_nemo_into, model_cfg_node
 
     if cfg.parallel.pipeline_model_parallel_size > 1:
         raise ValueError("SFT does not support pipeline parallelism; set "
                          "parallel.pipeline_model_parallel_size=1 (TP and DP work)")
-    model_arch = _architecture(cfg)
-    cfg = dataclasses.replace(cfg, model=model_arch)
+    cfg = check_init_from(cfg)
+    model_arch = cfg.model
     initialize_model_parallel(cfg.parallel, model_arch, seed=cfg.trainer.seed)
     cfg.validate(torch.distributed.get_world_size())
-    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
-    if len(tokenizer) > model_arch.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
-                         f"{model_arch.vocab_size}; use the model's own tokenizer")
+    tokenizer, tokenizer_dir = policy_tokenizer(cfg, scratch)
     data = load_preference_data(cfg.data, "train", tokenizer)
     t = cfg.trainer
     batches = make_batches(data, cfg.data, t.global_batch_size, t.micro_batch_size,
@@ -149,9 +148,11 @@ def build_sft(cfg):
         model_cfg_node(model_arch, cfg.precision, cfg.parallel, cfg.alignment),
         use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
     if cfg.init_from:
-        load_nemo_into(cfg.init_from, list(model.chunks))
+        from nemo_aot.data.config import resolve_path
+
+        load_nemo_into(resolve_path(cfg.init_from), list(model.chunks))
     optimizer, scheduler = build_optimizer(cfg, model, len(batches))
-    return cfg, model, optimizer, scheduler, batches
+    return cfg, model, optimizer, scheduler, batches, tokenizer_dir
 
 
 def train_sft(cfg, out_path: str, snapshot_every: int = 0,
@@ -166,9 +167,14 @@ def train_sft(cfg, out_path: str, snapshot_every: int = 0,
     chunks in eval mode (e.g. a greedy-accuracy check); rank 0's answer decides, and True ends
     training there. Every rank calls ``train_sft`` (under torchrun, the data are sharded over
     data-parallel ranks)."""
+    with tempfile.TemporaryDirectory(prefix="nemo_aot_sft_") as scratch:
+        return _train_sft(cfg, out_path, scratch, snapshot_every, on_step, stop_when, check_every)
+
+
+def _train_sft(cfg, out_path, scratch, snapshot_every, on_step, stop_when, check_every):
     from nemo_aot.algorithms.trainer import total_steps
 
-    cfg, model, optimizer, scheduler, batches = build_sft(cfg)
+    cfg, model, optimizer, scheduler, batches, tokenizer_dir = build_sft(cfg, scratch)
     max_steps = total_steps(cfg, len(batches))
     stem = os.path.splitext(out_path)[0]
     history, snapshots, step, started = [], [], 0, time.monotonic()
@@ -190,7 +196,7 @@ def train_sft(cfg, out_path: str, snapshot_every: int = 0,
                 on_step(record)
             if snapshot_every and step % snapshot_every == 0 and step < max_steps:
                 path = f"{stem}_step{step:06d}.nemo"
-                model.save_to(path, tokenizer_dir=cfg.data.tokenizer_path)
+                model.save_to(path, tokenizer_dir=tokenizer_dir)
                 snapshots.append((step, path))
             if stop_when is not None and check_every and step % check_every == 0:
                 for chunk in model.chunks:
@@ -200,7 +206,7 @@ def train_sft(cfg, out_path: str, snapshot_every: int = 0,
                         max_steps = step
             if step >= max_steps:
                 break
-    model.save_to(out_path, tokenizer_dir=cfg.data.tokenizer_path)
+    model.save_to(out_path, tokenizer_dir=tokenizer_dir)
     return SFTResult(out_path if _rank() == 0 else None, step, snapshots, history)
 
 

@@ -115,9 +115,7 @@ def main(argv=None) -> int:
         print(f"sft step {step:5d}: dev greedy accuracy {accuracy:.3f}", flush=True)
         return accuracy >= args.target_low
 
-    from nemo_aot.algorithms.run import _architecture
-
-    cfg_model = [_architecture(cfg)]
+    cfg_model = [cfg.model]  # composed: the architecture of init_from
     out = os.path.join(args.out, "reference.nemo")
     result = train_sft(cfg, out, stop_when=reached_target, check_every=args.check_every)
     final = curve[-1] if curve and curve[-1]["step"] == result.steps else None
