@@ -1,7 +1,8 @@
 """The recipe tier: every file in conf/recipe/ trains end to end, through the launcher the sbatch
 script runs, scaled down only where it must be to run on 2 CPU cores:
 
-* model: the bundled tiny policy (``bundled:tiny_sft.nemo``) as ``init_from``;
+* model: the bundled tiny policy (``bundled:tiny_sft.nemo``) as ``init_from``, extracted into a
+  folder (as large checkpoints are passed);
 * layout and world size: TP and PP capped at 2, DP at 2, at most 4 gloo ranks; sequence
   parallelism kept where TP stays above 1; ``trainer.num_nodes x devices`` set to match;
 * batch sizes: micro-batch capped at 2, at most 2 accumulation steps;
@@ -67,8 +68,8 @@ def scale_down(recipe, data_dir, out_dir):
         f"trainer.micro_batch_size={micro}", f"trainer.global_batch_size={gbs}",
         f"data.max_seq_length={min(raw.data.max_seq_length, CAP_SEQ)}",
         f"logging.output_dir={out_dir}", "logging.progress_bar=false"]
-    if "init_from" in required:
-        overrides.append(f"init_from={TINY}")
+    if "init_from" in required:  # as users pass a large checkpoint: an extracted folder
+        overrides.append(f"init_from={_extracted_tiny(data_dir)}")
     steps_per_epoch = None
     if "data.train_path" in required:
         steps_per_epoch = raw.optim.warmup_steps + EXTRA_STEPS
@@ -81,6 +82,13 @@ def scale_down(recipe, data_dir, out_dir):
     if t.max_steps is not None and t.max_steps < epoch_steps:
         return overrides, ranks, "max_steps", t.max_steps
     return overrides, ranks, "max_epochs", epoch_steps
+
+
+def _extracted_tiny(data_dir):
+    from nemo_aot.data.config import resolve_path
+    from nemo_aot.models.nemo_format import extract_nemo
+
+    return extract_nemo(resolve_path(TINY), str(data_dir / "tiny_sft"))
 
 
 def _bundled(kind, n):

@@ -100,3 +100,20 @@ def test_signal_stops_after_the_current_step_and_saves():
     trainer.signal_received = lambda: trainer.state.step >= 3
     trainer.fit()
     assert trainer.state.step == 3 and trainer.stop_reason == "signal" and saves[-1] == 3
+
+
+def test_the_schedule_spans_the_real_run_and_needs_decay_steps():
+    """An epoch-limited run's schedule length is its epochs' steps (it used to be 0 without
+    max_steps, which megatron's scheduler rejects with a bare AssertionError)."""
+    from nemo_aot.algorithms.trainer import check_schedule
+
+    cfg = AOTConfig()
+    cfg.trainer.max_steps, cfg.trainer.max_epochs, cfg.optim.warmup_steps = None, 1, 10
+    assert total_steps(cfg, 75) == 75
+    check_schedule(cfg, total_steps(cfg, 75), 75)
+    with pytest.raises(ValueError, match=r"optim.warmup_steps=10 is not smaller than the run: "
+                                         r"the run is 8 optimizer steps long \(trainer.max_epochs=1"
+                                         r" x 8 steps per epoch"):
+        check_schedule(cfg, total_steps(cfg, 8), 8)
+    with pytest.raises(ValueError, match=r"0 optimizer steps long.*lower trainer.global_batch"):
+        check_schedule(cfg, total_steps(cfg, 0), 0)
