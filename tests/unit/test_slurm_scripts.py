@@ -158,8 +158,8 @@ def test_missing_settings_are_named(cluster):
 def test_dry_run_reaches_the_launcher_with_valid_overrides(cluster):
     """The script's own overrides compose with the user's into a valid config (real launcher,
     one task, CPU): catches renamed config keys and a broken command line."""
-    proc, calls = cluster("trainer.max_steps=3", "optim.warmup_steps=1", DRY_RUN="1", FAKE_MODE="exec",
-                          SLURM_RESTART_COUNT="0")
+    proc, calls = cluster("recipe=demo", "trainer.max_steps=3", "optim.warmup_steps=1",
+                          DRY_RUN="1", FAKE_MODE="exec", SLURM_RESTART_COUNT="0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "nemo-aot launch (dry run): ranks from SLURM job 777" in proc.stdout
     assert f"checkpoints  {cluster.run_dir}/checkpoints (resume auto" in proc.stdout
