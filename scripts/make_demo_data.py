@@ -19,10 +19,8 @@ import argparse
 import json
 import os
 import random
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from nemo_aot.data import demo_task  # noqa: E402
+from nemo_aot.data import demo_task
 
 SEED = 20240607
 SIZES = {"paired": {"train": 1200, "validation": 128}, "unpaired": {"train": 1200, "validation": 160}}

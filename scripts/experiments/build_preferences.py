@@ -1,6 +1,6 @@
 """Step 2 of the study: preference data from the reference policy's own samples.
 
-    python scripts/experiments/build_preferences.py --reference study/reference/reference.nemo \
+    python -m scripts.experiments.build_preferences --reference study/reference/reference.nemo \
         --out study/data [--samples 4 --temperature 1.0]
 
 For every question of a split, sample ``--samples`` answers from the reference (the Hugging Face
@@ -26,9 +26,9 @@ import random
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from common import demo_task  # noqa: E402
+from nemo_aot.data import demo_task
+
+from . import common
 
 
 def judged_samples(policy, questions: list, samples: int, temperature: float, seed: int) -> list:

@@ -14,16 +14,13 @@ import json
 import os
 import random
 import shutil
-import sys
 import tempfile
 from contextlib import contextmanager
 
+from nemo_aot.data import demo_task
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from nemo_aot.data import demo_task  # noqa: E402
 
 TOKENIZER = "bundled:tokenizer"
 TASK_SEED = 20240610

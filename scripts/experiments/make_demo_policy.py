@@ -1,6 +1,6 @@
 """Write the bundled tiny SFT policy ``nemo_aot/data/bundled/tiny_sft.nemo`` (~0.7 MB).
 
-    python scripts/experiments/make_demo_policy.py [--out nemo_aot/data/bundled/tiny_sft.nemo]
+    python -m scripts.experiments.make_demo_policy [--out nemo_aot/data/bundled/tiny_sft.nemo]
 
 It is the study's reference policy: ``sft_reference.py`` with its defaults (a random tiny Llama
 fine-tuned on addition/subtraction until greedy dev accuracy first reaches 0.4). The demo can
@@ -20,8 +20,7 @@ import shutil
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from . import common
 
 DEFAULT_OUT = os.path.join(common.ROOT, "nemo_aot", "data", "bundled", "tiny_sft.nemo")
 
@@ -42,7 +41,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    import sft_reference
+    from . import sft_reference
 
     torch.set_num_threads(1)  # one thread: the same reductions, the same weights, every run
 

@@ -1,5 +1,5 @@
 """Tables and plots of the study from its run folders (called by ``run_study.py``; rerun alone
-with ``python scripts/experiments/report.py STUDY_DIR``).
+with ``python -m scripts.experiments.report STUDY_DIR`` from the repository root).
 
 Every number is a mean +- sample standard deviation over seeds of what the eval stage wrote;
 nothing is filtered. The headline table picks, for each loss type, the beta with the best mean
@@ -15,8 +15,7 @@ import os
 import sys
 from collections import defaultdict
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from . import common
 
 METRICS = ("heldout_accuracy", "win_rate", "fsd_violation", "reward_accuracy", "dev_accuracy",
            "train_reward_chosen", "train_reward_rejected")

@@ -1,8 +1,10 @@
 """The AOT-vs-DPO study, end to end, in one command (CPU).
 
-    python scripts/experiments/run_study.py --mode quick --out study_quick     # ~9 min, 2 cores
-    python scripts/experiments/run_study.py --mode full  --out study_full      # ~30 min, 2 cores
-    python scripts/experiments/run_study.py --mode smoke --out /tmp/smoke      # CI, ~2-3 min
+    python -m scripts.experiments.run_study --mode quick --out study_quick     # ~9 min, 2 cores
+    python -m scripts.experiments.run_study --mode full  --out study_full      # ~30 min, 2 cores
+    python -m scripts.experiments.run_study --mode smoke --out /tmp/smoke      # CI, ~2-3 min
+
+(from the repository root; every stage below is a module of this package, run the same way)
 
 Stages (each skipped when its outputs exist, so an interrupted study resumes):
 
@@ -41,9 +43,7 @@ import sys
 import time
 from typing import Optional
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import common  # noqa: E402
+from . import common
 
 BUNDLED_REFERENCE = os.path.join(common.ROOT, "nemo_aot", "data", "bundled", "tiny_sft.nemo")
 
@@ -150,16 +150,19 @@ def _env() -> dict:
     return env
 
 
-def _python(script: str, args: list, nproc: int = 1) -> list:
+def _python(module: str, args: list, nproc: int = 1) -> list:
+    """The command running ``module`` of this package (from the repository root, the workers'
+    cwd), under torchrun when ``nproc`` > 1."""
+    module = f"{__package__}.{module}"
     if nproc == 1:
-        return [sys.executable, os.path.join(HERE, script), *args]
+        return [sys.executable, "-m", module, *args]
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={port}", os.path.join(HERE, script), *args]
+            f"--master_port={port}", "-m", module, *args]
 
 
 def _run_all(commands: list, log_dir: str, label: str) -> None:
@@ -229,13 +232,13 @@ def orchestrate(args) -> int:
 
     def make_reference():
         if not os.path.exists(reference):
-            _run_all([_python("sft_reference.py", ["--out", os.path.dirname(reference),
-                                                   *mode.sft])], logs, "reference")
+            _run_all([_python("sft_reference", ["--out", os.path.dirname(reference),
+                                                *mode.sft])], logs, "reference")
 
     def make_data():
         if not os.path.exists(os.path.join(out, "data", "summary.json")):
-            _run_all([_python("build_preferences.py", ["--reference", reference, "--out",
-                                                       os.path.join(out, "data"), *mode.data])],
+            _run_all([_python("build_preferences", ["--reference", reference, "--out",
+                                                    os.path.join(out, "data"), *mode.data])],
                      logs, "data")
 
     groups = mode.groups()
@@ -259,17 +262,17 @@ def orchestrate(args) -> int:
         single = [r.name for r in todo if r.dp == 1]
         multi = [r.name for r in todo if r.dp > 1]
         if single:
-            _run_all([_python("run_study.py", ["--worker", "train", "--out", out, *names])
+            _run_all([_python("run_study", ["--worker", "train", "--out", out, *names])
                       for names in _split(single, args.jobs)], logs, "train")
         if multi:
-            _run_all([_python("run_study.py", ["--worker", "train", "--out", out, *multi],
+            _run_all([_python("run_study", ["--worker", "train", "--out", out, *multi],
                               nproc=2)], logs, "train_dp")
 
     def evaluate():
         todo = ["reference"] + [r.name for r in runs]
         todo = [n for n in todo if not os.path.exists(os.path.join(out, "runs", n, "eval.json"))]
         if todo:
-            _run_all([_python("run_study.py", ["--worker", "eval", "--out", out, *names])
+            _run_all([_python("run_study", ["--worker", "eval", "--out", out, *names])
                       for names in _split(todo, args.jobs)], logs, "eval")
 
     for name, fn in (("reference", make_reference), ("data", make_data), ("train", train),
@@ -279,7 +282,7 @@ def orchestrate(args) -> int:
         finally:
             common.write_json(timings_path, timings)
 
-    from report import write_report
+    from .report import write_report
 
     _stage("report", timings, lambda: write_report(out, timings))
     print(f"[study] results: {os.path.join(out, 'results.md')}")
@@ -291,7 +294,7 @@ def _reference_path(args, out: str) -> str:
     if choice == "bundled":
         if not os.path.exists(BUNDLED_REFERENCE):
             raise SystemExit(f"--reference bundled: {BUNDLED_REFERENCE} does not exist; run "
-                             "scripts/experiments/make_demo_policy.py or drop --reference")
+                             "python -m scripts.experiments.make_demo_policy or drop --reference")
         return BUNDLED_REFERENCE
     return os.path.abspath(choice) if choice else os.path.join(out, "reference", "reference.nemo")
 

@@ -1,6 +1,6 @@
 """Step 1 of the study: a tiny Llama-style reference policy that is right only part of the time.
 
-    python scripts/experiments/sft_reference.py --out study/reference [--steps 1500]
+    python -m scripts.experiments.sft_reference --out study/reference [--steps 1500]
 
 1. Draw the task splits (``common.task_splits``) and write the SFT set: one correct answer
    per SFT question ("17 + 25 = 42"), TRL paired format (the rejected side holds a plausible
@@ -25,11 +25,12 @@ import argparse
 import os
 import random
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from common import demo_task  # noqa: E402
+from nemo_aot.data import demo_task
+
+from . import common
 
 def write_sft_data(path: str, questions: list, seed: int) -> int:
     rng = random.Random(seed)
@@ -56,7 +57,7 @@ def tiny_llama_nemo(path: str, seed: int) -> None:
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, tie_word_embeddings=False,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    with common.tempfile.TemporaryDirectory(prefix="aot_study_init_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="aot_study_init_") as tmp:
         LlamaForCausalLM(config).save_pretrained(tmp)
         hf_to_nemo(tmp, path, dtype="fp32", tokenizer_dir=resolve_path(common.TOKENIZER))
 

@@ -1,14 +1,13 @@
-"""Smoke test of the AOT-vs-DPO study (scripts/experiments/run_study.py --mode smoke).
+"""Smoke test of the AOT-vs-DPO study (python -m scripts.experiments.run_study --mode smoke).
 
 The smallest pass through every stage the real study runs: SFT on nemo_aot's megatron path
-(a few steps of ``sft_reference.py``), then, from the packaged reference policy, preference data
+(a few steps of ``sft_reference``), then, from the packaged reference policy, preference data
 from its samples, single-process and torchrun (DP=2) training workers, evaluation through the
 Hugging Face export, and the report. Numbers are not asserted: a few steps on a few dozen
 questions say nothing about the methods (docs/results.md does).
 """
 
 import json
-import os
 import subprocess
 import sys
 
@@ -19,12 +18,12 @@ from conftest import ROOT, env
 pytestmark = pytest.mark.slow
 
 
-SCRIPTS = os.path.join(ROOT, "scripts", "experiments")
+STUDY = "scripts.experiments"  # a package, run from the repository root as the README says
 
 
 def test_sft_reference_learns(tmp_path):
     out = tmp_path / "reference"
-    cmd = [sys.executable, os.path.join(SCRIPTS, "sft_reference.py"), "--out", str(out),
+    cmd = [sys.executable, "-m", f"{STUDY}.sft_reference", "--out", str(out),
            "--steps", "30", "--check-every", "30", "--sft-questions", "256",
            "--dev-questions", "16", "--batch-size", "16", "--target-low", "0.0"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
@@ -39,7 +38,7 @@ def test_sft_reference_learns(tmp_path):
 
 def test_study_smoke_writes_the_tables_and_plots(tmp_path):
     out = tmp_path / "study"
-    cmd = [sys.executable, os.path.join(SCRIPTS, "run_study.py"), "--mode", "smoke", "--out",
+    cmd = [sys.executable, "-m", f"{STUDY}.run_study", "--mode", "smoke", "--out",
            str(out), "--jobs", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"

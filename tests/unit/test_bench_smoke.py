@@ -1,4 +1,5 @@
-"""Smoke run of scripts/bench_aot_step.py on the tiny preset, on the CPU.
+"""Smoke run of the AOT step benchmark (benchmarks/aot_step/, started as documented through
+scripts/bench_aot_step.py) on the tiny preset, on the CPU.
 
 Speed numbers are not asserted (performance is read from the benchmark's ratios, never from
 timed assertions). What is asserted: the run completes, the JSON has its documented keys with
@@ -14,6 +15,17 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(REPO, "scripts", "bench_aot_step.py")
+
+
+def test_entry_script_and_module_are_one_program(tmp_path):
+    """The documented script runs from any folder and is ``python -m benchmarks.aot_step``."""
+    script = subprocess.run([sys.executable, BENCH, "--help"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    module = subprocess.run([sys.executable, "-m", "benchmarks.aot_step", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert script.returncode == 0 and module.returncode == 0, script.stderr + module.stderr
+    options = lambda text: text[text.index("options:"):]  # noqa: E731  (usage names the program)
+    assert "--shape" in script.stdout and options(script.stdout) == options(module.stdout)
 
 
 def test_bench_tiny_smoke(tmp_path):
