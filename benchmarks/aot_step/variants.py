@@ -20,8 +20,9 @@ def build_nemo(bench: Bench, reference_forward: bool) -> Variant:
     from nemo_aot.algorithms.config import AOTConfig, OptimConfig, TrainerConfig
     from nemo_aot.algorithms.trainer import AOTTrainer, build_optimizer
     from nemo_aot.distributed.parallel import ParallelConfig
+    from nemo_aot.losses.config import AlignmentConfig
     from nemo_aot.models.aot_model import MegatronGPTAOTModel, model_cfg_node
-    from nemo_aot.models.options import AlignmentConfig, PrecisionConfig
+    from nemo_aot.models.options import PrecisionConfig
 
     a = bench.args
     precision = PrecisionConfig(precision=bench.precision)

@@ -23,17 +23,16 @@ from typing import Any, Optional, Sequence
 
 from nemo_aot.data.config import DataConfig
 from nemo_aot.distributed.parallel import ParallelConfig
+from nemo_aot.losses import LOSS_SPECS, get_loss_spec
+from nemo_aot.losses.config import AlignmentConfig
 from nemo_aot.models.config import GPTModelConfig, default_tiny
-from nemo_aot.models.options import AlignmentConfig, PrecisionConfig
+from nemo_aot.models.options import PrecisionConfig
 
 SCHEMA_NAME = "aot_schema"
 # A YAML value ``${required:<what it is>}`` marks a key the user must set (``???`` cannot: OmegaConf
 # keeps the schema default when merging ``???`` over it).
 REQUIRED_PREFIX = "${required:"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Losses whose objective never sorts; a wider sort scope only adds communication for them.
-_UNSORTED_LOSSES = ("dpo", "ipo")
-_PAIRED_LOSSES = ("aot_paired", "dpo", "ipo")
 _UNPAIRED_FORMATS = ("trl_unpaired", "unpaired_files")
 FP8_PAD_MULTIPLE = 16
 
@@ -290,13 +289,16 @@ def _check_sequences(cfg: AOTConfig) -> None:
 
 def _check_objective(cfg: AOTConfig, dp: Optional[int]) -> None:
     a, t = cfg.alignment, cfg.trainer
-    if a.loss_type in _PAIRED_LOSSES and cfg.data.format in _UNPAIRED_FORMATS:
+    spec = get_loss_spec(a.loss_type)
+    if spec.paired and cfg.data.format in _UNPAIRED_FORMATS:
+        unpaired = "/".join(name for name, s in LOSS_SPECS.items() if not s.paired)
         raise ValueError(f"alignment.loss_type={a.loss_type} needs paired data but data.format is "
-                         f"{cfg.data.format}; use loss_type=aot_unpaired")
-    if a.loss_type in _UNSORTED_LOSSES and a.sort_scope == "global":
+                         f"{cfg.data.format}; use loss_type={unpaired}")
+    # A loss that never sorts gains nothing from a wider sort scope but communication.
+    if not spec.sorts and a.sort_scope == "global":
         raise ValueError(f"alignment.sort_scope=global costs an extra forward pass per step but "
                          f"{a.loss_type} never sorts; set alignment.sort_scope=micro")
-    if a.loss_type in _UNSORTED_LOSSES:
+    if not spec.sorts:
         return
     sort_size = {"micro": t.micro_batch_size, "global": t.global_batch_size,
                  "data_parallel": t.micro_batch_size * (dp or 1)}[a.sort_scope]

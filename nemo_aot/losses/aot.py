@@ -76,30 +76,11 @@ def aot_paired_loss(
     return transport_cost(policy_margins, reference_margins, _cost(beta, surrogate, label_smoothing))
 
 
-def _paired_inputs(pc, pr, rc, rr):
-    return pc - pr, rc - rr          # policy margins, reference margins
+def paired_transport_inputs(pc, pr, rc, rr):
+    """Paired AOT's ``(u, v)``: (policy margins, reference margins)."""
+    return pc - pr, rc - rr
 
 
-def _unpaired_inputs(pc, pr, rc, rr):
-    return pc - rc, pr - rr          # chosen log-ratios, rejected log-ratios
-
-
-_TRANSPORT_INPUTS = {"aot_paired": _paired_inputs, "aot_unpaired": _unpaired_inputs}
-
-
-def transport_inputs(
-    loss_type: str,
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    reference_chosen_logps: torch.Tensor,
-    reference_rejected_logps: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two samples ``(u, v)`` an AOT variant sorts and transports, from the four log-probs.
-
-    ``aot_paired``: (policy margins, reference margins); ``aot_unpaired``: (chosen log-ratios,
-    rejected log-ratios). The rejected pair may have a different length in the unpaired case.
-    """
-    if loss_type not in _TRANSPORT_INPUTS:
-        raise ValueError(f"loss_type must be one of {sorted(_TRANSPORT_INPUTS)}, got {loss_type!r}")
-    return _TRANSPORT_INPUTS[loss_type](policy_chosen_logps, policy_rejected_logps,
-                                        reference_chosen_logps, reference_rejected_logps)
+def unpaired_transport_inputs(pc, pr, rc, rr):
+    """Unpaired AOT's ``(u, v)``: (chosen log-ratios, rejected log-ratios); n != m allowed."""
+    return pc - rc, pr - rr

@@ -1,4 +1,5 @@
-"""``preference_loss``: one entry point for AOT (paired, unpaired), DPO and IPO.
+"""``preference_loss``: one entry point for every registered loss type (``registry.py``: AOT
+paired and unpaired, DPO, IPO).
 
 Sort scopes. The loss sorts whatever batch it is given; the caller picks that batch:
 
@@ -32,9 +33,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .aot import aot_paired_loss, aot_unpaired_loss
-from .dpo import dpo_loss, ipo_loss
 from .metrics import preference_metric_sums
+from .registry import LossSpec, get_loss_spec
 from .surrogates import SMOOTHABLE, get_surrogate
 
 Gather = Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]
@@ -42,44 +42,37 @@ ARG_NAMES = ("policy_chosen_logps", "policy_rejected_logps",
              "reference_chosen_logps", "reference_rejected_logps")
 
 
-def _dpo(pc, pr, rc, rr, beta, surrogate, ls):
-    return dpo_loss(pc - rc, pr - rr, beta=beta, surrogate=surrogate, label_smoothing=ls)
-
-
-def _ipo(pc, pr, rc, rr, beta, surrogate, ls):
-    return ipo_loss(pc - rc, pr - rr, beta=beta)
-
-
-def _aot_paired(pc, pr, rc, rr, beta, surrogate, ls):
-    return aot_paired_loss(pc - pr, rc - rr, beta=beta, surrogate=surrogate, label_smoothing=ls)
-
-
-def _aot_unpaired(pc, pr, rc, rr, beta, surrogate, ls):
-    return aot_unpaired_loss(pc - rc, pr - rr, beta=beta, surrogate=surrogate, label_smoothing=ls)
-
-
-LOSSES = {"aot_paired": _aot_paired, "aot_unpaired": _aot_unpaired, "dpo": _dpo, "ipo": _ipo}
-# Loss types that need one rejected response per chosen one (index-aligned pairs).
-PAIRED = frozenset({"aot_paired", "dpo", "ipo"})
-
-
-def check_options(loss_type, beta, label_smoothing, surrogate) -> None:
-    """Raise ``ValueError`` naming the option for an unknown or out-of-range setting."""
-    if loss_type not in LOSSES:
-        raise ValueError(f"loss_type must be one of {sorted(LOSSES)}, got {loss_type!r}")
-    get_surrogate(surrogate)
-    if loss_type == "ipo" and surrogate != "logistic":
-        raise ValueError(f"surrogate does not apply to loss_type='ipo' (got {surrogate!r}); leave it at the default")
+def _check_beta_and_smoothing(beta, label_smoothing) -> None:
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta <= 0:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
-    if label_smoothing and (loss_type == "ipo" or surrogate not in SMOOTHABLE):
+
+
+def check_options(loss_type, beta, label_smoothing, surrogate) -> None:
+    """Raise ``ValueError`` naming the option for an unknown or out-of-range setting."""
+    spec = get_loss_spec(loss_type)
+    get_surrogate(surrogate)
+    if not spec.uses_surrogate and surrogate != "logistic":
+        raise ValueError(f"surrogate does not apply to loss_type={loss_type!r} (got {surrogate!r}); "
+                         "leave it at the default")
+    _check_beta_and_smoothing(beta, label_smoothing)
+    if label_smoothing and (not spec.uses_surrogate or surrogate not in SMOOTHABLE):
         raise ValueError(f"label_smoothing (cDPO) applies to the logistic surrogate only, not to "
                          f"loss_type={loss_type!r} with surrogate={surrogate!r}")
 
 
-def _check_tensors(loss_type: str, tensors: Sequence[torch.Tensor]) -> None:
+def check_surrogate_options(beta, label_smoothing, surrogate) -> None:
+    """``check_options`` for a loss that takes the surrogate, whatever its type (the AOT terms of
+    the ``global`` sort scope): raise ``ValueError`` naming the bad option."""
+    get_surrogate(surrogate)
+    _check_beta_and_smoothing(beta, label_smoothing)
+    if label_smoothing and surrogate not in SMOOTHABLE:
+        raise ValueError(f"label_smoothing (cDPO) applies to the logistic surrogate only, not to "
+                         f"surrogate={surrogate!r}")
+
+
+def _check_tensors(spec: LossSpec, tensors: Sequence[torch.Tensor]) -> None:
     for name, t in zip(ARG_NAMES, tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -89,12 +82,12 @@ def _check_tensors(loss_type: str, tensors: Sequence[torch.Tensor]) -> None:
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.device != tensors[0].device:
             raise ValueError(f"{name} is on {t.device} but policy_chosen_logps is on {tensors[0].device}")
-    partner = {1: 0, 2: 0, 3: 1} if loss_type in PAIRED else {2: 0, 3: 1}
+    partner = {1: 0, 2: 0, 3: 1} if spec.paired else {2: 0, 3: 1}
     for i, j in partner.items():
         if tensors[i].shape[0] != tensors[j].shape[0]:
-            need = "pairs" if loss_type in PAIRED else "a reference log-prob per policy log-prob"
+            need = "pairs" if spec.paired else "a reference log-prob per policy log-prob"
             raise ValueError(f"{ARG_NAMES[i]} has {tensors[i].shape[0]} entries but {ARG_NAMES[j]} has "
-                             f"{tensors[j].shape[0]}; loss_type={loss_type!r} needs {need}")
+                             f"{tensors[j].shape[0]}; loss_type={spec.name!r} needs {need}")
 
 
 def _check_lengths(tensors: Sequence[torch.Tensor], lengths: Sequence[torch.Tensor]) -> None:
@@ -136,10 +129,10 @@ def preference_loss(
     Args:
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         reference_rejected_logps: summed (or length-averaged) response log-probs. Paired loss
-            types (``aot_paired``, ``dpo``, ``ipo``) need all four of one length; ``aot_unpaired``
-            takes n chosen and m rejected responses, n != m allowed.
-        loss_type: ``"aot_paired"`` (TRL ``"aot"``), ``"aot_unpaired"`` (TRL ``"aot_unpaired"``),
-            ``"dpo"`` (TRL ``"sigmoid"``) or ``"ipo"``.
+            types (``LossSpec.paired``: ``aot_paired``, ``dpo``, ``ipo``) need all four of one
+            length; ``aot_unpaired`` takes n chosen and m rejected responses, n != m allowed.
+        loss_type: a name in ``registry.LOSS_SPECS``: ``"aot_paired"`` (TRL ``"aot"``),
+            ``"aot_unpaired"`` (TRL ``"aot_unpaired"``), ``"dpo"`` (TRL ``"sigmoid"``), ``"ipo"``.
         beta: > 0; the logistic surrogate's scale, the margin of the other surrogates, IPO's tau.
         label_smoothing: cDPO flip probability in [0, 0.5), logistic surrogate only.
         surrogate: ``"logistic"``, ``"squared_hinge"``, ``"least_squares"`` or ``"hinge"``
@@ -155,8 +148,9 @@ def preference_loss(
         metric pieces of ``metrics.py`` (reduce by summing, then ``finalize_metrics``).
     """
     check_options(loss_type, beta, label_smoothing, surrogate)
+    spec = get_loss_spec(loss_type)
     tensors = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
-    _check_tensors(loss_type, tensors)
+    _check_tensors(spec, tensors)
     dtype = torch.float32
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
@@ -168,8 +162,8 @@ def preference_loss(
     tensors, extra = tensors[:4], tensors[4:]
     _check_values(tensors, check_finite)
     pc, pr, rc, rr = tensors
-    loss = LOSSES[loss_type](pc, pr, rc, rr, float(beta), surrogate, float(label_smoothing))
-    paired = loss_type in PAIRED or pc.shape[0] == pr.shape[0]
+    loss = spec.fn(pc, pr, rc, rr, float(beta), surrogate, float(label_smoothing))
+    paired = spec.paired or pc.shape[0] == pr.shape[0]
     metrics = preference_metric_sums(loss, pc, pr, rc, rr, beta=float(beta), paired=paired,
-                                     margins=loss_type in PAIRED, lengths=extra or None)
+                                     margins=spec.paired, lengths=extra or None)
     return loss, metrics

@@ -5,7 +5,7 @@ global batch (all micro-batches on all data-parallel ranks) cannot be an ordinar
 Instead:
 
 1. First pass, no grad: compute every sample's transport input (``u`` = chosen log-ratios or
-   policy margins, ``v`` = rejected log-ratios or reference margins; ``aot.transport_inputs``),
+   policy margins, ``v`` = rejected log-ratios or reference margins; ``registry.transport_inputs``),
    gather them in a fixed global order (e.g. rank-major, then micro-batch, then position) and call
    ``plan_global_sort(u_all, v_all)``.
 2. Second pass, per micro-batch with grad: ``matched_partner_loss(u_mb, v_mb, u_index, v_index,
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .api import check_options
+from .api import check_surrogate_options
 from .surrogates import get_surrogate
 from .transport import quantile_cells
 
@@ -103,7 +103,7 @@ def matched_partner_loss(
     reproduce_atol: float | None = 1e-3,
 ) -> torch.Tensor:
     """This micro-batch's share of the full-batch AOT loss (value and gradient; module doc)."""
-    check_options("aot_unpaired", beta, label_smoothing, surrogate)
+    check_surrogate_options(beta, label_smoothing, surrogate)
     for name, vals, idx in (("chosen", chosen_values, chosen_index), ("rejected", rejected_values, rejected_index)):
         if vals.dim() != 1 or idx.shape != vals.shape:
             raise ValueError(f"{name}_values and {name}_index must be 1-D of equal length, got "

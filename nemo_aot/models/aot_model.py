@@ -23,10 +23,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_aot.distributed.parallel import ParallelConfig
+from nemo_aot.losses.config import AlignmentConfig
 from nemo_aot.models.aot_step import AOTStep
 from nemo_aot.models.config import GPTModelConfig, to_transformer_config
 from nemo_aot.models.gpt import build_model_chunks
-from nemo_aot.models.options import AlignmentConfig, PrecisionConfig
+from nemo_aot.models.options import PrecisionConfig
 from nemo_aot.models.reference import CpuSwapReference, ReferenceTable, attach_reference
 
 logger = logging.getLogger(__name__)

@@ -35,10 +35,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_aot.distributed.collectives import all_gather_list_with_grad, data_parallel_gather
 from nemo_aot.distributed.parallel import compute_device
-from nemo_aot.losses import (finalize_metrics, logit_metric_sums, matched_partner_loss,
+from nemo_aot.losses import (finalize_metrics, get_loss_spec, logit_metric_sums, matched_partner_loss,
                              plan_global_sort, preference_loss, transport_inputs)
+from nemo_aot.losses.config import AlignmentConfig
 from nemo_aot.models.logprobs import sequence_logprobs, tp_vocab_range, vocab_parallel_logprobs
-from nemo_aot.models.options import AlignmentConfig
 
 MicroBatch = dict[str, torch.Tensor]
 
@@ -73,7 +73,7 @@ class AOTStep:
         self.vocab_size = vocab_size
         self.padded_vocab_size = padded_vocab_size
         self.alignment = alignment
-        self.paired = alignment.loss_type != "aot_unpaired"
+        self.paired = get_loss_spec(alignment.loss_type).paired
         # The metric names depend only on the loss type: learn them once from a dummy call, so
         # ranks without real samples (validation filler) still join the reductions.
         dummy = torch.zeros(2)

@@ -26,7 +26,7 @@ def _micro_batches(count, offset=0, paired=False, length_normalize=False):
 
 
 def _alignment(scope, loss_type, length_normalize=False):
-    from nemo_aot.models.options import AlignmentConfig
+    from nemo_aot.losses.config import AlignmentConfig
 
     return AlignmentConfig(loss_type=loss_type, sort_scope=scope, beta=0.1, logprob_chunk_size=7,
                            length_normalize=length_normalize)

@@ -144,11 +144,12 @@ def _te_step(model_cfg, fp8, state=None):
     from mcore_utils import preference_rows
 
     from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
+    from nemo_aot.losses.config import AlignmentConfig
     from nemo_aot.models.aot_model import fp8_overrides
     from nemo_aot.models.aot_step import AOTStep
     from nemo_aot.models.config import to_transformer_config
     from nemo_aot.models.gpt import build_model_chunks
-    from nemo_aot.models.options import AlignmentConfig, PrecisionConfig
+    from nemo_aot.models.options import PrecisionConfig
 
     precision = PrecisionConfig(precision="bf16", transformer_impl="transformer_engine", fp8=fp8)
     precision.validate()

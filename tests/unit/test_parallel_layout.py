@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from nemo_aot.distributed.parallel import ParallelConfig
+from nemo_aot.losses.config import AlignmentConfig
 from nemo_aot.models.config import GPTModelConfig, default_tiny
-from nemo_aot.models.options import AlignmentConfig, PrecisionConfig
+from nemo_aot.models.options import PrecisionConfig
 
 MODEL = GPTModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                        num_query_groups=2)
