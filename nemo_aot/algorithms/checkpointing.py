@@ -35,7 +35,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from nemo_aot.distributed.ranks import is_rank_zero
+
 MARKER = "COMPLETE.json"
+CONFIG_FILE = "config.yaml"  # in the run folder and every checkpoint: the resolved config
+TOKENIZER_COPY = "tokenizer"  # in every checkpoint: the tokenizer the run trained with
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _LEFTOVER = re.compile(r"^\.(tmp|trash)_step_\d+(\.\d+)?$")
 FORMAT_VERSION = 1
@@ -221,6 +225,80 @@ def _fsync_tree(path: str) -> None:
             _fsync_dir(directory)
 
 
+# ---------------------------------------------------------------------- a run's state
+
+
+class RunCheckpointer:
+    """What a training run saves and restores, declared once (as torchtitan's checkpointer owns
+    model, optimizer, schedulers and train state): the model's and the optimizer's sharded
+    state, every rank's RNG streams, and the common state (LR scheduler, train state, sampler
+    position); plus, for ``nemo-aot export``, the run's resolved config and tokenizer files.
+    Folders, atomicity and pruning are ``CheckpointManager``'s."""
+
+    def __init__(self, manager: CheckpointManager, model, optimizer, scheduler, train_batches, *,
+                 config_text: str, config_hash: str, tokenizer_dir: str):
+        self.manager, self.model, self.optimizer = manager, model, optimizer
+        self.scheduler, self.train_batches = scheduler, train_batches
+        self.config_text, self.config_hash = config_text, config_hash
+        self.tokenizer_dir = tokenizer_dir
+
+    def _template(self, is_loading: bool) -> dict:
+        model_sd = self.model.sharded_state_dict()
+        return {"model": model_sd,
+                # megatron-LM's default layout for distributed-optimizer state (resume at the same
+                # DP size; other optimizers ignore it)
+                "optimizer": self.optimizer.sharded_state_dict(
+                    model_sd, is_loading=is_loading,
+                    metadata={"distrib_optim_sharding_type": "dp_reshardable"}),
+                "rng": sharded_rng_state()}
+
+    def save(self, trainer) -> None:
+        """Checkpoint ``trainer.state.step`` (collective: every rank calls it)."""
+        from megatron.core import dist_checkpointing
+
+        common = {"scheduler": self.scheduler.state_dict(), "train": trainer.state.to_dict(),
+                  "sampler": self.train_batches.state_dict()}
+
+        def write(tmp_dir: str) -> None:
+            state = self._template(is_loading=False)
+            state["common"] = common
+            dist_checkpointing.save(state, tmp_dir)
+            if is_rank_zero():  # self-describing: `nemo-aot export` rebuilds the policy from it
+                write_text(os.path.join(tmp_dir, CONFIG_FILE), self.config_text)
+                _copy_files(self.tokenizer_dir, os.path.join(tmp_dir, TOKENIZER_COPY))
+
+        self.manager.save(trainer.state.step, write,
+                          metadata={**trainer.state.to_dict(), "config_hash": self.config_hash})
+
+    def restore(self, checkpoint: SavedCheckpoint, trainer) -> None:
+        """Load ``checkpoint`` into the model, optimizer, RNG, scheduler, sampler and
+        ``trainer.state`` (collective)."""
+        from megatron.core import dist_checkpointing
+
+        state = dist_checkpointing.load(self._template(is_loading=True), checkpoint.path)
+        self.model.load_sharded_state(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        restore_rng_state(state["rng"])
+        self.scheduler.load_state_dict(state["common"]["scheduler"])
+        self.train_batches.load_state_dict(state["common"]["sampler"])
+        for k, v in state["common"]["train"].items():
+            setattr(trainer.state, k, v)
+
+
+def write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _copy_files(source: str, dest: str) -> None:
+    os.makedirs(dest, exist_ok=True)
+    for name in sorted(os.listdir(source)):
+        path = os.path.join(source, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(dest, name))
+
+
 # ---------------------------------------------------------------------- RNG state bundle
 
 
@@ -278,5 +356,6 @@ def sharded_rng_state(key: str = "rng_state"):
     return ShardedObject(key, capture_rng_state(), shape, offset, replica_id=0)
 
 
-__all__ = ["CheckpointManager", "SavedCheckpoint", "read_marker", "MARKER", "capture_rng_state",
-           "restore_rng_state", "sharded_rng_state"]
+__all__ = ["CheckpointManager", "RunCheckpointer", "SavedCheckpoint", "read_marker", "MARKER",
+           "CONFIG_FILE", "TOKENIZER_COPY", "capture_rng_state", "restore_rng_state",
+           "sharded_rng_state", "write_text"]

@@ -27,10 +27,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from nemo_aot.algorithms.checkpointing import MARKER, CheckpointManager, read_marker
-
-CONFIG_FILE = "config.yaml"
-TOKENIZER_COPY = "tokenizer"  # in every checkpoint folder: the tokenizer the run trained with
+from nemo_aot.algorithms.checkpointing import (CONFIG_FILE, MARKER, TOKENIZER_COPY,
+                                               CheckpointManager, read_marker)
 
 
 def find_checkpoint(path: str, step: Optional[int] = None) -> str:

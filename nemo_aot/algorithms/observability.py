@@ -37,6 +37,8 @@ import sys
 import time
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from nemo_aot.distributed.ranks import is_rank_zero
+
 METRICS_FILE = "metrics.jsonl"
 # Dense (no sparsity) bf16 tensor-core peak TFLOP/s per device; the first matching pattern wins.
 PEAK_BF16_TFLOPS = (
@@ -47,14 +49,6 @@ PEAK_BF16_TFLOPS = (
 # Progress-bar fields: metric name -> short label.
 BAR_FIELDS = (("loss", "loss"), ("rewards/margins", "margin"), ("rewards/accuracies", "acc"),
               ("fsd_violation", "fsd"), ("tokens_per_s", "tok/s"))
-
-
-def is_rank_zero() -> bool:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _scalar(value: Any) -> Optional[float]:
@@ -333,4 +327,4 @@ def throughput(tokens: float, seconds: float, model_cfg, world_size: int, *,
 
 __all__ = ["MetricsLogger", "ProgressBar", "read_history", "truncate_history", "plot_reward_cdfs",
            "plot_fsd_violation", "throughput", "flops_per_token", "matmul_params",
-           "peak_tflops_for", "is_rank_zero", "METRICS_FILE", "PEAK_BF16_TFLOPS"]
+           "peak_tflops_for", "METRICS_FILE", "PEAK_BF16_TFLOPS"]

@@ -22,12 +22,12 @@ from typing import Any, Optional
 
 import torch
 
-from nemo_aot.algorithms.checkpointing import CheckpointManager, sharded_rng_state
+from nemo_aot.algorithms.checkpointing import (CONFIG_FILE, CheckpointManager, RunCheckpointer,
+                                               write_text)
 from nemo_aot.algorithms.config import adopt_checkpoint_architecture, config_hash, to_yaml
-from nemo_aot.algorithms.export import CONFIG_FILE, TOKENIZER_COPY
 from nemo_aot.algorithms.trainer import (COMPLETE_REASONS, AOTTrainer, build_optimizer,
                                          check_schedule, total_steps)
-from nemo_aot.distributed.agreement import StopRequested, rank, stop_point
+from nemo_aot.distributed.ranks import StopRequested, rank, stop_point
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +59,6 @@ class RunData:
     val_batches: Any
     coverage: Any
     """Every training sample once, in validation order (the reference cache's completion)."""
-
-
-def _write_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
 
 
 def check_init_from(cfg):
@@ -181,6 +175,33 @@ def _epoch_then_rest(ordered, coverage):
     yield from coverage
 
 
+def build_policy(cfg):
+    """The policy at cfg's parallel layout, with init_from's weights when set (collective)."""
+    from nemo_aot.data.config import resolve_path
+    from nemo_aot.models.aot_model import MegatronGPTAOTModel, load_nemo_into, model_cfg_node
+
+    model = MegatronGPTAOTModel(
+        model_cfg_node(cfg.model, cfg.precision, cfg.parallel, cfg.alignment),
+        use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
+    if cfg.init_from:
+        load_nemo_into(resolve_path(cfg.init_from), list(model.chunks))
+    return model
+
+
+def setup_run(cfg):
+    """Parallel state for ``cfg`` (architecture from init_from), then the config validated at
+    the launched world size: (cfg, dp_rank, dp_size)."""
+    from megatron.core import parallel_state
+
+    from nemo_aot.distributed.parallel import initialize_model_parallel
+
+    cfg = check_init_from(cfg)
+    initialize_model_parallel(cfg.parallel, cfg.model, seed=cfg.trainer.seed)
+    cfg.validate(torch.distributed.get_world_size())
+    return (cfg, parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size())
+
+
 def run_training(cfg) -> RunResult:
     from nemo_aot.algorithms.signals import PreemptionHandler
 
@@ -198,111 +219,61 @@ def run_training(cfg) -> RunResult:
 
 
 def _run(cfg, preemption, started: float, scratch: str) -> RunResult:
-    from megatron.core import dist_checkpointing, parallel_state
-
+    """The wiring: parts are built (and stop points agreed) in order, then fit and export."""
     from nemo_aot.algorithms.observer import RunObserver
-    from nemo_aot.distributed.parallel import initialize_model_parallel
-    from nemo_aot.models.aot_model import MegatronGPTAOTModel, load_nemo_into, model_cfg_node
 
-    cfg = check_init_from(cfg)
-    initialize_model_parallel(cfg.parallel, cfg.model, seed=cfg.trainer.seed)
+    cfg, dp_rank, dp_size = setup_run(cfg)
     resolved = to_yaml(cfg)
     if rank() == 0:
-        _write_text(os.path.join(cfg.logging.output_dir, CONFIG_FILE), resolved)
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
-    cfg.validate(torch.distributed.get_world_size())
+        write_text(os.path.join(cfg.logging.output_dir, CONFIG_FILE), resolved)
     data = build_data(cfg, scratch, dp_rank, dp_size)
-    check_schedule(cfg, total_steps(cfg, len(data.train_batches)), len(data.train_batches))
+    steps = total_steps(cfg, len(data.train_batches))
+    check_schedule(cfg, steps, len(data.train_batches))
     stop_point(preemption.requested, "data loading")
-
-    model = MegatronGPTAOTModel(
-        model_cfg_node(cfg.model, cfg.precision, cfg.parallel, cfg.alignment),
-        use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
-    if cfg.init_from:
-        from nemo_aot.data.config import resolve_path
-
-        load_nemo_into(resolve_path(cfg.init_from), list(model.chunks))
+    model = build_policy(cfg)
     stop_point(preemption.requested, "model set-up")
-    origin = cfg.init_from or f"random-init seed={cfg.trainer.seed} {cfg.model.to_dict()}"
     if cfg.alignment.reference_policy == "cached":
+        origin = cfg.init_from or f"random-init seed={cfg.trainer.seed} {cfg.model.to_dict()}"
         model.reference_tables = _reference_tables(cfg, model, data, origin, dp_rank, dp_size,
                                                    lambda: preemption.requested)
     else:
         model.enable_cpu_swap()
-
-    train_batches = data.train_batches
-    optimizer, scheduler = build_optimizer(cfg, model, len(train_batches))
-    manager = CheckpointManager(cfg.checkpoint_dir(), keep_last=cfg.checkpoint.keep_last)
-    latest = manager.latest_valid() if cfg.checkpoint.resume == "auto" else None
-
-    def state_template(is_loading: bool):
-        model_sd = model.sharded_state_dict()
-        return {"model": model_sd,
-                # megatron-LM's default layout for distributed-optimizer state (resume at the same
-                # DP size; other optimizers ignore it)
-                "optimizer": optimizer.sharded_state_dict(
-                    model_sd, is_loading=is_loading,
-                    metadata={"distrib_optim_sharding_type": "dp_reshardable"}),
-                "rng": sharded_rng_state()}
-
-    def save(trainer: AOTTrainer) -> None:
-        common = {"scheduler": scheduler.state_dict(), "train": trainer.state.to_dict(),
-                  "sampler": train_batches.state_dict()}
-
-        def write(tmp_dir: str) -> None:
-            state = state_template(is_loading=False)
-            state["common"] = common
-            dist_checkpointing.save(state, tmp_dir)
-            if rank() == 0:  # self-describing: `nemo-aot export` rebuilds the policy from it
-                _write_text(os.path.join(tmp_dir, CONFIG_FILE), resolved)
-                _copy_tokenizer(data.tokenizer_dir, os.path.join(tmp_dir, TOKENIZER_COPY))
-
-        manager.save(trainer.state.step, write,
-                     metadata={**trainer.state.to_dict(), "config_hash": config_hash(cfg)})
-
-    observer = RunObserver(cfg, cfg.model, total_steps(cfg, len(train_batches)), dp_size,
-                           torch.distributed.get_world_size(),
+    optimizer, scheduler = build_optimizer(cfg, model, len(data.train_batches))
+    checkpointer = RunCheckpointer(
+        CheckpointManager(cfg.checkpoint_dir(), keep_last=cfg.checkpoint.keep_last), model,
+        optimizer, scheduler, data.train_batches, config_text=resolved,
+        config_hash=config_hash(cfg), tokenizer_dir=data.tokenizer_dir)
+    latest = checkpointer.manager.latest_valid() if cfg.checkpoint.resume == "auto" else None
+    observer = RunObserver(cfg, cfg.model, steps, dp_size, torch.distributed.get_world_size(),
                            resume_step=latest.step if latest is not None else None,
                            enabled=rank() == 0)
-    trainer = AOTTrainer(cfg, model, optimizer, scheduler, train_batches, data.val_batches,
-                         save_fn=save, log_fn=observer.log,
+    trainer = AOTTrainer(cfg, model, optimizer, scheduler, data.train_batches, data.val_batches,
+                         save_fn=checkpointer.save, log_fn=observer.log,
                          validation_hook=observer.on_validation,
                          signal_received=lambda: preemption.requested, started=started)
     if latest is not None:
-        from nemo_aot.algorithms.checkpointing import restore_rng_state
-
-        state = dist_checkpointing.load(state_template(is_loading=True), latest.path)
-        model.load_sharded_state(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng_state(state["rng"])
-        scheduler.load_state_dict(state["common"]["scheduler"])
-        train_batches.load_state_dict(state["common"]["sampler"])
-        for k, v in state["common"]["train"].items():
-            setattr(trainer.state, k, v)
+        checkpointer.restore(latest, trainer)
         observer.resumed(latest.path, trainer.state.step)
 
     if trainer.state.step == 0 and cfg.trainer.val_check_interval:
         trainer.validate()
     trainer.fit()
-    nemo_path = None
-    if cfg.checkpoint.export_nemo_at_end and trainer.stop_reason in COMPLETE_REASONS:
-        nemo_path = os.path.join(cfg.logging.output_dir, "aot_policy.nemo")
-        model.save_to(nemo_path, tokenizer_dir=data.tokenizer_dir)
-    elif cfg.checkpoint.export_nemo_at_end and rank() == 0:
-        logger.warning("stopped by %s at step %d: the policy is in the checkpoint; no .nemo "
-                       "exported (a resumed run exports at its end, or use `nemo-aot export`)",
-                       trainer.stop_reason, trainer.state.step)
+    nemo_path = _export(cfg, model, trainer, data.tokenizer_dir)
     observer.close()
     return RunResult(cfg.logging.output_dir, trainer.state.step, trainer.stop_reason,
                      nemo_path if rank() == 0 else None, observer.metrics_path, observer.plots)
 
 
-def _copy_tokenizer(source: str, dest: str) -> None:
-    import shutil
-
-    os.makedirs(dest, exist_ok=True)
-    for name in sorted(os.listdir(source)):
-        path = os.path.join(source, name)
-        if os.path.isfile(path):
-            shutil.copyfile(path, os.path.join(dest, name))
+def _export(cfg, model, trainer, tokenizer_dir: str) -> Optional[str]:
+    """The policy as <output_dir>/aot_policy.nemo when the run finished (collective)."""
+    if not cfg.checkpoint.export_nemo_at_end:
+        return None
+    if trainer.stop_reason not in COMPLETE_REASONS:
+        if rank() == 0:
+            logger.warning("stopped by %s at step %d: the policy is in the checkpoint; no .nemo "
+                           "exported (a resumed run exports at its end, or use `nemo-aot "
+                           "export`)", trainer.stop_reason, trainer.state.step)
+        return None
+    path = os.path.join(cfg.logging.output_dir, "aot_policy.nemo")
+    model.save_to(path, tokenizer_dir=tokenizer_dir)
+    return path

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import tempfile
 import time
@@ -108,49 +107,46 @@ def _global_mean(local: list) -> float:
     return float(total[0] / total[1])
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+class SFTObjective:
+    """The trainer's model interface (``AOTTrainer``) for SFT: the same loop, checkpoint-free
+    save, stop and logging machinery as preference training, with the NLL step."""
 
+    def __init__(self, model):
+        self.model = model
 
-def _agree(flag: bool) -> bool:
-    """Rank 0's decision, on every rank."""
-    box = [bool(flag)]
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+    def prepare_for_training_step(self) -> None:
+        self.model.prepare_for_training_step()
+
+    def get_loss_and_metrics(self, micro_batches: list[dict], forward_only: bool,
+                             collect_rewards: bool = False):
+        from nemo_aot.models.aot_step import StepResult
+
+        return StepResult({"loss": sft_step(self.model, micro_batches, forward_only)}, {})
+
+    def finish_training_step(self) -> None:
+        self.model.finish_training_step()
+
+    def attach_reference(self, micro_batches: list[dict], split: str = "train") -> list[dict]:
+        return micro_batches  # SFT has no reference policy
 
 
 def build_sft(cfg, scratch: str):
     """(validated cfg, model, optimizer, scheduler, training batches, tokenizer folder) at cfg's
     parallel layout; ``scratch`` holds the tokenizer taken from init_from while it is used."""
-    from megatron.core import parallel_state
-
-    from nemo_aot.algorithms.run import check_init_from, policy_tokenizer
+    from nemo_aot.algorithms.run import build_policy, policy_tokenizer, setup_run
     from nemo_aot.algorithms.trainer import build_optimizer
     from nemo_aot.data import load_preference_data, make_batches
-    from nemo_aot.distributed.parallel import initialize_model_parallel
-    from nemo_aot.models.aot_model import MegatronGPTAOTModel, load_nemo_into, model_cfg_node
 
     if cfg.parallel.pipeline_model_parallel_size > 1:
         raise ValueError("SFT does not support pipeline parallelism; set "
                          "parallel.pipeline_model_parallel_size=1 (TP and DP work)")
-    cfg = check_init_from(cfg)
-    model_arch = cfg.model
-    initialize_model_parallel(cfg.parallel, model_arch, seed=cfg.trainer.seed)
-    cfg.validate(torch.distributed.get_world_size())
+    cfg, dp_rank, dp_size = setup_run(cfg)
     tokenizer, tokenizer_dir = policy_tokenizer(cfg, scratch)
     data = load_preference_data(cfg.data, "train", tokenizer)
     t = cfg.trainer
     batches = make_batches(data, cfg.data, t.global_batch_size, t.micro_batch_size,
-                           parallel_state.get_data_parallel_rank(),
-                           parallel_state.get_data_parallel_world_size(), train=True)
-    model = MegatronGPTAOTModel(
-        model_cfg_node(model_arch, cfg.precision, cfg.parallel, cfg.alignment),
-        use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
-    if cfg.init_from:
-        from nemo_aot.data.config import resolve_path
-
-        load_nemo_into(resolve_path(cfg.init_from), list(model.chunks))
+                           dp_rank, dp_size, train=True)
+    model = build_policy(cfg)
     optimizer, scheduler = build_optimizer(cfg, model, len(batches))
     return cfg, model, optimizer, scheduler, batches, tokenizer_dir
 
@@ -166,49 +162,50 @@ def train_sft(cfg, out_path: str, snapshot_every: int = 0,
     ``stop_when(step, chunks)`` runs every ``check_every`` steps on every rank with the model
     chunks in eval mode (e.g. a greedy-accuracy check); rank 0's answer decides, and True ends
     training there. Every rank calls ``train_sft`` (under torchrun, the data are sharded over
-    data-parallel ranks)."""
+    data-parallel ranks). The loop is ``AOTTrainer``'s, with ``SFTObjective`` as the model, no
+    validation and no checkpoints; a non-finite loss or gradient norm stops with an error."""
     with tempfile.TemporaryDirectory(prefix="nemo_aot_sft_") as scratch:
         return _train_sft(cfg, out_path, scratch, snapshot_every, on_step, stop_when, check_every)
 
 
 def _train_sft(cfg, out_path, scratch, snapshot_every, on_step, stop_when, check_every):
-    from nemo_aot.algorithms.trainer import total_steps
+    from nemo_aot.algorithms.trainer import AOTTrainer
+    from nemo_aot.distributed.ranks import from_rank0, rank
 
     cfg, model, optimizer, scheduler, batches, tokenizer_dir = build_sft(cfg, scratch)
-    max_steps = total_steps(cfg, len(batches))
+    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(
+        cfg.trainer, val_check_interval=0, nonfinite="abort"))
     stem = os.path.splitext(out_path)[0]
-    history, snapshots, step, started = [], [], 0, time.monotonic()
-    while step < max_steps:
-        for micro_batches in batches:
-            model.prepare_for_training_step()
-            optimizer.zero_grad()
-            loss = sft_step(model, micro_batches)
-            success, grad_norm, _ = optimizer.step()
-            if not success or not math.isfinite(loss):
-                raise FloatingPointError(f"SFT step {step}: non-finite loss ({loss}) or grad "
-                                         f"norm ({grad_norm}); lower optim.lr")
-            scheduler.step(increment=cfg.trainer.global_batch_size)
-            step += 1
-            record = {"step": step, "loss": loss, "grad_norm": float(grad_norm or 0.0),
-                      "lr": optimizer.param_groups[0]["lr"], "time": time.monotonic() - started}
-            history.append(record)
-            if on_step is not None and _rank() == 0:
-                on_step(record)
-            if snapshot_every and step % snapshot_every == 0 and step < max_steps:
-                path = f"{stem}_step{step:06d}.nemo"
-                model.save_to(path, tokenizer_dir=tokenizer_dir)
-                snapshots.append((step, path))
-            if stop_when is not None and check_every and step % check_every == 0:
-                for chunk in model.chunks:
-                    chunk.eval()
-                with torch.no_grad():
-                    if _agree(stop_when(step, list(model.chunks))):
-                        max_steps = step
-            if step >= max_steps:
-                break
+    history, snapshots, started = [], [], time.monotonic()
+
+    def log(split: str, step: int, metrics: dict) -> None:
+        record = {"step": step, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                  "lr": metrics["lr"], "time": time.monotonic() - started}
+        history.append(record)
+        if on_step is not None and rank() == 0:
+            on_step(record)
+
+    def after_step(trainer) -> Optional[str]:
+        step = trainer.state.step
+        if snapshot_every and step % snapshot_every == 0 and step < trainer.max_steps:
+            path = f"{stem}_step{step:06d}.nemo"
+            model.save_to(path, tokenizer_dir=tokenizer_dir)
+            snapshots.append((step, path))
+        if stop_when is not None and check_every and step % check_every == 0:
+            for chunk in model.chunks:
+                chunk.eval()
+            with torch.no_grad():
+                if from_rank0(bool(stop_when(step, list(model.chunks)))):
+                    return "target_reached"
+        return None
+
+    trainer = AOTTrainer(cfg, SFTObjective(model), optimizer, scheduler, batches, [],
+                         save_fn=lambda trainer: None, log_fn=log, step_hook=after_step,
+                         started=started)
+    trainer.fit()
     model.save_to(out_path, tokenizer_dir=tokenizer_dir)
-    return SFTResult(out_path if _rank() == 0 else None, step, snapshots, history)
+    return SFTResult(out_path if rank() == 0 else None, trainer.state.step, snapshots, history)
 
 
-__all__ = ["SFTResult", "build_sft", "train_sft", "sft_step", "response_cross_entropy",
-           "select_trained_rows"]
+__all__ = ["SFTResult", "SFTObjective", "build_sft", "train_sft", "sft_step",
+           "response_cross_entropy", "select_trained_rows"]

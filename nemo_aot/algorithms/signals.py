@@ -26,7 +26,7 @@ import threading
 from types import FrameType
 from typing import Optional, Sequence
 
-from nemo_aot.distributed.agreement import any_rank
+from nemo_aot.distributed.ranks import any_rank
 
 log = logging.getLogger(__name__)
 

@@ -112,7 +112,8 @@ class AOTTrainer:
                  save_fn: Callable[["AOTTrainer"], None], log_fn: Callable[[str, int, dict], None],
                  validation_hook: Optional[Callable[[int, dict, dict], None]] = None,
                  signal_received: Optional[Callable[[], bool]] = None,
-                 started: Optional[float] = None):
+                 started: Optional[float] = None,
+                 step_hook: Optional[Callable[["AOTTrainer"], Optional[str]]] = None):
         self.cfg, self.model = cfg, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_batches, self.val_batches = train_batches, val_batches
@@ -120,6 +121,9 @@ class AOTTrainer:
         self.validation_hook = validation_hook
         # This rank's own view: the loop acts on it only after all ranks agree (_stop_reason).
         self.signal_received = signal_received or (lambda: False)
+        # After each step (e.g. SFT's snapshots and target check): a stop reason ends the run.
+        # Its answer must be the same on every rank (decide on rank 0, broadcast).
+        self.step_hook = step_hook
         self.state = TrainState()
         self.max_steps = total_steps(cfg, len(train_batches))
         # The time budget counts from the start of the run (set-up included), on each rank's
@@ -132,7 +136,7 @@ class AOTTrainer:
         self.model.prepare_for_training_step()
         self.optimizer.zero_grad()
         t0 = time.monotonic()
-        metrics = self.model.get_loss_and_metrics(micro_batches, forward_only=False)
+        metrics = dict(self.model.get_loss_and_metrics(micro_batches, forward_only=False).metrics)
         loss_finite = math.isfinite(metrics.get("loss", 0.0))
         if loss_finite:
             success, grad_norm, _ = self.optimizer.step()
@@ -163,24 +167,19 @@ class AOTTrainer:
         reduced exactly: additive pieces summed over every batch, finalized once."""
         from nemo_aot.models.aot_step import finalize_sums
 
-        runner = self.model.step_runner
         totals: dict[str, float] = {}
         chosen, rejected = [], []
         limit = self.cfg.trainer.limit_val_batches
-        runner.collect_rewards = True
-        try:
-            for i, micro_batches in enumerate(self.val_batches):
-                if limit is not None and i >= limit:
-                    break
-                self.model.get_loss_and_metrics(
-                    self.model.attach_reference(micro_batches, split="validation"),
-                    forward_only=True)
-                for k, v in runner.last_sums.items():
-                    totals[k] = totals.get(k, 0.0) + v
-                chosen.append(runner.last_rewards["chosen"])
-                rejected.append(runner.last_rewards["rejected"])
-        finally:
-            runner.collect_rewards = False
+        for i, micro_batches in enumerate(self.val_batches):
+            if limit is not None and i >= limit:
+                break
+            result = self.model.get_loss_and_metrics(
+                self.model.attach_reference(micro_batches, split="validation"),
+                forward_only=True, collect_rewards=True)
+            for k, v in result.sums.items():
+                totals[k] = totals.get(k, 0.0) + v
+            chosen.append(result.rewards["chosen"])
+            rejected.append(result.rewards["rejected"])
         metrics = finalize_sums(totals)
         rewards = {"chosen": torch.cat(chosen) if chosen else torch.zeros(0),
                    "rejected": torch.cat(rejected) if rejected else torch.zeros(0)}
@@ -208,7 +207,8 @@ class AOTTrainer:
                 self.log_fn("train", self.state.step, metrics)
                 if t.val_check_interval and self.state.step % t.val_check_interval == 0:
                     self.validate()
-                self.stop_reason = self._stop_reason()
+                hooked = self.step_hook(self) if self.step_hook is not None else None
+                self.stop_reason = self._stop_reason() or hooked
                 if self.stop_reason is not None or self._save_due():
                     self.save_fn(self)
                 if self.stop_reason is not None:
@@ -227,7 +227,7 @@ class AOTTrainer:
     def _stop_reason(self) -> Optional[str]:
         """Why to stop after this step, the same on every rank: signals and the time budget are
         local observations, agreed with one all-reduce; the step count is the same everywhere."""
-        from nemo_aot.distributed.agreement import any_ranks
+        from nemo_aot.distributed.ranks import any_ranks
 
         signal, out_of_time = any_ranks([self.signal_received(), self._out_of_time()])
         if signal:

@@ -4,7 +4,9 @@ The class is a ``nemo.core.ModelPT`` (so it saves and restores as a ``.nemo`` an
 config), and exposes the small interface the trainer depends on:
 
     prepare_for_training_step()          zero the DDP grad buffers
-    get_loss_and_metrics(mbs, forward_only) -> metrics   forward(/backward) of one global batch
+    get_loss_and_metrics(mbs, forward_only, collect_rewards=False) -> StepResult
+                                         forward(/backward) of one global batch: metrics, their
+                                         additive pieces, per-sample rewards when collected
     finish_training_step()               nothing to do after the optimizer step today
     attach_reference(mbs)                add reference log-probs to micro-batches
     sharded_state_dict()                 megatron dist-checkpoint view of the weights
@@ -24,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_aot.distributed.parallel import ParallelConfig
 from nemo_aot.losses.config import AlignmentConfig
-from nemo_aot.models.aot_step import AOTStep
+from nemo_aot.models.aot_step import AOTStep, StepResult
 from nemo_aot.models.config import GPTModelConfig, to_transformer_config
 from nemo_aot.models.gpt import build_model_chunks
 from nemo_aot.models.options import PrecisionConfig
@@ -133,13 +135,16 @@ class MegatronGPTAOTModel(ModelPT):
             chunk.train()
             chunk.zero_grad_buffer()
 
-    def get_loss_and_metrics(self, micro_batches: list[dict], forward_only: bool) -> dict:
+    def get_loss_and_metrics(self, micro_batches: list[dict], forward_only: bool,
+                             collect_rewards: bool = False) -> StepResult:
         if forward_only:
             for chunk in self.chunks:
                 chunk.eval()
             with torch.no_grad():
-                return self.step_runner.step(micro_batches, forward_only=True)
-        return self.step_runner.step(micro_batches, forward_only=False)
+                return self.step_runner.step(micro_batches, forward_only=True,
+                                             collect_rewards=collect_rewards)
+        return self.step_runner.step(micro_batches, forward_only=False,
+                                     collect_rewards=collect_rewards)
 
     def finish_training_step(self) -> None:
         pass

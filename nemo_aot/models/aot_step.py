@@ -26,6 +26,7 @@ has pieces. Under ``length_normalize`` the response token counts travel with the
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -41,6 +42,19 @@ from nemo_aot.losses.config import AlignmentConfig
 from nemo_aot.models.logprobs import sequence_logprobs, tp_vocab_range, vocab_parallel_logprobs
 
 MicroBatch = dict[str, torch.Tensor]
+
+
+@dataclass
+class StepResult:
+    """What one global batch gave, the same on every rank."""
+
+    metrics: dict[str, float]
+    """Finalized step metrics (TRL's names; {} when the batch held nothing to compare)."""
+    sums: dict[str, float]
+    """The reduced additive pieces behind ``metrics``: add them over batches, then
+    ``finalize_sums`` once, for exact metrics over a whole split."""
+    rewards: Optional[dict[str, torch.Tensor]] = field(default=None)
+    """Per-sample implicit rewards {chosen, rejected} (host tensors), when collected."""
 
 
 def split_sides(mb: MicroBatch, values: torch.Tensor, paired: bool):
@@ -80,22 +94,20 @@ class AOTStep:
         _, names = preference_loss(dummy, dummy, dummy, dummy, loss_type=alignment.loss_type,
                                    **self._loss_kwargs())
         self.metric_keys = sorted([*names, *logit_metric_sums(dummy, dummy, dummy, dummy)])
-        self.collect_rewards = False  # validation: keep per-sample rewards for the CDF plots
-        self._rewards: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.last_sums: dict[str, float] = {}
-        self.last_rewards: Optional[dict[str, torch.Tensor]] = None
 
     # ----------------------------------------------------------------- last-stage pieces
-    def _sequence_logps(self, logits: torch.Tensor, mb: MicroBatch, with_logits: bool = False):
+    def _sequence_logps(self, logits: torch.Tensor, mb: MicroBatch, with_logits: bool = False,
+                        normalize: Optional[bool] = None):
         """Per row: (log-prob, token count, sum over the response tokens of the mean logit over
-        the vocabulary, or None without ``with_logits``)."""
+        the vocabulary, or None without ``with_logits``). Log-probs are token means when
+        ``normalize`` (default: ``alignment.length_normalize``), else sums."""
+        normalize = self.alignment.length_normalize if normalize is None else normalize
         start, group = tp_vocab_range(self.padded_vocab_size)
         out = vocab_parallel_logprobs(
             logits, mb["labels"], vocab_size=self.vocab_size, vocab_start=start, group=group,
             chunk_tokens=self.alignment.logprob_chunk_size, mean_logits=with_logits)
         token_logps, mean_logits = out if with_logits else (out, None)
-        logps, counts = sequence_logprobs(token_logps, mb["loss_mask"],
-                                          self.alignment.length_normalize)
+        logps, counts = sequence_logprobs(token_logps, mb["loss_mask"], normalize)
         logit_sums = None if mean_logits is None else \
             (mean_logits * mb["loss_mask"].to(mean_logits.dtype)).sum(-1)
         return logps, counts, logit_sums
@@ -157,18 +169,20 @@ class AOTStep:
             num_microbatches=len(micro_batches), seq_length=seq,
             micro_batch_size=micro_batches[0]["input_ids"].shape[0], forward_only=forward_only)
 
-    def step(self, micro_batches: list[MicroBatch], forward_only: bool = False) -> dict[str, float]:
-        """Forward (and backward unless ``forward_only``) of one global batch; step metrics."""
+    def step(self, micro_batches: list[MicroBatch], forward_only: bool = False,
+             collect_rewards: bool = False) -> StepResult:
+        """Forward (and backward unless ``forward_only``) of one global batch. With
+        ``collect_rewards`` (validation: the reward CDF plots) the per-sample rewards come back
+        too, gathered over DP ranks (one host copy per micro-batch)."""
+        rewards = [] if collect_rewards else None
         if self.alignment.sort_scope == "global":
-            return self._global_step(micro_batches, forward_only)
+            return self._global_step(micro_batches, forward_only, rewards)
 
         def loss_for(index, mb, logits):
             logps, counts, logit_sums = self._sequence_logps(logits, mb, with_logits=True)
             rows = split_rows(mb, logps, self.paired)
-            if self.collect_rewards:
-                pc, pr, rc, rr = (t.detach().double().cpu() for t in rows)
-                self._rewards.append((self.alignment.beta * (pc - rc),
-                                      self.alignment.beta * (pr - rr)))
+            if rewards is not None:
+                rewards.append(self._sample_rewards(rows))
             loss, sums = self._scoped_loss(*rows, lengths=self._lengths(mb, counts))
             if sums is not None:
                 sums.update(self._logit_pieces(mb, counts, logit_sums))
@@ -177,27 +191,27 @@ class AOTStep:
             return loss, {"sums": sums}
 
         stats = self._run(micro_batches, loss_for, forward_only)
-        return self._reduce_metrics([s["sums"] for s in stats])
+        return self._reduce_metrics([s["sums"] for s in stats], rewards)
+
+    def _sample_rewards(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        pc, pr, rc, rr = (t.detach().double().cpu() for t in rows)
+        return self.alignment.beta * (pc - rc), self.alignment.beta * (pr - rr)
 
     def score(self, micro_batches: list[MicroBatch]) -> list[tuple[torch.Tensor, ...]]:
-        """Per micro-batch (label, sample_index, summed log-prob, token count) on the last stage."""
-        alignment_normalize = self.alignment.length_normalize
-        self.alignment.length_normalize = False  # the cache stores sums; normalization is later
+        """Per micro-batch (label, sample_index, summed log-prob, token count) on the last stage
+        (always token sums: a reference cache is normalized where it is used)."""
 
         def loss_for(index, mb, logits):
-            logps, counts, _ = self._sequence_logps(logits, mb)
+            logps, counts, _ = self._sequence_logps(logits, mb, normalize=False)
             return logps.sum() * 0, {"scores": (mb["label"], mb["sample_index"], logps.detach(),
                                                 counts)}
 
-        try:
-            with torch.no_grad():
-                stats = self._run(micro_batches, loss_for, forward_only=True)
-        finally:
-            self.alignment.length_normalize = alignment_normalize
+        with torch.no_grad():
+            stats = self._run(micro_batches, loss_for, forward_only=True)
         return [s["scores"] for s in stats]
 
     # ----------------------------------------------------------------- global scope
-    def _global_step(self, micro_batches, forward_only):
+    def _global_step(self, micro_batches, forward_only, rewards: Optional[list]):
         a = self.alignment
         captured: list[tuple] = []
 
@@ -206,10 +220,8 @@ class AOTStep:
             rows = split_rows(mb, logps.detach(), self.paired)
             captured.append((rows, self._lengths(mb, counts),
                              self._logit_pieces(mb, counts, logit_sums)))
-            if self.collect_rewards:
-                pc, pr, rc, rr = (t.double().cpu() for t in rows)
-                self._rewards.append((self.alignment.beta * (pc - rc),
-                                      self.alignment.beta * (pr - rr)))
+            if rewards is not None:
+                rewards.append(self._sample_rewards(rows))
             return logps.sum() * 0, {}
 
         with torch.no_grad():
@@ -220,7 +232,7 @@ class AOTStep:
         if last_stage:
             plan, offsets, sums = self._plan(captured)
         if forward_only:
-            return self._reduce_metrics(sums)
+            return self._reduce_metrics(sums, rewards)
         scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
 
         def grad_pass(index, mb, logits):
@@ -235,7 +247,7 @@ class AOTStep:
             return term * scale, {}
 
         self._run(micro_batches, grad_pass, forward_only=False)
-        return self._reduce_metrics(sums)
+        return self._reduce_metrics(sums, rewards)
 
     def _plan(self, captured):
         """Gather every rank's first-pass transport inputs in rank-major order and sort them.
@@ -280,14 +292,12 @@ class AOTStep:
         return plan, offsets, [metric_sums]
 
     # ----------------------------------------------------------------- metrics
-    def _reduce_metrics(self, sums: list[Optional[dict]]):
+    def _reduce_metrics(self, sums: list[Optional[dict]], rewards: Optional[list]) -> StepResult:
         """Sum over micro-batches and DP ranks on the last stage; share with every rank.
 
         Pieces of a batch every DP rank sees (data_parallel and global scopes) are counted dp
-        times, numerators and denominators alike, so the finalized values stay exact.
-
-        Sets ``self.last_sums`` (the reduced additive pieces, to accumulate over validation
-        batches) and, when ``collect_rewards`` is on, ``self.last_rewards``.
+        times, numerators and denominators alike, so the finalized values stay exact. Collected
+        per-sample ``rewards`` (this rank's, per micro-batch) are gathered over DP ranks.
         """
         keys = self.metric_keys
         payload = None
@@ -300,25 +310,24 @@ class AOTStep:
             dp_group = parallel_state.get_data_parallel_group()
             if parallel_state.get_data_parallel_world_size() > 1:
                 dist.all_reduce(vec, group=dp_group)
-            rewards = None
-            if self.collect_rewards:
-                local = [torch.cat(x) if x else torch.zeros(0) for x in zip(*self._rewards)] \
-                    if self._rewards else [torch.zeros(0), torch.zeros(0)]
+            gathered = None
+            if rewards is not None:
+                local = [torch.cat(x) for x in zip(*rewards)] if rewards else \
+                    [torch.zeros(0), torch.zeros(0)]  # deliberate host tensors (plot data)
                 if parallel_state.get_data_parallel_world_size() > 1:
                     box = [None] * parallel_state.get_data_parallel_world_size()
                     dist.all_gather_object(box, local, group=dp_group)
                     local = [torch.cat([b[i] for b in box]) for i in range(2)]
-                rewards = {"chosen": local[0], "rejected": local[1]}
-            payload = (dict(zip(keys, vec.tolist())), rewards)
+                gathered = {"chosen": local[0], "rejected": local[1]}
+            payload = (dict(zip(keys, vec.tolist())), gathered)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             box = [payload]
             dist.broadcast_object_list(
                 box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                 group=parallel_state.get_pipeline_model_parallel_group())
             payload = box[0]
-        self.last_sums, self.last_rewards = payload
-        self._rewards = []
-        return finalize_sums(self.last_sums)
+        reduced, gathered = payload
+        return StepResult(finalize_sums(reduced), reduced, gathered)
 
 
 def finalize_sums(sums: dict[str, float]) -> dict[str, float]:

@@ -53,7 +53,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import yaml
 
-from nemo_aot.distributed import node
+from nemo_aot.distributed import ranks
 from nemo_aot.models.config import GPTModelConfig, RopeScaling
 from nemo_aot.models.dist_weights import (VOCAB_NAMES, check_dist_checkpoint,
                                           chunks_sharded_state_dict, load_dist_weights,
@@ -176,17 +176,6 @@ def nemo_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict:
     return chunks_sharded_state_dict(chunks, KEY_PREFIX)
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _broadcast(value: Any) -> Any:
-    box = [value]
-    if torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def save_nemo(path: str, model_cfg: GPTModelConfig, weights, tokenizer_dir: Optional[str],
               extra_cfg: Optional[dict] = None,
               extra_files: Optional[dict[str, bytes]] = None) -> None:
@@ -202,23 +191,23 @@ def save_nemo(path: str, model_cfg: GPTModelConfig, weights, tokenizer_dir: Opti
     sharded = weights if isinstance(weights, dict) else nemo_sharded_state_dict(weights)
     path = os.path.abspath(path)
     staging = None
-    if _rank() == 0:
+    if ranks.is_rank_zero():
         os.makedirs(os.path.dirname(path), exist_ok=True)
         staging = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
         os.makedirs(os.path.join(staging, WEIGHTS_DIR))
-    staging = _broadcast(staging)
+    staging = ranks.from_rank0(staging)
     error = None
     try:
         dist_checkpointing.save(sharded, os.path.join(staging, WEIGHTS_DIR))
-        if _rank() == 0:
+        if ranks.is_rank_zero():
             _write_members(staging, model_cfg, tokenizer_files, extra_cfg, extra_files or {})
             _write_tar(staging, path)
     except BaseException as err:  # noqa: BLE001 - reported to every rank below
         error = err
     finally:
-        if _rank() == 0 and staging:
+        if ranks.is_rank_zero() and staging:
             shutil.rmtree(staging, ignore_errors=True)
-    failed = _broadcast(None if error is None else repr(error))
+    failed = ranks.from_rank0(None if error is None else repr(error))
     if error is not None:
         raise error
     if failed:
@@ -417,9 +406,9 @@ def _agreed_is_folder(path: str) -> bool:
             raise ValueError(f".nemo file not found: {path}")
     except ValueError as err:
         problem, kind = str(err), 0
-    low, neg_high = node.all_min([kind, -kind])
+    low, neg_high = ranks.all_min([kind, -kind])
     if low == 0:
-        raise ValueError(node.first_error(problem))
+        raise ValueError(ranks.first_error(problem))
     if low != -neg_high:
         raise ValueError(f"{path} is a folder on some ranks and a file on others; give every "
                          "rank the same .nemo file or extracted folder")
@@ -430,9 +419,9 @@ def _agreed_is_folder(path: str) -> bool:
 def _node_copy(path: str, base: str) -> Iterator[str]:
     """One extraction of ``path`` per node under ``base``; every rank yields its node's copy."""
     distributed = torch.distributed.is_initialized()
-    local = node.local_rank() if distributed else 0
-    host, me = node.host_name(), _rank()
-    name = node.broadcast_text(f"nemo_aot_extract_{uuid.uuid4().hex[:16]}" if me == 0 else "")
+    local = ranks.local_rank() if distributed else 0
+    host, me = ranks.host_name(), ranks.rank()
+    name = ranks.broadcast_text(f"nemo_aot_extract_{uuid.uuid4().hex[:16]}" if me == 0 else "")
     folder = os.path.join(base, f"{name}-{host}" if local is not None else f"{name}-{host}-r{me}")
     created: list[bool] = []
 
@@ -444,17 +433,17 @@ def _node_copy(path: str, base: str) -> Iterator[str]:
 
     error = None
     try:  # LOCAL_RANK unknown: every rank is a node of its own
-        node.run_polling(extract if local in (0, None) else None)
+        ranks.run_polling(extract if local in (0, None) else None)
     except ValueError as err:
         error = f"{host}: {err}"
     except Exception as err:  # noqa: BLE001 - reported to every rank below
         error = (f"{host}: {path}: cannot extract into {folder} ({type(err).__name__}: "
                  f"{err}); set {EXTRACT_DIR_ENV} to a folder this job can write")
     try:
-        message = node.first_error(error)
+        message = ranks.first_error(error)
         if message is None:
             visible = os.path.isfile(os.path.join(folder, CONFIG_NAME))
-            message = node.first_error(None if visible else (
+            message = ranks.first_error(None if visible else (
                 f"{host}: {path}: this rank does not see {folder}, which its node's local "
                 "rank 0 extracted; are LOCAL_RANK and the host names right?"))
         if message is not None:
@@ -465,7 +454,7 @@ def _node_copy(path: str, base: str) -> Iterator[str]:
             shutil.rmtree(folder, ignore_errors=True)
         raise
     try:
-        node.barrier()  # nobody reads the folder any more
+        ranks.barrier()  # nobody reads the folder any more
     finally:
         if created:
             shutil.rmtree(folder, ignore_errors=True)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from nemo_aot.distributed.agreement import StopRequested, any_ranks, from_rank0, rank
+from nemo_aot.distributed.ranks import StopRequested, any_ranks, from_rank0, rank
 from nemo_aot.distributed.parallel import compute_device
 from nemo_aot.progress import Progress
 

@@ -45,7 +45,7 @@ def _run(tp, pp, scope, loss_type, groups, ckpt_dir, grad_dir, save_init, length
         mu.load(chunks, ckpt_dir)
     step = AOTStep(chunks, config, vocab_size=250, padded_vocab_size=256,
                    alignment=_alignment(scope, loss_type, length_normalize))
-    metrics = step.step(groups[parallel_state.get_data_parallel_rank()])
+    metrics = step.step(groups[parallel_state.get_data_parallel_rank()]).metrics
     mu.grads_into_params(chunks)
     mu.save(chunks, grad_dir)
     return metrics
@@ -123,8 +123,9 @@ def _one_sided(scope):
     # only rejected samples (a validation batch once the positives ran out), then only chosen
     negatives = [mu.preference_rows(0, 3, seed=i) for i in range(2)]
     positives = [mu.preference_rows(2, 0, seed=i) for i in range(2)]
-    out = [step.step(negatives, forward_only=True), step.step(positives, forward_only=True),
-           step.step(negatives)]
+    out = [step.step(negatives, forward_only=True).metrics,
+           step.step(positives, forward_only=True).metrics,
+           step.step(negatives).metrics]
     grads = [p.main_grad.abs().max().item() for c in chunks for p in c.parameters()
              if getattr(p, "main_grad", None) is not None]
     return out, max(grads)

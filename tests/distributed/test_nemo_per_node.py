@@ -177,7 +177,7 @@ def _slow_extraction_under_short_timeout(path, base, seconds):
     import datetime
 
     from multirank import free_port
-    from nemo_aot.distributed import node
+    from nemo_aot.distributed import ranks as node
     from nemo_aot.models import nemo_format
 
     port = int(node.broadcast_text(str(free_port())))

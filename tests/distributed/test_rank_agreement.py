@@ -99,7 +99,7 @@ def test_a_reference_cache_one_rank_sees_does_not_split_the_ranks(which, tmp_pat
 
 
 def _scoring_interrupted_on_one_rank():
-    from nemo_aot.distributed.agreement import StopRequested
+    from nemo_aot.distributed.ranks import StopRequested
     from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
     from nemo_aot.models.reference import score_into_table
 
@@ -120,7 +120,7 @@ def test_a_stop_during_scoring_reaches_every_rank_at_the_same_batch():
 
 
 def _agreement_helpers():
-    from nemo_aot.distributed.agreement import any_ranks, from_rank0
+    from nemo_aot.distributed.ranks import any_ranks, from_rank0
 
     rank = torch.distributed.get_rank()
     return any_ranks([rank == 1, False, True]), from_rank0({"rank": rank})
@@ -129,7 +129,7 @@ def _agreement_helpers():
 def test_agreement_helpers():
     results = run_multirank(_agreement_helpers, world_size=2, timeout=TIMEOUT)
     assert results == [((True, False, True), {"rank": 0})] * 2
-    from nemo_aot.distributed.agreement import any_ranks, from_rank0
+    from nemo_aot.distributed.ranks import any_ranks, from_rank0
 
     assert any_ranks([True, False]) == (True, False) and from_rank0(3) == 3  # no process group
 

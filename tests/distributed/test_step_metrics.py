@@ -55,7 +55,7 @@ def _run(loss_type, length_normalize):
                                              logprob_chunk_size=5))
     for c in chunks:
         c.eval()
-    metrics = step.step(mbs, forward_only=True)
+    metrics = step.step(mbs, forward_only=True).metrics
     return metrics, _brute_force(chunks[0], mbs, paired)
 
 

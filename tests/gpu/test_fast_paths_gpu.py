@@ -172,7 +172,7 @@ def _te_step(model_cfg, fp8, state=None):
                    alignment=AlignmentConfig(loss_type="aot_unpaired", sort_scope="micro"))
     # 8 rows x 64 tokens: token counts and widths are multiples of 16, as FP8 GEMMs need
     batch = preference_rows(4, 4, seed=0, seq=64, vocab=model_cfg.vocab_size)
-    metrics = step.step([{k: v.to(CUDA) for k, v in batch.items()}])
+    metrics = step.step([{k: v.to(CUDA) for k, v in batch.items()}]).metrics
     grads = [p.main_grad.float().clone() for p in ddp.module.parameters() if p.requires_grad]
     return metrics, grads, state
 

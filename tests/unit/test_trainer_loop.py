@@ -9,6 +9,7 @@ import torch
 
 from nemo_aot.algorithms.config import AOTConfig
 from nemo_aot.algorithms.trainer import AOTTrainer, total_steps
+from nemo_aot.models.aot_step import StepResult
 
 
 class Batches(list):
@@ -19,8 +20,6 @@ class Batches(list):
 class FakeModel:
     def __init__(self, losses):
         self.losses = iter(losses)
-        self.step_runner = SimpleNamespace(last_sums={}, last_rewards={
-            "chosen": torch.zeros(1), "rejected": torch.zeros(1)}, collect_rewards=False)
         self.finished = 0
 
     def prepare_for_training_step(self):
@@ -29,8 +28,11 @@ class FakeModel:
     def attach_reference(self, mbs, split="train"):
         return mbs
 
-    def get_loss_and_metrics(self, mbs, forward_only):
-        return {"loss": 0.5} if forward_only else {"loss": next(self.losses)}
+    def get_loss_and_metrics(self, mbs, forward_only, collect_rewards=False):
+        if forward_only:
+            rewards = {"chosen": torch.zeros(1), "rejected": torch.zeros(1)}
+            return StepResult({"loss": 0.5}, {}, rewards if collect_rewards else None)
+        return StepResult({"loss": next(self.losses)}, {})
 
     def finish_training_step(self):
         self.finished += 1
