@@ -141,8 +141,8 @@ def _te_step(model_cfg, fp8, state=None):
     """One AOT step (TE spec, bf16 or FP8) on fixed data; returns (metrics, grads, state)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from mcore_utils import preference_rows
 
+    from mcore_utils import preference_rows
     from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
     from nemo_aot.losses.config import AlignmentConfig
     from nemo_aot.models.aot_model import fp8_overrides
