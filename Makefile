@@ -1,5 +1,6 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
-# Both create .venv, install the pinned CPU torch and this package, then run.
+# Entry points for a fresh machine: `make demo`, `make test` and `make lint`.
+# Each creates .venv, installs the pinned CPU torch and this package (with the test extra,
+# which pins ruff), then runs.
 # Re-running is fast: the install step re-runs only when pyproject.toml changes.
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nemo-aot-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 install: $(STAMP)
 
@@ -27,6 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# ruff's settings (rules, line length, import order) are in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check nemo_aot scripts benchmarks tests
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

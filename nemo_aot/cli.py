@@ -16,11 +16,18 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from nemo_aot import __version__
+from nemo_aot.algorithms.config import compose_config, find_config_dir, to_yaml
+from nemo_aot.algorithms.export import register as register_export
+from nemo_aot.algorithms.run import run_training
+from nemo_aot.algorithms.trainer import COMPLETE_REASONS
+from nemo_aot.conversion.cli import register as register_convert
+from nemo_aot.launcher import register as register_launch
 from nemo_aot.progress import configure_logging
-
+from nemo_aot.scoring import register_score
 
 _EPILOG = """\
 environment variables (all of them: README.md, "Environment variables"):
@@ -65,24 +72,14 @@ def _build_parser() -> argparse.ArgumentParser:
                             "data.train_path=prefs.jsonl")
     train.set_defaults(func=_train)
 
-    from nemo_aot.conversion.cli import register
-
-    register(sub)
-    from nemo_aot.scoring import register_score
-
+    register_convert(sub)
     register_score(sub)
-    from nemo_aot.algorithms.export import register as register_export
-
     register_export(sub)
-    from nemo_aot.launcher import register as register_launch
-
     register_launch(sub)
     return parser
 
 
 def _recipes() -> list:
-    from nemo_aot.algorithms.config import find_config_dir
-
     try:
         folder = os.path.join(find_config_dir(), "recipe")
     except ValueError:
@@ -91,9 +88,6 @@ def _recipes() -> list:
 
 
 def _demo(args) -> int:
-    from nemo_aot.algorithms.config import compose_config
-    from nemo_aot.algorithms.run import run_training
-
     overrides = ["recipe=demo", f"logging.output_dir={args.output_dir}", *args.overrides]
     cfg = compose_config("gpt_aot", overrides)
     print(f"nemo-aot demo: aligning a {cfg.model.num_layers}-layer Llama-style model "
@@ -108,7 +102,8 @@ def _demo(args) -> int:
     print(f"  metrics         {result.metrics_path}")
     for plot in result.plots:
         print(f"  plot            {plot}")
-    print(f"  tensorboard     tensorboard --logdir {os.path.join(result.output_dir, 'tensorboard')}")
+    tensorboard = os.path.join(result.output_dir, "tensorboard")
+    print(f"  tensorboard     tensorboard --logdir {tensorboard}")
     return 0
 
 
@@ -120,15 +115,10 @@ def _run_length(trainer) -> str:
 
 
 def _train(args) -> int:
-    from nemo_aot.algorithms.config import compose_config, to_yaml
-
     cfg = compose_config(args.config_name, args.overrides, config_dir=args.config_dir)
     if args.print_config:
         print(to_yaml(cfg))
         return 0
-    from nemo_aot.algorithms.run import run_training
-    from nemo_aot.algorithms.trainer import COMPLETE_REASONS
-
     result = run_training(cfg)
     if result.nemo_path:
         print(f"nemo-aot train: {result.final_step} steps ({result.stop_reason}); "
@@ -147,8 +137,6 @@ _QUIET = ("Transformer Engine and Apex are not installed", "Apex is not installe
 
 
 def _quiet_known_warnings() -> None:
-    import warnings
-
     for message in _QUIET:
         warnings.filterwarnings("ignore", message=f".*{message}")
     # NeMo's telemetry announces at start-up that it is disabled.

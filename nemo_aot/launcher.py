@@ -34,6 +34,11 @@ import subprocess
 import sys
 from typing import Callable, Mapping, Optional, Sequence
 
+from nemo_aot.algorithms.config import check_model_overrides, compose_raw, to_aot_config
+from nemo_aot.algorithms.run import run_training
+from nemo_aot.algorithms.trainer import COMPLETE_REASONS
+from nemo_aot.progress import configure_logging
+
 PORT_BASE, PORT_SPAN = 10000, 20000
 
 
@@ -176,7 +181,8 @@ def _from_torchrun(env: Mapping[str, str]) -> LaunchEnv:
 
 def _from_slurm(env: Mapping[str, str], hostnames: Callable[[str], list]) -> LaunchEnv:
     world = _int(env, "SLURM_STEP_NUM_TASKS")
-    rank, local, node = _int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID"), _int(env, "SLURM_NODEID")
+    rank, local = _int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID")
+    node = _int(env, "SLURM_NODEID")
     nodelist = _first(env, "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
     hosts = tuple(hostnames(nodelist))
     per_node_text = _first(env, "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
@@ -236,7 +242,8 @@ def check_placement(cfg, launch: LaunchEnv, environ: Optional[Mapping[str, str]]
     The world-size and TP/PP/DP rules are ``cfg.validate(launch.world_size)``'s."""
     env = os.environ if environ is None else environ
     t, warnings = cfg.trainer, []
-    if t.devices is not None and (t.num_nodes, t.devices) != (launch.num_nodes, launch.local_world_size):
+    launched = (launch.num_nodes, launch.local_world_size)
+    if t.devices is not None and (t.num_nodes, t.devices) != launched:
         raise ValueError(
             f"trainer.num_nodes x trainer.devices = {t.num_nodes} x {t.devices}, but this job "
             f"runs {_count(launch.num_nodes, 'node')} x {_count(launch.local_world_size, 'task')} "
@@ -334,8 +341,6 @@ def _parse_train_argv(argv: Sequence[str]) -> argparse.Namespace:
 
 def write_status(path: str, stop_reason: str, step: Optional[int], job_id: Optional[str]) -> None:
     """Atomically write ``key=value`` lines the sbatch script greps (no Python needed there)."""
-    from nemo_aot.algorithms.trainer import COMPLETE_REASONS
-
     complete = stop_reason in COMPLETE_REASONS
     text = (f"stop_reason={stop_reason}\nstep={'' if step is None else step}\n"
             f"complete={'true' if complete else 'false'}\njob_id={job_id or ''}\n")
@@ -347,8 +352,6 @@ def write_status(path: str, stop_reason: str, step: Optional[int], job_id: Optio
 
 
 def launch(args: argparse.Namespace) -> int:
-    from nemo_aot.algorithms.config import check_model_overrides, compose_raw, to_aot_config
-
     train = _parse_train_argv(args.train_argv)
     env = derive_env()
     # Placement first (its message names nodes and tasks per node), then every training rule
@@ -367,11 +370,10 @@ def launch(args: argparse.Namespace) -> int:
     os.environ.update(env.torch_env())
     if args.status_file and env.rank == 0:
         write_status(args.status_file, "running", None, env.job_id)
-    from nemo_aot.algorithms.run import run_training
-
     result = run_training(cfg)
     if args.status_file and env.rank == 0:
-        write_status(args.status_file, result.stop_reason or "unknown", result.final_step, env.job_id)
+        write_status(args.status_file, result.stop_reason or "unknown", result.final_step,
+                     env.job_id)
     if result.nemo_path:
         print(f"nemo-aot launch: {result.final_step} steps ({result.stop_reason}); "
               f"policy at {result.nemo_path}", flush=True)
@@ -401,8 +403,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from nemo_aot.progress import configure_logging
-
     try:  # nemo_aot at INFO (NEMO_AOT_LOG_LEVEL), others at WARNING, INFO from rank 0 only
         configure_logging()
     except ValueError as err:

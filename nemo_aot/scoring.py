@@ -4,8 +4,10 @@ Runs the exact code path the trainer uses for reference log-probs (``AOTStep.sco
 ``ReferenceTable``, what the ``cached`` reference policy writes), on CPU or under torchrun with
 TP/PP. Output, one JSON line per record:
 
-    paired:   {"index": i, "chosen_logp": ..., "rejected_logp": ..., "chosen_tokens": n, "rejected_tokens": m, "location": "file:line"}
-    unpaired: {"index": i, "label": true|false, "logp": ..., "tokens": n, "location": "file:line"}
+    paired:   {"index": i, "chosen_logp": ..., "rejected_logp": ..., "chosen_tokens": n,
+               "rejected_tokens": m, "location": "file:line"}
+    unpaired: {"index": i, "label": true|false, "logp": ..., "tokens": n,
+               "location": "file:line"}
 
 Log-probs are summed over response tokens (the label-masked tokens, EOS included when the data
 config appends it).
@@ -15,6 +17,16 @@ from __future__ import annotations
 
 import json
 import os
+
+import torch
+
+from nemo_aot.data import DataConfig, load_preference_data, load_tokenizer, make_batches
+from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
+from nemo_aot.models.nemo_format import nemo_artifact, open_nemo, read_nemo_config
+from nemo_aot.models.options import PrecisionConfig
+
+# megatron and the model modules that import it (models.aot_model, models.reference) imported
+# lazily: `nemo-aot --help` registers this command and must not load megatron.
 
 
 def register_score(subparsers) -> None:
@@ -39,13 +51,7 @@ def register_score(subparsers) -> None:
 
 
 def run_score(args) -> int:
-    import torch
-
-    from nemo_aot.data import DataConfig, load_preference_data, load_tokenizer, make_batches
-    from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
     from nemo_aot.models.aot_model import MegatronGPTAOTModel
-    from nemo_aot.models.nemo_format import nemo_artifact, open_nemo, read_nemo_config
-    from nemo_aot.models.options import PrecisionConfig
     from nemo_aot.models.reference import score_into_table
 
     model_cfg, full = read_nemo_config(args.model)

@@ -10,7 +10,8 @@ Per batch size B (pairs per rank) it times, as the median of many runs, forward 
   unpaired n!=m    B chosen vs B//2+1 rejected: sorts + merged-grid cells
   global (4 mb)    plan_global_sort on B + matched_partner_loss over 4 micro-batches
   dp gather        aot_unpaired with the data_parallel gather over --ranks gloo processes
-                   (B per rank; rank 0's time; includes the two all-gathers and the backward all-reduce)
+                   (B per rank; rank 0's time; includes the two all-gathers and the backward
+                   all-reduce)
 Times in microseconds (best of --rounds interleaved medians); ratios against dpo at the same B.
 Numbers depend on the machine; compare only within one run.
 """
@@ -26,7 +27,12 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from nemo_aot.losses import matched_partner_loss, plan_global_sort, preference_loss, transport_inputs
+from nemo_aot.losses import (
+    matched_partner_loss,
+    plan_global_sort,
+    preference_loss,
+    transport_inputs,
+)
 
 
 def _inputs(n, m, seed=0):
@@ -73,6 +79,7 @@ def _gather_worker(rank, world, port, sizes, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     import torch.distributed as dist
+
     from nemo_aot.distributed.collectives import data_parallel_gather
     dist.init_process_group("gloo", rank=rank, world_size=world)
     gather = data_parallel_gather()
@@ -103,7 +110,8 @@ def _gather_times(sizes, world):
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_gather_worker, args=(r, world, port, sizes, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_gather_worker, args=(r, world, port, sizes, queue))
+             for r in range(world)]
     for p in procs:
         p.start()
     results = queue.get(timeout=600)
@@ -113,10 +121,13 @@ def _gather_times(sizes, world):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1,4,16,64,256,1024,4096")
-    parser.add_argument("--ranks", type=int, default=2, help="gloo ranks for the gather column (0 = skip)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (best median kept)")
+    parser.add_argument("--ranks", type=int, default=2,
+                        help="gloo ranks for the gather column (0 = skip)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved timing rounds (best median kept)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     torch.set_num_threads(1)

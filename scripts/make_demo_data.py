@@ -23,7 +23,8 @@ import random
 from nemo_aot.data import demo_task
 
 SEED = 20240607
-SIZES = {"paired": {"train": 1200, "validation": 128}, "unpaired": {"train": 1200, "validation": 160}}
+SIZES = {"paired": {"train": 1200, "validation": 128},
+         "unpaired": {"train": 1200, "validation": 160}}
 POSITIVE_RATE = 0.25  # thumbs-up share of the unpaired log
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 VOCAB_SIZE = 400
@@ -133,14 +134,17 @@ def make_tokenizer(out_dir: str, texts: list[str]) -> None:
         "model_max_length": 512,
         "clean_up_tokenization_spaces": False,
     }
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8", newline="\n") as f:
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8",
+              newline="\n") as f:
         f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
-    default_out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "nemo_aot", "data", "bundled")
+    default_out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "nemo_aot",
+                               "data", "bundled")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=default_out, help="output folder (default: the bundled folder)")
+    parser.add_argument("--out", default=default_out,
+                        help="output folder (default: the bundled folder)")
     args = parser.parse_args(argv)
 
     datasets = {"paired": {}, "unpaired": {}}

@@ -44,7 +44,8 @@ def setup(tp=1, pp=1, vpp=None, sp=False, model_cfg=TINY, seed=1234, attention_b
     initialize_model_parallel(parallel, model_cfg, seed=seed)
     config = to_transformer_config(model_cfg, parallel, calculate_per_token_loss=per_token_loss)
     chunks = build_model_chunks(model_cfg, config)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, average_in_collective=False)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                               average_in_collective=False)
     chunks = [DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0)
               for i, c in enumerate(chunks)]
     config.finalize_model_grads_func = finalize_model_grads
@@ -56,7 +57,8 @@ def local_rows(batch, num_microbatches):
     """This DP rank's contiguous share of the global batch, split into micro-batches."""
     from megatron.core import parallel_state
 
-    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    dp = parallel_state.get_data_parallel_world_size()
+    rank = parallel_state.get_data_parallel_rank()
     n = batch["tokens"].shape[0] // dp
     mine = {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
     m = n // num_microbatches

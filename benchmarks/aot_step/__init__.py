@@ -31,7 +31,7 @@ and the ratios nemo_aot / HF. Losses are recorded per step: every variant starts
 weights and sees the same batch, so the traces agree to numerical precision (fp32 on CPU,
 bf16 vs fp32-master on GPU) - a check that like is compared with like.
 
-FLOPs (``nemo_aot.algorithms.observability.flops_per_token``; no recompute, no causal discount):
+FLOPs (``nemo_aot.algorithms.reporting.flops_per_token``; no recompute, no causal discount):
     N = L [h (n_q + 2 n_kv) d + n_q d h + 3 h f] + h V        (matmul weights per token)
     trained token = 6 N + 12 L n_q d s,   reference (no-grad) token = 2 N + 4 L n_q d s
     MFU = FLOPs of the step / step time / peak dense bf16 FLOP/s of the device

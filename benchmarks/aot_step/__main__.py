@@ -89,7 +89,7 @@ def has_module(name: str) -> bool:
 
 
 def main(argv=None) -> int:
-    from nemo_aot.algorithms.observability import peak_tflops_for
+    from nemo_aot.algorithms.reporting import peak_tflops_for
     from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
 
     args = parse_args(argv)

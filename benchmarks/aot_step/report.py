@@ -51,7 +51,7 @@ def make_result(bench: Bench, records: dict, schedule: str, label: str,
 def summarize(bench: Bench, records: dict, peak_tflops: Optional[float]) -> dict:
     """Adds medians, tokens/s, TFLOP/s and MFU to each record; returns them with the ratios and
     the loss-trace check."""
-    from nemo_aot.algorithms.observability import flops_per_token, throughput
+    from nemo_aot.algorithms.reporting import flops_per_token, throughput
 
     a, cfg = bench.args, bench.model_cfg
     tokens = 2 * a.pairs * a.seq

@@ -35,7 +35,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from nemo_aot.distributed.ranks import is_rank_zero
+import numpy as np
+import torch
+
+from nemo_aot.distributed.ranks import any_rank, is_rank_zero
+
+# megatron imported lazily: `nemo-aot --help` and config validation must not load it.
 
 MARKER = "COMPLETE.json"
 CONFIG_FILE = "config.yaml"  # in the run folder and every checkpoint: the resolved config
@@ -55,9 +60,8 @@ class SavedCheckpoint:
 
 
 def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
+    available = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed if available else None
 
 
 class CheckpointManager:
@@ -65,7 +69,8 @@ class CheckpointManager:
 
     def __init__(self, root: str, keep_last: Optional[int] = 2, group=None, fsync: bool = True):
         if keep_last is not None and keep_last < 1:
-            raise ValueError(f"checkpoint.keep_last must be >= 1 (or None to keep all), got {keep_last}")
+            raise ValueError(f"checkpoint.keep_last must be >= 1 (or None to keep all), got "
+                             f"{keep_last}")
         self.root = os.path.abspath(root)
         self.keep_last = keep_last
         self.group = group
@@ -85,10 +90,9 @@ class CheckpointManager:
         return os.path.join(self.root, f"step_{step:08d}")
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, write_fn: Callable[[str], Any], metadata: Optional[dict] = None) -> str:
+    def save(self, step: int, write_fn: Callable[[str], Any],
+             metadata: Optional[dict] = None) -> str:
         """Write checkpoint ``step`` on all ranks; returns its final folder."""
-        from nemo_aot.algorithms.signals import any_rank
-
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"checkpoint step must be a non-negative integer, got {step!r}")
         rank = self._rank()
@@ -275,14 +279,58 @@ class RunCheckpointer:
         ``trainer.state`` (collective)."""
         from megatron.core import dist_checkpointing
 
+        materialize_optimizer_state(self.optimizer)
         state = dist_checkpointing.load(self._template(is_loading=True), checkpoint.path)
         self.model.load_sharded_state(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():  # the distributed optimizer copies into views of its parameters
+            self.optimizer.load_state_dict(state["optimizer"])
+        _restore_step_counts(self.optimizer)
         restore_rng_state(state["rng"])
         self.scheduler.load_state_dict(state["common"]["scheduler"])
         self.train_batches.load_state_dict(state["common"]["sampler"])
         for k, v in state["common"]["train"].items():
             setattr(trainer.state, k, v)
+
+
+def materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh megatron distributed optimizer the state its checkpoint template is built
+    from. On torch's Adam (no Apex/TE: CPU hosts, containers without them) megatron reads the
+    step count from existing per-parameter state, which a new optimizer does not have yet
+    (``assert len(steps) == 1``). One step on zero gradients at lr 0 creates it without moving
+    anything; the checkpoint then overwrites moments, master weights and the step count."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if type(part).__name__ != "DistributedOptimizer" or inner is None or inner.state:
+            continue
+        rates = [group["lr"] for group in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"] = 0.0
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        with torch.no_grad():
+            inner.step()
+        inner.zero_grad(set_to_none=True)
+        for group, rate in zip(inner.param_groups, rates):
+            group["lr"] = rate
+
+
+def _restore_step_counts(optimizer) -> None:
+    """megatron's distributed optimizer on torch's Adam keeps the step count in its param
+    groups (``step``) and, on load, hands every parameter one shared tensor that is then
+    overwritten with the count of the fresh optimizer; torch's Adam would also add 1 to a shared
+    tensor once per parameter. Give each parameter its own count, the checkpoint's."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if type(part).__name__ != "DistributedOptimizer" or inner is None:
+            continue
+        for group in inner.param_groups:
+            if "step" not in group:  # Apex/TE Adam: the count lives in the group itself
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state is not None and torch.is_tensor(state.get("step")):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype,
+                                                 device=state["step"].device)
 
 
 def write_text(path: str, text: str) -> None:
@@ -305,9 +353,6 @@ def _copy_files(source: str, dest: str) -> None:
 def capture_rng_state() -> dict:
     """This rank's RNG states: python, numpy, torch CPU, every CUDA device, and megatron's
     model-parallel CUDA RNG tracker when megatron is already in use."""
-    import numpy as np
-    import torch
-
     state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
                              "torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -323,9 +368,6 @@ def capture_rng_state() -> dict:
 
 def restore_rng_state(state: dict) -> None:
     """Inverse of ``capture_rng_state``; refuses a bundle from a machine with other devices."""
-    import numpy as np
-    import torch
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch_cpu"])

@@ -19,14 +19,20 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, get_type_hints
 
-from nemo_aot.data.config import DataConfig
+import yaml
+
+from nemo_aot.data.config import DataConfig, resolve_path
 from nemo_aot.distributed.parallel import ParallelConfig
 from nemo_aot.losses import LOSS_SPECS, get_loss_spec
 from nemo_aot.losses.config import AlignmentConfig
 from nemo_aot.models.config import GPTModelConfig, default_tiny
+from nemo_aot.models.nemo_format import read_nemo_config
 from nemo_aot.models.options import PrecisionConfig
+
+# hydra/omegaconf imported lazily: `nemo-aot --help` (which lists the recipes from here) must
+# not load them.
 
 SCHEMA_NAME = "aot_schema"
 # A YAML value ``${required:<what it is>}`` marks a key the user must set (``???`` cannot: OmegaConf
@@ -215,7 +221,8 @@ class AOTConfig:
 
     def world_size(self, launched: Optional[int] = None) -> Optional[int]:
         """The world size to validate against: the launched one, else num_nodes x devices."""
-        expected = None if self.trainer.devices is None else self.trainer.num_nodes * self.trainer.devices
+        t = self.trainer
+        expected = None if t.devices is None else t.num_nodes * t.devices
         if launched is not None and expected is not None and launched != expected:
             raise ValueError(
                 f"trainer.num_nodes x trainer.devices = {self.trainer.num_nodes} x "
@@ -237,15 +244,39 @@ class AOTConfig:
             raise ValueError("data.tokenizer_path is null and there is no init_from to take the "
                              "tokenizer from; set data.tokenizer_path to a tokenizer folder")
         world = self.world_size(world_size)
-        model_parallel = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
+        model_parallel = (self.parallel.tensor_model_parallel_size
+                          * self.parallel.pipeline_model_parallel_size)
         # Without a world size, the layout rules that do not depend on it still run (DP = 1).
         self.parallel.validate(world if world is not None else model_parallel, self.model)
         _check_batches(self, None if world is None else self.parallel.data_parallel_size(world))
         _check_sequences(self)
         _check_objective(self, None if world is None else self.parallel.data_parallel_size(world))
-        if self.precision.fp8_param and not self.optim.use_distributed_optimizer:
-            raise ValueError("precision.fp8_param needs optim.use_distributed_optimizer=true")
+        _check_fp8(self)
         return self
+
+
+def _check_fp8(cfg: AOTConfig) -> None:
+    """FP8 combinations that cannot be made right are refused before anything is built."""
+    p, a = cfg.precision, cfg.alignment
+    if p.fp8_param and not cfg.optim.use_distributed_optimizer:
+        raise ValueError("precision.fp8_param needs optim.use_distributed_optimizer=true")
+    if p.fp8 is not None and p.fp8_recipe == "delayed" and a.sort_scope == "global":
+        # The global scope's no-grad first pass runs the FP8 forward too and updates TE's amax
+        # history, so the grad pass would run at other scales and fail its reproduce check.
+        raise ValueError("alignment.sort_scope=global with precision.fp8_recipe=delayed: the "
+                         "first (no-grad) pass would shift the delayed-scaling amax history "
+                         "the grad pass must reproduce; use precision.fp8_recipe=tensorwise "
+                         "(current scaling) or alignment.sort_scope=data_parallel")
+    if p.fp8_param and a.reference_policy == "cpu_swap":
+        raise ValueError("precision.fp8_param with alignment.reference_policy=cpu_swap would "
+                         "re-quantize the reference weights on every swap (they would drift "
+                         "from the checkpoint); use alignment.reference_policy=cached")
+    if p.fp8 is not None and p.fp8_recipe == "delayed" and a.reference_policy == "cpu_swap":
+        # The swapped-in reference runs through the policy's modules: its forward would enter
+        # the policy's delayed-scaling amax history.
+        raise ValueError("alignment.reference_policy=cpu_swap with precision.fp8_recipe=delayed: "
+                         "the reference forward would shift the policy's amax history; use "
+                         "alignment.reference_policy=cached or precision.fp8_recipe=tensorwise")
 
 
 def _check_batches(cfg: AOTConfig, dp: Optional[int]) -> None:
@@ -280,8 +311,8 @@ def _check_sequences(cfg: AOTConfig) -> None:
                          f"precision.fp8 (FP8 GEMM shapes), got {data.pad_to_multiple_of}")
     if p.sequence_parallel and data.pad_to_multiple_of % p.tensor_model_parallel_size:
         raise ValueError(f"data.pad_to_multiple_of={data.pad_to_multiple_of} must be a multiple of "
-                         f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size} under "
-                         f"sequence parallelism (the sequence is split across the TP group)")
+                         f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size} "
+                         f"under sequence parallelism (the sequence is split across the TP group)")
     if p.pipeline_model_parallel_size > 1 and not data.uniform_step_length:
         raise ValueError("data.uniform_step_length must be true with pipeline parallelism (stages "
                          "exchange activations of one fixed shape per step)")
@@ -394,7 +425,6 @@ def compose_raw(config_name: str = "gpt_aot", overrides: Sequence[str] = (),
                 config_dir: Optional[str] = None):
     """The composed, unvalidated DictConfig (struct mode over the schema); ValueError on
     unknown keys, bad types, missing config files or unparsable YAML."""
-    import yaml
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -415,7 +445,8 @@ def compose_raw(config_name: str = "gpt_aot", overrides: Sequence[str] = (),
                         "recipe=demo: the bundled tiny run; see conf/recipe/)")
         raise ValueError(message) from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{config_name}: a YAML file under {directory} does not parse: {err}") from None
+        raise ValueError(f"{config_name}: a YAML file under {directory} does not parse: "
+                         f"{err}") from None
     except (AssertionError, AttributeError) as err:  # OmegaConf: overriding inside a null section
         raise ValueError(
             f"{config_name}: could not apply overrides {list(overrides)} "
@@ -478,9 +509,6 @@ def adopt_checkpoint_architecture(cfg: AOTConfig) -> AOTConfig:
     stands in for it when there is no checkpoint."""
     if not cfg.init_from or not str(cfg.init_from).strip():
         return cfg
-    from nemo_aot.data.config import resolve_path
-    from nemo_aot.models.nemo_format import read_nemo_config
-
     path = resolve_path(cfg.init_from)
     if not os.path.exists(path):
         raise ValueError(f"init_from: {cfg.init_from} does not exist; point it at a .nemo file "
@@ -539,7 +567,8 @@ def _explain(err: BaseException, source: str) -> str:
     found = re.search(r"^\s*full_key: (\S+)", text, re.MULTILINE)
     key = key or (found.group(1) if found else None)
     if key:
-        what = " ".join(line.strip() for line in text[:found.start() if found else None].splitlines())
+        what = " ".join(line.strip()
+                        for line in text[:found.start() if found else None].splitlines())
         return f"{source}: {key}: {what}{_suggest(str(key))}"
     return f"{source}: {text}"
 
@@ -564,9 +593,7 @@ def _suggest(full_key: str) -> str:
 
 
 def _field_type(cls: Any, name: str) -> Any:
-    import typing
-
-    hint = typing.get_type_hints(cls).get(name)
+    hint = get_type_hints(cls).get(name)
     for arg in (getattr(hint, "__args__", None) or (hint,)):
         if dataclasses.is_dataclass(arg):
             return arg
@@ -574,7 +601,6 @@ def _field_type(cls: Any, name: str) -> Any:
 
 
 __all__ = ["AOTConfig", "TrainerConfig", "OptimConfig", "CheckpointConfig", "LoggingConfig",
-           "compose_config", "compose_raw", "to_aot_config", "load_config", "to_yaml", "config_hash",
-           "find_config_dir", "register_schema", "required_keys", "unknown_keys",
-           "check_model_overrides",
-           "adopt_checkpoint_architecture", "SCHEMA_NAME"]
+           "compose_config", "compose_raw", "to_aot_config", "load_config", "to_yaml",
+           "config_hash", "find_config_dir", "register_schema", "required_keys", "unknown_keys",
+           "check_model_overrides", "adopt_checkpoint_architecture", "SCHEMA_NAME"]

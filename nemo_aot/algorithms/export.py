@@ -27,8 +27,26 @@ from typing import Optional, Sequence
 
 import torch
 
-from nemo_aot.algorithms.checkpointing import (CONFIG_FILE, MARKER, TOKENIZER_COPY,
-                                               CheckpointManager, read_marker)
+from nemo_aot.algorithms.checkpointing import (
+    CONFIG_FILE,
+    MARKER,
+    TOKENIZER_COPY,
+    CheckpointManager,
+    read_marker,
+)
+from nemo_aot.algorithms.config import to_aot_config
+from nemo_aot.data.config import resolve_path
+from nemo_aot.distributed.parallel import (
+    ParallelConfig,
+    init_distributed,
+    initialize_model_parallel,
+)
+from nemo_aot.models.config import to_transformer_config
+from nemo_aot.models.dist_weights import check_dist_checkpoint, load_dist_weights
+from nemo_aot.models.nemo_format import save_nemo
+
+# omegaconf and models.gpt (megatron) imported lazily: `nemo-aot --help` registers this
+# command and must not load them.
 
 
 def find_checkpoint(path: str, step: Optional[int] = None) -> str:
@@ -65,8 +83,6 @@ def checkpoint_config(folder: str, config_path: Optional[str] = None,
     """The run config stored with a checkpoint (or ``config_path``), with KEY=VALUE overrides."""
     from omegaconf import OmegaConf
 
-    from nemo_aot.algorithms.config import to_aot_config
-
     path = config_path or os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"{folder} holds no {CONFIG_FILE} (checkpoints written before it was "
@@ -87,13 +103,7 @@ def export_checkpoint(path: str, out: str, *, step: Optional[int] = None,
                       config_path: Optional[str] = None, overrides: Sequence[str] = ()) -> str:
     """Write the policy weights of a training checkpoint as ``out`` (.nemo); collective under
     torch.distributed (every rank calls it). Returns the checkpoint folder it read."""
-    from nemo_aot.data.tokenization import resolve_path
-    from nemo_aot.distributed.parallel import (ParallelConfig, init_distributed,
-                                               initialize_model_parallel)
-    from nemo_aot.models.config import to_transformer_config
     from nemo_aot.models.gpt import build_model_chunks
-    from nemo_aot.models.dist_weights import check_dist_checkpoint, load_dist_weights
-    from nemo_aot.models.nemo_format import save_nemo
 
     folder = find_checkpoint(path, step)
     cfg = checkpoint_config(folder, config_path, overrides)
@@ -105,7 +115,8 @@ def export_checkpoint(path: str, out: str, *, step: Optional[int] = None,
     if world == 1 and not any(o.startswith("parallel.") for o in overrides):
         parallel = ParallelConfig()  # one process reads every shard: TP=PP=1
     initialize_model_parallel(parallel, cfg.model, seed=cfg.trainer.seed)
-    config = to_transformer_config(cfg.model, parallel, cfg.precision.precision)
+    config = to_transformer_config(cfg.model, parallel, cfg.precision.precision,
+                                   perform_initialization=False)  # every weight is loaded
     chunks = build_model_chunks(cfg.model, config, "local")
     # Training checkpoints store the model's sharded keys unprefixed. The reader the .nemo
     # loader uses screens the files (no unpickling of code) and re-pads the vocabulary tables

@@ -22,12 +22,31 @@ from typing import Any, Optional
 
 import torch
 
-from nemo_aot.algorithms.checkpointing import (CONFIG_FILE, CheckpointManager, RunCheckpointer,
-                                               write_text)
+from nemo_aot.algorithms.checkpointing import (
+    CONFIG_FILE,
+    CheckpointManager,
+    RunCheckpointer,
+    write_text,
+)
 from nemo_aot.algorithms.config import adopt_checkpoint_architecture, config_hash, to_yaml
-from nemo_aot.algorithms.trainer import (COMPLETE_REASONS, AOTTrainer, build_optimizer,
-                                         check_schedule, total_steps)
+from nemo_aot.algorithms.reporting import RunReporter
+from nemo_aot.algorithms.signals import PreemptionHandler
+from nemo_aot.algorithms.trainer import (
+    COMPLETE_REASONS,
+    AOTTrainer,
+    build_optimizer,
+    check_schedule,
+    total_steps,
+)
+from nemo_aot.data import load_preference_data, load_tokenizer, make_batches
+from nemo_aot.data.config import resolve_path
+from nemo_aot.distributed.parallel import initialize_model_parallel
 from nemo_aot.distributed.ranks import StopRequested, rank, stop_point
+from nemo_aot.models.nemo_format import extract_tokenizer
+
+# megatron and the model modules that import it (models.aot_model, models.reference) are
+# imported where used: the launcher imports this module, and `nemo-aot --help` and config
+# validation must not load megatron.
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +74,7 @@ class RunData:
     tokenizer_dir: str
     train: Any
     val: Any
+    """None when data.validation_path is null (no validation)."""
     train_batches: Any
     val_batches: Any
     coverage: Any
@@ -65,8 +85,6 @@ def check_init_from(cfg):
     """``cfg`` with the architecture of ``init_from`` (a .nemo file or an extracted folder)."""
     if not cfg.init_from:
         return cfg
-    from nemo_aot.data.config import resolve_path
-
     path = resolve_path(cfg.init_from)
     if not (os.path.isfile(path) or os.path.isdir(path)):
         raise ValueError(f"init_from: {cfg.init_from} is neither a .nemo file nor an extracted "
@@ -79,10 +97,6 @@ def policy_tokenizer(cfg, scratch: str):
     """(tokenizer, its folder): ``data.tokenizer_path`` when set, else the tokenizer stored in
     ``init_from``. A given tokenizer must have the stored one's vocabulary; without a stored
     one, its size must fit the checkpoint's vocabulary up to padding."""
-    from nemo_aot.data import load_tokenizer
-    from nemo_aot.data.config import resolve_path
-    from nemo_aot.models.nemo_format import extract_tokenizer
-
     stored_dir = None
     if cfg.init_from:
         stored_dir = extract_tokenizer(resolve_path(cfg.init_from),
@@ -125,25 +139,24 @@ def _fits_model(tokenizer, cfg) -> None:
 
 
 def build_data(cfg, scratch: str, dp_rank: int, dp_size: int) -> RunData:
-    from nemo_aot.data import load_preference_data, make_batches
-
     tokenizer, tokenizer_dir = policy_tokenizer(cfg, scratch)
     t = cfg.trainer
     train = load_preference_data(cfg.data, "train", tokenizer)
-    val = load_preference_data(cfg.data, "validation", tokenizer)
+    val = (load_preference_data(cfg.data, "validation", tokenizer)
+           if cfg.data.validation_path is not None else None)
 
     def batches(data, train_order: bool):
         return make_batches(data, cfg.data, t.global_batch_size, t.micro_batch_size,
                             dp_rank, dp_size, train=train_order)
 
-    return RunData(tokenizer, tokenizer_dir, train, val, batches(train, True), batches(val, False),
+    return RunData(tokenizer, tokenizer_dir, train, val, batches(train, True),
+                   batches(val, False) if val is not None else [],
                    batches(train, False))
 
 
 def _reference_tables(cfg, model, data: RunData, model_origin: str, dp_rank: int, dp_size: int,
                       stop_requested):
     """Cached reference log-probs per split (scored in step order; see models/reference.py)."""
-    from nemo_aot.data import make_batches
     from nemo_aot.models.reference import cached_reference, fingerprint
 
     t = cfg.trainer
@@ -151,11 +164,14 @@ def _reference_tables(cfg, model, data: RunData, model_origin: str, dp_rank: int
                           dp_rank, dp_size, train=True)
     splits = {"train": (data.train, epoch0, data.coverage),
               "validation": (data.val, data.val_batches, [])}
+    if data.val is None:
+        del splits["validation"]
     cache_dir = cfg.alignment.reference_cache_dir or os.path.join(cfg.logging.output_dir,
                                                                   "reference_cache")
     tables = {}
     for split, (d, ordered, coverage) in splits.items():
-        sizes = tuple(len(s) for s in d.streams) if d.kind == "unpaired" else (len(d.streams[0]),) * 2
+        sizes = (tuple(len(s) for s in d.streams) if d.kind == "unpaired"
+                 else (len(d.streams[0]),) * 2)
         key = fingerprint(split=split, source=d.source, sizes=sizes, model=model_origin,
                           seq=cfg.data.max_seq_length, mbs=cfg.trainer.micro_batch_size,
                           gbs=cfg.trainer.global_batch_size, seed=cfg.data.seed,
@@ -177,7 +193,6 @@ def _epoch_then_rest(ordered, coverage):
 
 def build_policy(cfg):
     """The policy at cfg's parallel layout, with init_from's weights when set (collective)."""
-    from nemo_aot.data.config import resolve_path
     from nemo_aot.models.aot_model import MegatronGPTAOTModel, load_nemo_into, model_cfg_node
 
     model = MegatronGPTAOTModel(
@@ -193,8 +208,6 @@ def setup_run(cfg):
     the launched world size: (cfg, dp_rank, dp_size)."""
     from megatron.core import parallel_state
 
-    from nemo_aot.distributed.parallel import initialize_model_parallel
-
     cfg = check_init_from(cfg)
     initialize_model_parallel(cfg.parallel, cfg.model, seed=cfg.trainer.seed)
     cfg.validate(torch.distributed.get_world_size())
@@ -203,8 +216,6 @@ def setup_run(cfg):
 
 
 def run_training(cfg) -> RunResult:
-    from nemo_aot.algorithms.signals import PreemptionHandler
-
     started = time.monotonic()  # the time budget includes set-up
     with PreemptionHandler(enabled=cfg.checkpoint.save_on_signal) as preemption, \
             tempfile.TemporaryDirectory(prefix="nemo_aot_run_") as scratch:
@@ -220,8 +231,6 @@ def run_training(cfg) -> RunResult:
 
 def _run(cfg, preemption, started: float, scratch: str) -> RunResult:
     """The wiring: parts are built (and stop points agreed) in order, then fit and export."""
-    from nemo_aot.algorithms.observer import RunObserver
-
     cfg, dp_rank, dp_size = setup_run(cfg)
     resolved = to_yaml(cfg)
     if rank() == 0:
@@ -244,24 +253,24 @@ def _run(cfg, preemption, started: float, scratch: str) -> RunResult:
         optimizer, scheduler, data.train_batches, config_text=resolved,
         config_hash=config_hash(cfg), tokenizer_dir=data.tokenizer_dir)
     latest = checkpointer.manager.latest_valid() if cfg.checkpoint.resume == "auto" else None
-    observer = RunObserver(cfg, cfg.model, steps, dp_size, torch.distributed.get_world_size(),
+    reporter = RunReporter(cfg, cfg.model, steps, dp_size, torch.distributed.get_world_size(),
                            resume_step=latest.step if latest is not None else None,
                            enabled=rank() == 0)
     trainer = AOTTrainer(cfg, model, optimizer, scheduler, data.train_batches, data.val_batches,
-                         save_fn=checkpointer.save, log_fn=observer.log,
-                         validation_hook=observer.on_validation,
+                         save_fn=checkpointer.save, log_fn=reporter.log,
+                         validation_hook=reporter.on_validation,
                          signal_received=lambda: preemption.requested, started=started)
     if latest is not None:
         checkpointer.restore(latest, trainer)
-        observer.resumed(latest.path, trainer.state.step)
+        reporter.resumed(latest.path, trainer.state.step)
 
-    if trainer.state.step == 0 and cfg.trainer.val_check_interval:
+    if trainer.state.step == 0 and cfg.trainer.val_check_interval and data.val is not None:
         trainer.validate()
     trainer.fit()
     nemo_path = _export(cfg, model, trainer, data.tokenizer_dir)
-    observer.close()
+    reporter.close()
     return RunResult(cfg.logging.output_dir, trainer.state.step, trainer.stop_reason,
-                     nemo_path if rank() == 0 else None, observer.metrics_path, observer.plots)
+                     nemo_path if rank() == 0 else None, reporter.metrics_path, reporter.plots)
 
 
 def _export(cfg, model, trainer, tokenizer_dir: str) -> Optional[str]:

@@ -33,6 +33,16 @@ from typing import Callable, Optional
 
 import torch
 
+from nemo_aot.algorithms.run import build_policy, policy_tokenizer, setup_run
+from nemo_aot.algorithms.trainer import AOTTrainer, build_optimizer
+from nemo_aot.data import load_preference_data, make_batches
+from nemo_aot.distributed.parallel import compute_device
+from nemo_aot.distributed.ranks import from_rank0, rank
+from nemo_aot.models.logprobs import tp_vocab_range, vocab_parallel_logprobs
+
+# megatron and models.aot_step (which imports it) load when a step runs, as in the rest of the
+# algorithms package: importing it stays free of megatron.
+
 logger = logging.getLogger(__name__)
 
 
@@ -59,8 +69,6 @@ def select_trained_rows(mb: dict) -> dict:
 
 def response_cross_entropy(model, logits: torch.Tensor, mb: dict) -> torch.Tensor:
     """Token-mean negative log-likelihood of the masked (response) labels, fp32."""
-    from nemo_aot.models.logprobs import tp_vocab_range, vocab_parallel_logprobs
-
     runner = model.step_runner
     start, group = tp_vocab_range(runner.padded_vocab_size)
     token_logps = vocab_parallel_logprobs(
@@ -101,7 +109,9 @@ def _global_mean(local: list) -> float:
     """Mean over micro-batches and data-parallel ranks, on every rank."""
     from megatron.core import parallel_state
 
-    total = torch.tensor([sum(local), float(len(local))], dtype=torch.float64)
+    # On the rank's device: NCCL reduces no host tensors.
+    total = torch.tensor([sum(local), float(len(local))], dtype=torch.float64,
+                         device=compute_device())
     if parallel_state.get_data_parallel_world_size() > 1:
         torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
     return float(total[0] / total[1])
@@ -133,10 +143,6 @@ class SFTObjective:
 def build_sft(cfg, scratch: str):
     """(validated cfg, model, optimizer, scheduler, training batches, tokenizer folder) at cfg's
     parallel layout; ``scratch`` holds the tokenizer taken from init_from while it is used."""
-    from nemo_aot.algorithms.run import build_policy, policy_tokenizer, setup_run
-    from nemo_aot.algorithms.trainer import build_optimizer
-    from nemo_aot.data import load_preference_data, make_batches
-
     if cfg.parallel.pipeline_model_parallel_size > 1:
         raise ValueError("SFT does not support pipeline parallelism; set "
                          "parallel.pipeline_model_parallel_size=1 (TP and DP work)")
@@ -169,9 +175,6 @@ def train_sft(cfg, out_path: str, snapshot_every: int = 0,
 
 
 def _train_sft(cfg, out_path, scratch, snapshot_every, on_step, stop_when, check_every):
-    from nemo_aot.algorithms.trainer import AOTTrainer
-    from nemo_aot.distributed.ranks import from_rank0, rank
-
     cfg, model, optimizer, scheduler, batches, tokenizer_dir = build_sft(cfg, scratch)
     cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(
         cfg.trainer, val_check_interval=0, nonfinite="abort"))

@@ -25,6 +25,11 @@ from typing import Callable, Optional
 
 import torch
 
+from nemo_aot.distributed.ranks import any_ranks
+
+# megatron and models.aot_step (which imports it) are imported where used: run.py, and through
+# it the launcher and `nemo-aot --help`, import this module and must not load megatron.
+
 logger = logging.getLogger(__name__)
 
 # Stop reasons of a finished run (it exports its policy); any other stop (signal, time budget)
@@ -205,7 +210,7 @@ class AOTTrainer:
                 self.state.step += 1
                 self.state.consumed_samples += t.global_batch_size
                 self.log_fn("train", self.state.step, metrics)
-                if t.val_check_interval and self.state.step % t.val_check_interval == 0:
+                if self._validation_due():
                     self.validate()
                 hooked = self.step_hook(self) if self.step_hook is not None else None
                 self.stop_reason = self._stop_reason() or hooked
@@ -220,6 +225,11 @@ class AOTTrainer:
                     self.save_fn(self)
         return self.state
 
+    def _validation_due(self) -> bool:
+        interval = self.cfg.trainer.val_check_interval
+        # no validation data (data.validation_path=null): nothing to validate
+        return bool(interval) and self.state.step % interval == 0 and len(self.val_batches) > 0
+
     def _save_due(self) -> bool:
         interval = self.cfg.checkpoint.save_interval
         return bool(interval) and self.state.step % interval == 0
@@ -227,8 +237,6 @@ class AOTTrainer:
     def _stop_reason(self) -> Optional[str]:
         """Why to stop after this step, the same on every rank: signals and the time budget are
         local observations, agreed with one all-reduce; the step count is the same everywhere."""
-        from nemo_aot.distributed.ranks import any_ranks
-
         signal, out_of_time = any_ranks([self.signal_received(), self._out_of_time()])
         if signal:
             return "signal"

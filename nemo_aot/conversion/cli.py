@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nemo_aot.conversion.convert import hf_to_nemo, nemo_to_hf
+
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``convert`` with its two subcommands to an argparse ``add_subparsers()`` object."""
@@ -41,14 +43,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run_hf_to_nemo(args: argparse.Namespace) -> int:
-    from nemo_aot.conversion.convert import hf_to_nemo
-
     return _report(lambda: hf_to_nemo(args.hf, args.out, dtype=args.dtype), args.out)
 
 
 def run_nemo_to_hf(args: argparse.Namespace) -> int:
-    from nemo_aot.conversion.convert import nemo_to_hf
-
     return _report(lambda: nemo_to_hf(args.nemo, args.out), args.out)
 
 

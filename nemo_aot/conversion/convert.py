@@ -24,12 +24,21 @@ from typing import Optional
 import torch
 
 from nemo_aot.conversion import hf_io
-from nemo_aot.conversion.architectures import (IGNORABLE_SUFFIXES, Architecture,
-                                               architecture_for_model, hf_config_from_model,
-                                               hf_shapes, model_config_from_hf)
+from nemo_aot.conversion.architectures import (
+    IGNORABLE_SUFFIXES,
+    Architecture,
+    architecture_for_model,
+    hf_config_from_model,
+    hf_shapes,
+    model_config_from_hf,
+)
 from nemo_aot.conversion.engine import Mapping, check_source, expand, export, hf_nbytes, load_into
+from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
 from nemo_aot.models import nemo_format
-from nemo_aot.models.config import GPTModelConfig
+from nemo_aot.models.config import GPTModelConfig, to_transformer_config
+
+# megatron and models.gpt (which imports it) imported lazily: `nemo-aot --help` registers the
+# convert command and must not load megatron.
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +90,6 @@ def single_process_world():
 
 def build_single_model(model_cfg: GPTModelConfig, dtype: torch.dtype) -> torch.nn.Module:
     """One uninitialized TP=1, PP=1 GPTModel (every parameter is overwritten by a load)."""
-    from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
-    from nemo_aot.models.config import to_transformer_config
     from nemo_aot.models.gpt import build_model_chunks
 
     parallel = ParallelConfig()

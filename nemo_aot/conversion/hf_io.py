@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -69,8 +71,6 @@ def weight_files(hf_dir: str) -> tuple[list[str], dict[str, str]]:
 def tensor_headers(files: list[str], weight_map: dict[str, str]
                    ) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, safetensors dtype) from the file headers, with consistency checks."""
-    from safetensors import safe_open
-
     found: dict[str, tuple[tuple[int, ...], str]] = {}
     where: dict[str, str] = {}
     for path in files:
@@ -100,8 +100,6 @@ def tensor_headers(files: list[str], weight_map: dict[str, str]
 
 def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor, one shard file at a time (only that file's tensors are materialized)."""
-    from safetensors import safe_open
-
     for path in files:
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
@@ -134,8 +132,6 @@ def staged_directory(out_dir: str):
 
 def write_shards(out_dir: str, shards: list[Iterator[tuple[str, torch.Tensor]]]) -> None:
     """Write one safetensors file per planned shard (plus the index when there are several)."""
-    from safetensors.torch import save_file
-
     count = len(shards)
     weight_map, total = {}, 0
     for number, tensors in enumerate(shards, start=1):

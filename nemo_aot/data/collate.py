@@ -35,7 +35,8 @@ from nemo_aot.data.sampler import FILLER, MicroBatchIndices, make_batch_sampler
 
 
 def _rows(data, indices: MicroBatchIndices) -> list:
-    """(example or None, response slot, is_chosen, pair slot, sample index) per row, in row order."""
+    """(example or None, response slot, is_chosen, pair slot, sample index) per row, in row
+    order."""
     if data.kind == "paired":
         (pairs,) = indices
         return ([(_get(data.streams[0], i), 0, True, j, i) for j, i in enumerate(pairs)]
@@ -93,12 +94,14 @@ def collate_micro_batch(data, indices: MicroBatchIndices, pad_to_multiple_of: in
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),
         "loss_mask": torch.from_numpy(loss_mask),
-        "position_ids": torch.arange(width, dtype=torch.int64).unsqueeze(0).expand(batch, width).contiguous(),
+        "position_ids": torch.arange(width, dtype=torch.int64).unsqueeze(0)
+                             .expand(batch, width).contiguous(),
         "seq_lengths": torch.from_numpy(seq_lengths),
         "prompt_lengths": torch.from_numpy(prompt_lengths),
         "label": torch.tensor([r[2] for r in rows], dtype=torch.bool),
         "pair_index": torch.tensor([r[3] for r in rows], dtype=torch.int64),
-        "sample_index": torch.tensor([r[4] if ok else FILLER for r, ok in zip(rows, real)], dtype=torch.int64),
+        "sample_index": torch.tensor([r[4] if ok else FILLER for r, ok in zip(rows, real)],
+                                     dtype=torch.int64),
         "sample_weight": torch.tensor(real, dtype=torch.float32),
         "reward": torch.from_numpy(reward),
     }
@@ -112,9 +115,11 @@ def collate_step(data, step: Sequence[MicroBatchIndices], pad_to_multiple_of: in
 
 
 class PreferenceBatches:
-    """One rank's steps as lists of collated micro-batches; resumable through the sampler's state."""
+    """One rank's steps as lists of collated micro-batches; resumable through the sampler's
+    state."""
 
-    def __init__(self, data, sampler, pad_to_multiple_of: int = 1, uniform_step_length: bool = False):
+    def __init__(self, data, sampler, pad_to_multiple_of: int = 1,
+                 uniform_step_length: bool = False):
         self.data, self.sampler = data, sampler
         self.pad_to_multiple_of, self.uniform_step_length = pad_to_multiple_of, uniform_step_length
 
@@ -132,10 +137,10 @@ class PreferenceBatches:
         self.sampler.load_state_dict(state)
 
 
-def make_batches(data, config, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 train: bool = True) -> PreferenceBatches:
+def make_batches(data, config, global_batch_size: int, micro_batch_size: int, dp_rank: int,
+                 dp_size: int, train: bool = True) -> PreferenceBatches:
     """Sampler + collation for ``data`` from a DataConfig (seed, shuffle, ratio, padding)."""
-    sampler = make_batch_sampler(data, global_batch_size, micro_batch_size, dp_rank, dp_size, train=train,
-                                 seed=config.seed, shuffle=config.shuffle,
+    sampler = make_batch_sampler(data, global_batch_size, micro_batch_size, dp_rank, dp_size,
+                                 train=train, seed=config.seed, shuffle=config.shuffle,
                                  positive_fraction=config.unpaired_positive_fraction)
     return PreferenceBatches(data, sampler, config.pad_to_multiple_of, config.uniform_step_length)

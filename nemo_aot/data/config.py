@@ -18,11 +18,13 @@ PAIRED_FORMATS = ("nemo_dpo", "trl_paired")
 LENGTH_POLICIES = ("error", "drop", "truncate_prompt_left")
 CHAT_TEMPLATE_MODES = ("auto", "always", "never")
 # Canonical field names a user can remap with `columns`.
-CANONICAL_FIELDS = ("prompt", "chosen", "rejected", "completion", "label", "chosen_reward", "rejected_reward")
+CANONICAL_FIELDS = ("prompt", "chosen", "rejected", "completion", "label", "chosen_reward",
+                    "rejected_reward")
 
 
 def resolve_path(path: str) -> str:
-    """Expand a ``bundled:`` path to the package's bundled folder; other paths are returned as is."""
+    """Expand a ``bundled:`` path to the package's bundled folder; other paths are returned as
+    is."""
     if path.startswith(BUNDLED_PREFIX):
         return os.path.join(BUNDLED_DIR, path[len(BUNDLED_PREFIX):])
     return path
@@ -113,27 +115,33 @@ class DataConfig:
         _choice("length_policy", self.length_policy, LENGTH_POLICIES)
         _choice("apply_chat_template", self.apply_chat_template, CHAT_TEMPLATE_MODES)
         if not self.train_path:
-            raise ValueError("data.train_path is empty; set it to a data file, folder or dataset name")
+            raise ValueError("data.train_path is empty; set it to a data file, folder or dataset "
+                             "name")
         if self.tokenizer_path is not None and not str(self.tokenizer_path).strip():
             raise ValueError("data.tokenizer_path is empty; set it to a local tokenizer folder, "
                              "or to null to use the tokenizer stored in init_from's .nemo")
         if not isinstance(self.max_seq_length, int) or self.max_seq_length < 2:
-            raise ValueError(f"data.max_seq_length must be an integer >= 2, got {self.max_seq_length!r}")
+            raise ValueError("data.max_seq_length must be an integer >= 2, got "
+                             f"{self.max_seq_length!r}")
         if not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1:
-            raise ValueError(f"data.pad_to_multiple_of must be an integer >= 1, got {self.pad_to_multiple_of!r}")
+            raise ValueError("data.pad_to_multiple_of must be an integer >= 1, got "
+                             f"{self.pad_to_multiple_of!r}")
         frac = self.unpaired_positive_fraction
         if frac is not None and not 0.0 < frac < 1.0:
-            raise ValueError(f"data.unpaired_positive_fraction must be in (0, 1) or null, got {frac!r}")
+            raise ValueError("data.unpaired_positive_fraction must be in (0, 1) or null, got "
+                             f"{frac!r}")
         unknown = sorted(set(self.columns) - set(CANONICAL_FIELDS))
         if unknown:
-            raise ValueError(f"data.columns has unknown fields {unknown}; allowed: {list(CANONICAL_FIELDS)}")
+            raise ValueError(f"data.columns has unknown fields {unknown}; allowed: "
+                             f"{list(CANONICAL_FIELDS)}")
         if not self.message_roles or "assistant" not in self.message_roles:
             raise ValueError("data.message_roles must include 'assistant'")
         self._validate_negatives()
         if (not self.train_path.startswith(BUNDLED_PREFIX) and self.validation_path is not None
                 and self.validation_path.startswith(BUNDLED_PREFIX)):
-            raise ValueError(f"data.validation_path is still the bundled demo ({self.validation_path}) while "
-                             f"data.train_path is {self.train_path!r}; set data.validation_path to your "
+            raise ValueError(f"data.validation_path is still the bundled demo "
+                             f"({self.validation_path}) while data.train_path is "
+                             f"{self.train_path!r}; set data.validation_path to your "
                              f"validation data, or to null to skip validation")
         return self
 
@@ -141,18 +149,21 @@ class DataConfig:
         has_negatives = self.train_negatives_path is not None
         if self.format == "unpaired_files" or (self.format == "auto" and has_negatives):
             if not has_negatives:
-                raise ValueError("data.format is unpaired_files but data.train_negatives_path is not set; "
-                                 "set it to the negatives file (train_path holds the positives)")
+                raise ValueError("data.format is unpaired_files but data.train_negatives_path is "
+                                 "not set; set it to the negatives file (train_path holds the "
+                                 "positives)")
             if self.validation_path is not None and self.validation_negatives_path is None:
-                raise ValueError("data.validation_negatives_path is not set but data.validation_path is; "
-                                 "set both (positives and negatives) or set validation_path to null")
+                raise ValueError("data.validation_negatives_path is not set but "
+                                 "data.validation_path is; set both (positives and negatives) or "
+                                 "set validation_path to null")
         elif has_negatives or self.validation_negatives_path is not None:
-            raise ValueError(f"data.train_negatives_path/validation_negatives_path are only read with "
-                             f"format unpaired_files, but data.format is {self.format!r}")
+            raise ValueError("data.train_negatives_path/validation_negatives_path are only read "
+                             f"with format unpaired_files, but data.format is {self.format!r}")
 
     @property
     def is_two_file_unpaired(self) -> bool:
-        return self.format == "unpaired_files" or (self.format == "auto" and self.train_negatives_path is not None)
+        return self.format == "unpaired_files" or (
+            self.format == "auto" and self.train_negatives_path is not None)
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

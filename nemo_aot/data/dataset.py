@@ -82,7 +82,8 @@ class LoadSummary:
 
 @dataclass
 class PreferenceData:
-    """A loaded split: ``kind`` is paired (streams = (pairs,)) or unpaired ((positives, negatives))."""
+    """A loaded split: ``kind`` is paired (streams = (pairs,)) or unpaired ((positives,
+    negatives))."""
 
     kind: str
     streams: tuple
@@ -95,22 +96,27 @@ class PreferenceData:
         return ("pairs",) if self.kind == "paired" else ("positives", "negatives")
 
 
-def load_preference_data(config: DataConfig, split: str = "train", tokenizer=None) -> PreferenceData:
+def load_preference_data(config: DataConfig, split: str = "train",
+                         tokenizer=None) -> PreferenceData:
     """Load the ``train`` or ``validation`` split described by ``config``.
 
-    ``tokenizer`` is a loaded Hugging Face tokenizer; when None, ``config.tokenizer_path`` is loaded.
+    ``tokenizer`` is a loaded Hugging Face tokenizer; when None, ``config.tokenizer_path`` is
+    loaded.
     """
     config.validate()
     if split not in ("train", "validation"):
         raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
     path = config.train_path if split == "train" else config.validation_path
     if path is None:
-        raise ValueError("data.validation_path is null, so there is no validation split. Fix: set it")
-    negatives = config.train_negatives_path if split == "train" else config.validation_negatives_path
+        raise ValueError("data.validation_path is null, so there is no validation split. Fix: "
+                         "set it")
+    negatives = (config.train_negatives_path if split == "train"
+                 else config.validation_negatives_path)
     hf_split = config.train_split if split == "train" else config.validation_split
     source = path if negatives is None else f"{path} + {negatives}"
-    encoder = PromptResponseTokenizer(tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer_path),
-                                      config.apply_chat_template, config.add_eos)
+    encoder = PromptResponseTokenizer(
+        tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer_path),
+        config.apply_chat_template, config.add_eos)
     problems = _Problems()
     fmt, records = _read_records(config, path, negatives, hf_split, problems)
     problems.raise_if_any(source)
@@ -124,7 +130,8 @@ def load_preference_data(config: DataConfig, split: str = "train", tokenizer=Non
         summary.positives, summary.negatives = len(streams[0]), len(streams[1])
     summary.lengths = _percentiles(streams)
     logger.info("loaded %s split: %s", split, summary)
-    return PreferenceData("paired" if paired else "unpaired", streams, encoder.pad_id, source, summary)
+    return PreferenceData("paired" if paired else "unpaired", streams, encoder.pad_id, source,
+                          summary)
 
 
 class _Problems:
@@ -140,8 +147,10 @@ class _Problems:
         if self.count == 1:
             raise ValueError(self.messages[0])
         if self.count:
-            more = f"\n... and {self.count - len(self.messages)} more" if self.count > len(self.messages) else ""
-            raise ValueError(f"{self.count} invalid records in {source}:\n" + "\n".join(self.messages) + more)
+            more = (f"\n... and {self.count - len(self.messages)} more"
+                    if self.count > len(self.messages) else "")
+            raise ValueError(f"{self.count} invalid records in {source}:\n"
+                             + "\n".join(self.messages) + more)
 
 
 def _read_records(config: DataConfig, path: str, negatives: Optional[str], hf_split: str,
@@ -149,7 +158,8 @@ def _read_records(config: DataConfig, path: str, negatives: Optional[str], hf_sp
     if config.is_two_file_unpaired:
         records = []
         for file, label in ((path, True), (negatives, False)):
-            records += _parse_file(config, "unpaired_files", file, hf_split, problems, file_label=label)
+            records += _parse_file(config, "unpaired_files", file, hf_split, problems,
+                                   file_label=label)
         return "unpaired_files", records
     fmt = config.format
     rows = list(iter_rows(resolve_path(path), hf_split))
@@ -175,7 +185,8 @@ def _parse_rows(config, fmt, rows, problems, file_label=None) -> list[Record]:
         try:
             if isinstance(row, RecordError):
                 raise row
-            records.append(parse_record(fmt, row, config.columns, config.message_roles, location, file_label))
+            records.append(parse_record(fmt, row, config.columns, config.message_roles, location,
+                                        file_label))
         except RecordError as e:
             problems.add(e)
     return records
@@ -183,12 +194,13 @@ def _parse_rows(config, fmt, rows, problems, file_label=None) -> list[Record]:
 
 def _require_rows(rows: list, path: str) -> None:
     if not rows:
-        raise ValueError(f"{path}: no records (the file or split is empty). Fix: point the data path at a "
-                         f"source with at least one record")
+        raise ValueError(f"{path}: no records (the file or split is empty). Fix: point the data "
+                         f"path at a source with at least one record")
 
 
 def _tokenize(records: list[Record], encoder: PromptResponseTokenizer, config: DataConfig,
-              summary: LoadSummary, problems: _Problems, what: str) -> list[Optional[TokenizedExample]]:
+              summary: LoadSummary, problems: _Problems,
+              what: str) -> list[Optional[TokenizedExample]]:
     """Render, tokenize (one batched call per chunk) and apply the length policy; once a record
     is invalid, the rest are only rendered, to report every problem at once."""
     examples: list[Optional[TokenizedExample]] = [None] * len(records)
@@ -209,7 +221,8 @@ def _render(records: list[Record], chunk: range, encoder: PromptResponseTokenize
     rendered, rendered_at = [], []
     for i in chunk:
         record = records[i]
-        responses = (record.chosen, record.rejected) if isinstance(record, PreferencePair) else (record.completion,)
+        responses = ((record.chosen, record.rejected) if isinstance(record, PreferencePair)
+                     else (record.completion,))
         try:
             rendered.append(encoder.render(record.prompt, responses, record.location))
             rendered_at.append(i)
@@ -219,9 +232,11 @@ def _render(records: list[Record], chunk: range, encoder: PromptResponseTokenize
 
 
 def _example(record: Record, prompt: np.ndarray, responses: list, encoder: PromptResponseTokenizer,
-             config: DataConfig, summary: LoadSummary, problems: _Problems) -> Optional[TokenizedExample]:
+             config: DataConfig, summary: LoadSummary,
+             problems: _Problems) -> Optional[TokenizedExample]:
     try:
-        prompt = _apply_length_policy(prompt, responses, config, encoder.bos_id, record.location, summary)
+        prompt = _apply_length_policy(prompt, responses, config, encoder.bos_id, record.location,
+                                      summary)
     except RecordError as e:
         problems.add(e)
         return None
@@ -233,8 +248,9 @@ def _example(record: Record, prompt: np.ndarray, responses: list, encoder: Promp
                             tuple(math.nan if r is None else r for r in rewards), record.location)
 
 
-def _apply_length_policy(prompt: np.ndarray, responses: list, config: DataConfig, bos_id: Optional[int],
-                         location: str, summary: LoadSummary) -> Optional[np.ndarray]:
+def _apply_length_policy(prompt: np.ndarray, responses: list, config: DataConfig,
+                         bos_id: Optional[int], location: str,
+                         summary: LoadSummary) -> Optional[np.ndarray]:
     """Return the (possibly truncated) prompt, or None when the record is dropped (counted)."""
     limit, longest = config.max_seq_length, max(len(r) for r in responses)
     total = len(prompt) + longest
@@ -242,9 +258,10 @@ def _apply_length_policy(prompt: np.ndarray, responses: list, config: DataConfig
         summary.kept += 1
         return prompt
     if config.length_policy == "error":
-        raise RecordError(location, f"sequence of {total} tokens (prompt {len(prompt)} + response {longest}) "
-                          f"exceeds data.max_seq_length={limit}",
-                          "raise data.max_seq_length, or set data.length_policy to drop or truncate_prompt_left")
+        raise RecordError(location, f"sequence of {total} tokens (prompt {len(prompt)} + "
+                          f"response {longest}) exceeds data.max_seq_length={limit}",
+                          "raise data.max_seq_length, or set data.length_policy to drop or "
+                          "truncate_prompt_left")
     head = 1 if bos_id is not None and prompt[0] == bos_id else 0
     budget = limit - longest - head  # prompt tokens we can keep after BOS
     if config.length_policy == "drop" or budget < 1:
@@ -268,10 +285,12 @@ def _streams(records, examples, paired: bool, source: str, policy: str) -> tuple
             continue
         had = len(records) if paired else sum(bool(r.label) == (k == 0) for r in records)
         if had:
-            raise ValueError(f"{source}: all {had} {name} were dropped by data.length_policy={policy}. "
-                             f"Fix: raise data.max_seq_length or shorten the records")
-        raise ValueError(f"{source}: has no {name}. Fix: unpaired AOT needs both desirable (label true) "
-                         f"and undesirable (label false) examples; check the labels or the files")
+            raise ValueError(f"{source}: all {had} {name} were dropped by "
+                             f"data.length_policy={policy}. Fix: raise data.max_seq_length or "
+                             f"shorten the records")
+        raise ValueError(f"{source}: has no {name}. Fix: unpaired AOT needs both desirable (label "
+                         f"true) and undesirable (label false) examples; check the labels or the "
+                         f"files")
     return streams
 
 

@@ -85,7 +85,8 @@ def detect_format(row: dict, overrides: dict[str, str], location: str) -> str:
         return "trl_paired"
     expected = "; ".join(f"{fmt}: {[column_map(fmt, overrides)[f] for f in REQUIRED[fmt]]}"
                          for fmt in DETECTION_ORDER)
-    raise RecordError(location, f"cannot detect the format from keys {sorted(row)} (expected {expected})",
+    raise RecordError(location, f"cannot detect the format from keys {sorted(row)} (expected "
+                      f"{expected})",
                       "set data.format explicitly and map your column names with data.columns")
 
 
@@ -101,24 +102,28 @@ def parse_record(fmt: str, row: dict, overrides: dict[str, str], roles: list[str
     for name in REQUIRED[fmt]:
         if mapping[name] not in row:
             keys = [mapping[f] for f in REQUIRED[fmt]]
-            raise RecordError(location, f"missing key {mapping[name]!r} (format {fmt} needs {keys}; "
-                              f"found {sorted(row)})",
+            raise RecordError(location, f"missing key {mapping[name]!r} (format {fmt} needs "
+                              f"{keys}; found {sorted(row)})",
                               f"add the key, or map your column with data.columns.{name}=<column>")
     fields = {name: row.get(mapping[name]) for name in mapping}
-    conversational = any(isinstance(v, (list, tuple)) for n, v in fields.items() if n in TEXT_FIELDS)
+    conversational = any(isinstance(v, (list, tuple))
+                         for n, v in fields.items() if n in TEXT_FIELDS)
     prompt = _text(fields["prompt"], mapping["prompt"], location, roles, conversational, "user")
     if fmt in ("nemo_dpo", "trl_paired"):
         return PreferencePair(
             prompt=prompt,
-            chosen=_text(fields["chosen"], mapping["chosen"], location, ["assistant"], conversational, "assistant"),
-            rejected=_text(fields["rejected"], mapping["rejected"], location, ["assistant"], conversational,
-                           "assistant"),
+            chosen=_text(fields["chosen"], mapping["chosen"], location, ["assistant"],
+                         conversational, "assistant"),
+            rejected=_text(fields["rejected"], mapping["rejected"], location, ["assistant"],
+                           conversational, "assistant"),
             location=location,
-            chosen_reward=_reward(fields.get("chosen_reward"), mapping.get("chosen_reward"), location),
-            rejected_reward=_reward(fields.get("rejected_reward"), mapping.get("rejected_reward"), location),
+            chosen_reward=_reward(fields.get("chosen_reward"), mapping.get("chosen_reward"),
+                                  location),
+            rejected_reward=_reward(fields.get("rejected_reward"), mapping.get("rejected_reward"),
+                                    location),
         )
-    completion = _text(fields["completion"], mapping["completion"], location, ["assistant"], conversational,
-                       "assistant")
+    completion = _text(fields["completion"], mapping["completion"], location, ["assistant"],
+                       conversational, "assistant")
     label = fields.get("label")
     if fmt == "trl_unpaired" or label is not None:
         label = _boolean(label, mapping["label"], location)
@@ -144,7 +149,8 @@ def _split_implicit_prompt(row: dict, mapping: dict[str, str], location: str) ->
         raise RecordError(location, f"no {mapping['prompt']!r} column, and {mapping['chosen']!r} / "
                           f"{mapping['rejected']!r} are not both text or both message lists, so "
                           "the prompt cannot be taken from their common start",
-                          f"add a {mapping['prompt']!r} column (or map one with data.columns.prompt)")
+                          f"add a {mapping['prompt']!r} column (or map one with "
+                          "data.columns.prompt)")
     end = 0
     while end < min(len(chosen), len(rejected)) and chosen[end] == rejected[end]:
         end += 1
@@ -161,39 +167,49 @@ def _split_implicit_prompt(row: dict, mapping: dict[str, str], location: str) ->
             mapping["rejected"]: rejected[end:]}
 
 
-def _text(value, key: str, location: str, roles: list[str], conversational: bool, wrap_role: str) -> Text:
+def _text(value, key: str, location: str, roles: list[str], conversational: bool,
+          wrap_role: str) -> Text:
     if value is None:
-        raise RecordError(location, f"{key!r} is null", f"give {key!r} a value or remove the record")
+        raise RecordError(location, f"{key!r} is null",
+                          f"give {key!r} a value or remove the record")
     if isinstance(value, str):
         if not value.strip():
-            raise RecordError(location, f"{key!r} is empty", f"give {key!r} text or remove the record")
+            raise RecordError(location, f"{key!r} is empty",
+                              f"give {key!r} text or remove the record")
         return ({"role": wrap_role, "content": value},) if conversational else value
     if isinstance(value, (list, tuple)):
         return _messages(value, key, location, roles)
-    raise RecordError(location, f"{key!r} must be a string or a list of {{role, content}} messages, "
-                      f"got {type(value).__name__}", f"store {key!r} as text or as a message list")
+    raise RecordError(location, f"{key!r} must be a string or a list of {{role, content}} "
+                      f"messages, got {type(value).__name__}",
+                      f"store {key!r} as text or as a message list")
 
 
 def _messages(value, key: str, location: str, roles: list[str]) -> Messages:
     if not value:
-        raise RecordError(location, f"{key!r} is an empty message list", f"give {key!r} at least one message")
+        raise RecordError(location, f"{key!r} is an empty message list",
+                          f"give {key!r} at least one message")
     out = []
     for i, message in enumerate(value):
         where = f"{key}[{i}]"
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise RecordError(location, f"{where} must be an object with 'role' and 'content', got {message!r:.80}",
+            raise RecordError(location, f"{where} must be an object with 'role' and 'content', "
+                              f"got {message!r:.80}",
                               "write each message as {\"role\": ..., \"content\": ...}")
         role, content = message["role"], message["content"]
         if role not in roles:
             fix = ("responses hold only assistant messages; move other turns into the prompt"
-                   if roles == ["assistant"] else "use an allowed role, or extend data.message_roles")
-            raise RecordError(location, f"{where} has unknown role {role!r} (allowed here: {roles})", fix)
+                   if roles == ["assistant"]
+                   else "use an allowed role, or extend data.message_roles")
+            raise RecordError(location, f"{where} has unknown role {role!r} (allowed here: "
+                              f"{roles})", fix)
         if not isinstance(content, str):
-            raise RecordError(location, f"{where}.content must be a string, got {type(content).__name__}",
+            raise RecordError(location, f"{where}.content must be a string, got "
+                              f"{type(content).__name__}",
                               "flatten multi-part content into one string")
         out.append({"role": role, "content": content})
     if not any(m["content"].strip() for m in out):
-        raise RecordError(location, f"{key!r} has only empty messages", f"give {key!r} text or remove the record")
+        raise RecordError(location, f"{key!r} has only empty messages",
+                          f"give {key!r} text or remove the record")
     return tuple(out)
 
 
@@ -207,7 +223,9 @@ def _reward(value, key: Optional[str], location: str) -> Optional[float]:
 
 
 def _boolean(value, key: str, location: str) -> bool:
-    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy.bool_ from parquet/pandas
+    # numpy.bool_ from parquet/pandas
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
         return bool(value)
-    raise RecordError(location, f"{key!r} must be a boolean (true = desirable, false = undesirable), "
-                      f"got {type(value).__name__} {value!r:.40}", f"write {key!r} as JSON true/false")
+    raise RecordError(location, f"{key!r} must be a boolean (true = desirable, false = "
+                      f"undesirable), got {type(value).__name__} {value!r:.40}",
+                      f"write {key!r} as JSON true/false")

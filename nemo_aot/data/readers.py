@@ -12,6 +12,11 @@ import json
 import os
 from typing import Iterator, Union
 
+import pyarrow.parquet as pq
+
+# Hugging Face datasets imported lazily: it takes ~1 s and only dataset names and saved
+# datasets need it (`nemo-aot --help` and local files must not pay for it).
+
 LOCAL_EXTENSIONS = (".jsonl", ".json", ".parquet")
 
 
@@ -72,7 +77,8 @@ def _iter_json(path: str) -> Iterator[RowOrError]:
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         yield f"{path}:line {line}", RecordError(
-            f"{path}:line {line}", f"contains bytes that are not UTF-8 ({data[e.start:e.start + 1]!r})",
+            f"{path}:line {line}",
+            f"contains bytes that are not UTF-8 ({data[e.start:e.start + 1]!r})",
             "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
         return
     try:
@@ -87,7 +93,8 @@ def _iter_json(path: str) -> Iterator[RowOrError]:
         return
     if not isinstance(parsed, list):
         location = f"{path}:line 1"
-        yield location, RecordError(location, f"expected a JSON array of records, got {type(parsed).__name__}",
+        yield location, RecordError(location, f"expected a JSON array of records, got "
+                                              f"{type(parsed).__name__}",
                                     "store a list of objects, or one object per line as .jsonl")
         return
     for i, item in enumerate(parsed):
@@ -96,8 +103,6 @@ def _iter_json(path: str) -> Iterator[RowOrError]:
 
 
 def _iter_parquet(path: str) -> Iterator[RowOrError]:
-    import pyarrow.parquet as pq
-
     try:
         table = pq.read_table(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
@@ -124,9 +129,10 @@ def _load_hf(path: str, split: str):
         else:
             return datasets.load_dataset(path, split=split)
     except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "could not load"
-        raise ValueError(f"{path}: datasets could not load split {split!r} ({type(e).__name__}: {e}). "
-                         f"Fix: check the dataset name and data.train_split / data.validation_split; "
-                         f"offline, only local files and folders load") from e
+        raise ValueError(f"{path}: datasets could not load split {split!r} "
+                         f"({type(e).__name__}: {e}). Fix: check the dataset name and "
+                         f"data.train_split / data.validation_split; offline, only local files "
+                         f"and folders load") from e
     if split not in loaded:
         raise ValueError(f"{path}: saved DatasetDict has no split {split!r} (has {list(loaded)}). "
                          f"Fix: set data.train_split / data.validation_split")

@@ -34,8 +34,8 @@ FILLER = -1
 class _StepLayout:
     """How one step's per-stream slices are cut into this rank's micro-batches."""
 
-    def __init__(self, stream_sizes: Sequence[int], per_micro: Sequence[int], micro_batches_per_rank: int,
-                 dp_rank: int, dp_size: int):
+    def __init__(self, stream_sizes: Sequence[int], per_micro: Sequence[int],
+                 micro_batches_per_rank: int, dp_rank: int, dp_size: int):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
         assert len(stream_sizes) == len(per_micro) and micro_batches_per_rank >= 1
@@ -59,17 +59,20 @@ class _StepLayout:
 class TrainBatchSampler:
     """Yields, per step, this rank's micro-batches (lists of per-stream index tuples)."""
 
-    def __init__(self, stream_sizes: Sequence[int], per_micro: Sequence[int], micro_batches_per_rank: int,
-                 dp_rank: int, dp_size: int, seed: int, shuffle: bool = True, source: str = "data",
+    def __init__(self, stream_sizes: Sequence[int], per_micro: Sequence[int],
+                 micro_batches_per_rank: int, dp_rank: int, dp_size: int, seed: int,
+                 shuffle: bool = True, source: str = "data",
                  stream_names: Optional[Sequence[str]] = None):
         self.layout = _StepLayout(stream_sizes, per_micro, micro_batches_per_rank, dp_rank, dp_size)
         self.seed, self.shuffle = int(seed), bool(shuffle)
         names = stream_names or [f"stream {s}" for s in range(len(stream_sizes))]
         for name, n, q in zip(names, self.layout.stream_sizes, self.layout.per_step):
             if n < q:
-                raise ValueError(f"{source}: {n} {name} are fewer than one global batch needs ({q}). "
-                                 f"Fix: lower global_batch_size (and micro_batch_size) or add data")
-        self.steps_per_epoch = min(n // q for n, q in zip(self.layout.stream_sizes, self.layout.per_step))
+                raise ValueError(f"{source}: {n} {name} are fewer than one global batch needs "
+                                 f"({q}). Fix: lower global_batch_size (and micro_batch_size) or "
+                                 f"add data")
+        self.steps_per_epoch = min(n // q for n, q in zip(self.layout.stream_sizes,
+                                                          self.layout.per_step))
         self.global_batch_size = sum(self.layout.per_step)
         self.epoch = 0
         self.step_in_epoch = 0
@@ -99,8 +102,8 @@ class TrainBatchSampler:
     def _epoch_orders(self, epoch: int) -> tuple:
         if self._orders[0] != epoch:
             orders = tuple(
-                np.random.Generator(np.random.PCG64([self.seed, epoch, s])).permutation(n) if self.shuffle
-                else np.arange(n)
+                np.random.Generator(np.random.PCG64([self.seed, epoch, s])).permutation(n)
+                if self.shuffle else np.arange(n)
                 for s, n in enumerate(self.layout.stream_sizes)
             )
             self._orders = (epoch, orders)
@@ -108,8 +111,9 @@ class TrainBatchSampler:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "consumed_samples": self.consumed_samples, "seed": self.seed, "shuffle": self.shuffle,
-                "stream_sizes": list(self.layout.stream_sizes), "per_step": list(self.layout.per_step)}
+                "consumed_samples": self.consumed_samples, "seed": self.seed,
+                "shuffle": self.shuffle, "stream_sizes": list(self.layout.stream_sizes),
+                "per_step": list(self.layout.per_step)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a saved position; refuse one saved with other data, seed or batch sizes."""
@@ -117,12 +121,12 @@ class TrainBatchSampler:
                           ("stream_sizes", list(self.layout.stream_sizes)),
                           ("per_step", list(self.layout.per_step))):
             if state.get(key) != mine:
-                raise ValueError(f"sampler state was saved with {key}={state.get(key)!r} but this run has "
-                                 f"{mine!r}, so the resumed order would differ. Fix: resume with the same data, "
-                                 f"seed and global batch composition")
+                raise ValueError(f"sampler state was saved with {key}={state.get(key)!r} but "
+                                 f"this run has {mine!r}, so the resumed order would differ. Fix: "
+                                 f"resume with the same data, seed and global batch composition")
         if not 0 <= state["step_in_epoch"] <= self.steps_per_epoch:
-            raise ValueError(f"sampler state step_in_epoch={state['step_in_epoch']} is outside this epoch "
-                             f"(0..{self.steps_per_epoch})")
+            raise ValueError(f"sampler state step_in_epoch={state['step_in_epoch']} is outside "
+                             f"this epoch (0..{self.steps_per_epoch})")
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.consumed_samples = int(state["consumed_samples"])
 
@@ -130,10 +134,11 @@ class TrainBatchSampler:
 class ValidationBatchSampler:
     """One ordered pass over every example; the last step is padded with filler (-1) indices."""
 
-    def __init__(self, stream_sizes: Sequence[int], per_micro: Sequence[int], micro_batches_per_rank: int,
-                 dp_rank: int, dp_size: int):
+    def __init__(self, stream_sizes: Sequence[int], per_micro: Sequence[int],
+                 micro_batches_per_rank: int, dp_rank: int, dp_size: int):
         self.layout = _StepLayout(stream_sizes, per_micro, micro_batches_per_rank, dp_rank, dp_size)
-        self.num_steps = max(math.ceil(n / q) for n, q in zip(self.layout.stream_sizes, self.layout.per_step))
+        self.num_steps = max(math.ceil(n / q) for n, q in zip(self.layout.stream_sizes,
+                                                              self.layout.per_step))
         self.global_batch_size = sum(self.layout.per_step)
 
     def __iter__(self) -> Iterator[list[MicroBatchIndices]]:
@@ -161,26 +166,27 @@ def micro_batch_counts(kind: str, stream_sizes: Sequence[int], micro_batch_size:
     if kind == "paired":
         return (micro_batch_size,)
     if micro_batch_size < 2:
-        raise ValueError("unpaired data needs micro_batch_size >= 2 (at least one positive and one negative "
-                         "per micro-batch). Fix: raise micro_batch_size")
+        raise ValueError("unpaired data needs micro_batch_size >= 2 (at least one positive and "
+                         "one negative per micro-batch). Fix: raise micro_batch_size")
     n_pos, n_neg = stream_sizes
     fraction = positive_fraction if positive_fraction is not None else n_pos / (n_pos + n_neg)
     positives = min(max(round(micro_batch_size * fraction), 1), micro_batch_size - 1)
     return (positives, micro_batch_size - positives)
 
 
-def make_batch_sampler(data, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int, *,
-                       train: bool = True, seed: int = 0, shuffle: bool = True,
+def make_batch_sampler(data, global_batch_size: int, micro_batch_size: int, dp_rank: int,
+                       dp_size: int, *, train: bool = True, seed: int = 0, shuffle: bool = True,
                        positive_fraction: Optional[float] = None):
     """A sampler for ``data`` (a PreferenceData). ``global_batch_size`` and ``micro_batch_size``
     count pairs for paired data and sequences for unpaired data; the global batch must be a
     multiple of ``micro_batch_size * dp_size``."""
     if global_batch_size < 1 or global_batch_size % (micro_batch_size * dp_size):
-        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of micro_batch_size "
-                         f"({micro_batch_size}) x data-parallel size ({dp_size})")
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                         f"micro_batch_size ({micro_batch_size}) x data-parallel size ({dp_size})")
     sizes = [len(s) for s in data.streams]
     counts = micro_batch_counts(data.kind, sizes, micro_batch_size, positive_fraction)
     k = global_batch_size // (micro_batch_size * dp_size)
     if not train:
         return ValidationBatchSampler(sizes, counts, k, dp_rank, dp_size)
-    return TrainBatchSampler(sizes, counts, k, dp_rank, dp_size, seed, shuffle, data.source, data.stream_names)
+    return TrainBatchSampler(sizes, counts, k, dp_rank, dp_size, seed, shuffle, data.source,
+                             data.stream_names)

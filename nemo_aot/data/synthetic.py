@@ -25,18 +25,22 @@ def _example(seed: int, stream: int, index: int, responses: int, vocab_size: int
              prompt_len: tuple, response_len: tuple) -> TokenizedExample:
     rng = np.random.Generator(np.random.PCG64([seed, stream, index]))
     prompt = np.concatenate([[BOS_ID], _tokens(rng, *prompt_len, vocab_size)]).astype(np.int32)
-    outs = tuple(np.concatenate([_tokens(rng, *response_len, vocab_size), [EOS_ID]]).astype(np.int32)
-                 for _ in range(responses))
+    outs = tuple(
+        np.concatenate([_tokens(rng, *response_len, vocab_size), [EOS_ID]]).astype(np.int32)
+        for _ in range(responses))
     return TokenizedExample(prompt, outs, (math.nan,) * responses, f"synthetic:{stream}:{index}")
 
 
-def synthetic_preference_data(kind: str, sizes: Sequence[int], vocab_size: int = 64, seed: int = 0,
-                              prompt_len: tuple = (2, 9), response_len: tuple = (1, 6)) -> PreferenceData:
+def synthetic_preference_data(kind: str, sizes: Sequence[int], vocab_size: int = 64,
+                              seed: int = 0, prompt_len: tuple = (2, 9),
+                              response_len: tuple = (1, 6)) -> PreferenceData:
     """``kind`` paired with ``sizes=(n_pairs,)`` or unpaired with ``sizes=(n_pos, n_neg)``."""
     if kind not in ("paired", "unpaired") or len(sizes) != (1 if kind == "paired" else 2):
-        raise ValueError(f"kind must be paired with one size or unpaired with two, got {kind!r} {list(sizes)}")
+        raise ValueError(f"kind must be paired with one size or unpaired with two, got {kind!r} "
+                         f"{list(sizes)}")
     responses = 2 if kind == "paired" else 1
-    streams = tuple([_example(seed, s, i, responses, vocab_size, prompt_len, response_len) for i in range(n)]
+    streams = tuple([_example(seed, s, i, responses, vocab_size, prompt_len, response_len)
+                     for i in range(n)]
                     for s, n in enumerate(sizes))
     total = sum(sizes)
     summary = LoadSummary(source=f"synthetic {kind}", format="synthetic", records=total, kept=total)

@@ -26,6 +26,8 @@ from nemo_aot.data.config import resolve_path
 from nemo_aot.data.formats import Text
 from nemo_aot.data.readers import RecordError
 
+# transformers imported lazily: it takes ~0.6 s and `nemo-aot --help` must not pay for it.
+
 
 def load_tokenizer(path: str):
     """Load a Hugging Face tokenizer from a local folder (``bundled:`` paths allowed), offline."""
@@ -38,8 +40,9 @@ def load_tokenizer(path: str):
     try:
         return AutoTokenizer.from_pretrained(resolved, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad folder
-        raise ValueError(f"data.tokenizer_path {path!r} could not be loaded ({type(e).__name__}: {e}). "
-                         f"Fix: save the tokenizer there with tokenizer.save_pretrained()") from e
+        raise ValueError(f"data.tokenizer_path {path!r} could not be loaded "
+                         f"({type(e).__name__}: {e}). Fix: save the tokenizer there with "
+                         f"tokenizer.save_pretrained()") from e
 
 
 class PromptResponseTokenizer:
@@ -59,35 +62,41 @@ class PromptResponseTokenizer:
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         self.plain_adds_bos = self.bos_id is not None and probe[:1] == [self.bos_id]
 
-    def render(self, prompt: Text, responses: Sequence[Text], location: str) -> tuple[str, list[str], bool]:
+    def render(self, prompt: Text, responses: Sequence[Text],
+               location: str) -> tuple[str, list[str], bool]:
         """Return ``(prompt_text, response_texts, templated)`` for one record."""
         conversational = not isinstance(prompt, str)
         if not conversational and self.mode != "always":
             return prompt, list(responses), False
         if conversational and self.mode == "never":
-            raise RecordError(location, "record is conversational but data.apply_chat_template is 'never'",
+            raise RecordError(location, "record is conversational but data.apply_chat_template "
+                              "is 'never'",
                               "set data.apply_chat_template to auto, or store pre-rendered text")
         if not self.has_template:
-            raise RecordError(location, "the tokenizer has no chat template to render messages with",
-                              "use a tokenizer with a chat_template, or set data.apply_chat_template=never "
-                              "with plain-text records")
+            raise RecordError(location,
+                              "the tokenizer has no chat template to render messages with",
+                              "use a tokenizer with a chat_template, or set "
+                              "data.apply_chat_template=never with plain-text records")
         messages = _as_messages(prompt, "user")
         prompt_text = self._apply(messages, location, add_generation_prompt=True)
         response_texts = []
         for response in responses:
-            full = self._apply(messages + _as_messages(response, "assistant"), location, add_generation_prompt=False)
+            full = self._apply(messages + _as_messages(response, "assistant"), location,
+                               add_generation_prompt=False)
             if not full.startswith(prompt_text):
-                raise RecordError(location, "the chat template renders the prompt differently once a response "
-                                  "follows (the rendered prompt is not a prefix of prompt + response)",
-                                  "use a prefix-consistent template, or pre-render the text and set "
-                                  "data.apply_chat_template=never")
+                raise RecordError(location, "the chat template renders the prompt differently once "
+                                  "a response follows (the rendered prompt is not a prefix of "
+                                  "prompt + response)",
+                                  "use a prefix-consistent template, or pre-render the text and "
+                                  "set data.apply_chat_template=never")
             text = full[len(prompt_text):]
             if self.eos_text and text.rstrip().endswith(self.eos_text):
                 text = text.rstrip()
             response_texts.append(text)
         return prompt_text, response_texts, True
 
-    def encode(self, rendered: list[tuple[str, list[str], bool]]) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    def encode(self, rendered: list[tuple[str, list[str], bool]]
+               ) -> list[tuple[np.ndarray, list[np.ndarray]]]:
         """Tokenize many rendered records at once (one batched call per side)."""
         prompts = self._ids([r[0] for r in rendered])
         responses = iter(self._ids([t for r in rendered for t in r[1]]))
@@ -102,7 +111,8 @@ class PromptResponseTokenizer:
             return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - jinja raises template-defined errors
-            raise RecordError(location, f"the chat template failed on this record ({type(e).__name__}: {e})",
+            raise RecordError(location, f"the chat template failed on this record "
+                              f"({type(e).__name__}: {e})",
                               "fix the record's messages (roles/order the template expects)") from e
 
     def _ids(self, texts: list[str]) -> list[list[int]]:

@@ -13,7 +13,7 @@ from .aot import aot_paired_loss, aot_unpaired_loss
 from .api import preference_loss
 from .config import REFERENCE_POLICIES, SORT_SCOPES, AlignmentConfig
 from .dpo import dpo_loss, ipo_loss
-from .global_scope import GlobalSortPlan, matched_partner_loss, plan_global_sort
+from .global_scope import GlobalSortPlan, matched_partner_loss, plan_global_sort, reproduction_error
 from .metrics import QUANTILE_LEVELS, finalize_metrics, logit_metric_sums, preference_metric_sums
 from .registry import LOSS_SPECS, LossSpec, get_loss_spec, register_loss, transport_inputs
 from .surrogates import SURROGATES, get_surrogate
@@ -25,5 +25,6 @@ __all__ = [
     "aot_paired_loss", "aot_unpaired_loss", "dominance_violation", "dpo_loss", "finalize_metrics",
     "get_loss_spec", "get_surrogate", "ipo_loss", "logit_metric_sums", "matched_partner_loss",
     "plan_global_sort", "preference_loss", "preference_metric_sums", "quantile_cells",
+    "reproduction_error",
     "register_loss", "transport_cost", "transport_inputs",
 ]

@@ -56,7 +56,8 @@ def aot_unpaired_loss(
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """``integral h(Q_u(t) - Q_v(t)) dt`` with u = chosen log-ratios (n), v = rejected (m)."""
-    return transport_cost(chosen_logratios, rejected_logratios, _cost(beta, surrogate, label_smoothing))
+    return transport_cost(chosen_logratios, rejected_logratios,
+                          _cost(beta, surrogate, label_smoothing))
 
 
 def aot_paired_loss(
@@ -73,7 +74,8 @@ def aot_paired_loss(
             "aot_paired_loss needs one reference margin per policy margin, got shapes "
             f"{tuple(policy_margins.shape)} and {tuple(reference_margins.shape)}"
         )
-    return transport_cost(policy_margins, reference_margins, _cost(beta, surrogate, label_smoothing))
+    return transport_cost(policy_margins, reference_margins,
+                          _cost(beta, surrogate, label_smoothing))
 
 
 def paired_transport_inputs(pc, pr, rc, rr):

@@ -43,7 +43,8 @@ ARG_NAMES = ("policy_chosen_logps", "policy_rejected_logps",
 
 
 def _check_beta_and_smoothing(beta, label_smoothing) -> None:
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta <= 0:
+    if (isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta)
+            or beta <= 0):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
@@ -54,8 +55,8 @@ def check_options(loss_type, beta, label_smoothing, surrogate) -> None:
     spec = get_loss_spec(loss_type)
     get_surrogate(surrogate)
     if not spec.uses_surrogate and surrogate != "logistic":
-        raise ValueError(f"surrogate does not apply to loss_type={loss_type!r} (got {surrogate!r}); "
-                         "leave it at the default")
+        raise ValueError(f"surrogate does not apply to loss_type={loss_type!r} "
+                         f"(got {surrogate!r}); leave it at the default")
     _check_beta_and_smoothing(beta, label_smoothing)
     if label_smoothing and (not spec.uses_surrogate or surrogate not in SMOOTHABLE):
         raise ValueError(f"label_smoothing (cDPO) applies to the logistic surrogate only, not to "
@@ -77,24 +78,28 @@ def _check_tensors(spec: LossSpec, tensors: Sequence[torch.Tensor]) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 1:
-            raise ValueError(f"{name} must be 1-D (one log-prob per sequence), got shape {tuple(t.shape)}")
+            raise ValueError(f"{name} must be 1-D (one log-prob per sequence), got shape "
+                             f"{tuple(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.device != tensors[0].device:
-            raise ValueError(f"{name} is on {t.device} but policy_chosen_logps is on {tensors[0].device}")
+            raise ValueError(f"{name} is on {t.device} but policy_chosen_logps is on "
+                             f"{tensors[0].device}")
     partner = {1: 0, 2: 0, 3: 1} if spec.paired else {2: 0, 3: 1}
     for i, j in partner.items():
         if tensors[i].shape[0] != tensors[j].shape[0]:
             need = "pairs" if spec.paired else "a reference log-prob per policy log-prob"
-            raise ValueError(f"{ARG_NAMES[i]} has {tensors[i].shape[0]} entries but {ARG_NAMES[j]} has "
-                             f"{tensors[j].shape[0]}; loss_type={spec.name!r} needs {need}")
+            raise ValueError(f"{ARG_NAMES[i]} has {tensors[i].shape[0]} entries but "
+                             f"{ARG_NAMES[j]} has {tensors[j].shape[0]}; "
+                             f"loss_type={spec.name!r} needs {need}")
 
 
 def _check_lengths(tensors: Sequence[torch.Tensor], lengths: Sequence[torch.Tensor]) -> None:
     if not lengths:
         return
     if len(lengths) != 2:
-        raise ValueError(f"lengths must be (chosen, rejected) token counts, got {len(lengths)} tensors")
+        raise ValueError(f"lengths must be (chosen, rejected) token counts, got {len(lengths)} "
+                         "tensors")
     for side, t, logps in zip(("chosen", "rejected"), lengths, tensors[:2]):
         if not isinstance(t, torch.Tensor) or t.shape != logps.shape:
             raise ValueError(f"lengths: the {side} token counts must be a tensor of shape "
@@ -149,7 +154,8 @@ def preference_loss(
     """
     check_options(loss_type, beta, label_smoothing, surrogate)
     spec = get_loss_spec(loss_type)
-    tensors = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    tensors = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+               reference_rejected_logps)
     _check_tensors(spec, tensors)
     dtype = torch.float32
     for t in tensors:

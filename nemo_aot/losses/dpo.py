@@ -38,7 +38,9 @@ def dpo_loss(
     return h(chosen_logratios - rejected_logratios, beta, label_smoothing).mean()
 
 
-def ipo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *, beta: float) -> torch.Tensor:
-    """``mean_i (a_i - b_i - 1/(2 beta))^2``: IPO's squared regression onto the margin 1/(2 beta)."""
+def ipo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *,
+             beta: float) -> torch.Tensor:
+    """``mean_i (a_i - b_i - 1/(2 beta))^2``: IPO's squared regression onto the margin
+    1/(2 beta)."""
     _check_pairs(chosen_logratios, rejected_logratios, "ipo_loss")
     return (chosen_logratios - rejected_logratios - 1.0 / (2.0 * beta)).square().mean()

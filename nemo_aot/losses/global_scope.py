@@ -24,7 +24,8 @@ micro-batch of every DP rank is L. Megatron-core's schedule divides each micro-b
 must return ``matched_partner_loss(...) * num_microbatches * dp_size`` (and report
 ``plan``-level metrics, not per-micro-batch ones). The second pass must reproduce the first pass's
 values: ``reproduce_atol`` (default 1e-3, in log-prob units) makes a mismatch raise
-``RuntimeError`` (one host sync per call; ``None`` skips the check).
+``RuntimeError`` (one host sync per call; ``None`` skips the check, e.g. to check
+``reproduction_error`` once per step instead).
 """
 
 from __future__ import annotations
@@ -76,18 +77,34 @@ def plan_global_sort(chosen_values: torch.Tensor, rejected_values: torch.Tensor)
 
 def _local_slot(rank_of_index: torch.Tensor, index: torch.Tensor, cell_rank: torch.Tensor):
     """For each cell, the position in this micro-batch of the sample the cell uses (or -1)."""
+    index = index.to(rank_of_index.device)
     slot = torch.full_like(rank_of_index, -1)
-    slot[rank_of_index[index]] = torch.arange(index.numel(), device=index.device)
+    slot[rank_of_index[index]] = torch.arange(index.numel(), device=rank_of_index.device)
     return slot[cell_rank]
+
+
+def reproduction_error(chosen_values: torch.Tensor, rejected_values: torch.Tensor,
+                       chosen_index: torch.Tensor, rejected_index: torch.Tensor,
+                       plan: GlobalSortPlan) -> torch.Tensor:
+    """Largest |second pass - first pass| of this micro-batch's values, a 0-d tensor on the
+    plan's device (no host sync: the caller checks it once per step)."""
+    worst = plan.chosen_values.new_zeros(())
+    for values, index, first in ((chosen_values, chosen_index, plan.chosen_values),
+                                 (rejected_values, rejected_index, plan.rejected_values)):
+        if values.numel():
+            diff = (values.detach().to(first.dtype) - first[index.to(first.device)]).abs().max()
+            worst = torch.maximum(worst, diff)
+    return worst
 
 
 def _check_reproduced(values, index, plan_values, atol, side):
     if atol is None or values.numel() == 0:
         return
-    diff = (values.detach() - plan_values[index]).abs().max()
-    if bool(diff > atol):
-        raise RuntimeError(f"second-pass {side} values differ from the first pass by {float(diff):.3g} "
-                           f"> reproduce_atol={atol}: the forward is not deterministic (dropout on?)")
+    diff = (values.detach() - plan_values[index.to(plan_values.device)]).abs().max()
+    if bool(diff > atol):  # one host sync; AOTStep checks reproduction_error once per step
+        raise RuntimeError(f"second-pass {side} values differ from the first pass by "
+                           f"{float(diff):.3g} > reproduce_atol={atol}: the forward is not "
+                           "deterministic (dropout on?)")
 
 
 def matched_partner_loss(
@@ -104,12 +121,14 @@ def matched_partner_loss(
 ) -> torch.Tensor:
     """This micro-batch's share of the full-batch AOT loss (value and gradient; module doc)."""
     check_surrogate_options(beta, label_smoothing, surrogate)
-    for name, vals, idx in (("chosen", chosen_values, chosen_index), ("rejected", rejected_values, rejected_index)):
+    for name, vals, idx in (("chosen", chosen_values, chosen_index),
+                            ("rejected", rejected_values, rejected_index)):
         if vals.dim() != 1 or idx.shape != vals.shape:
             raise ValueError(f"{name}_values and {name}_index must be 1-D of equal length, got "
                              f"{tuple(vals.shape)} and {tuple(idx.shape)}")
     _check_reproduced(chosen_values, chosen_index, plan.chosen_values, reproduce_atol, "chosen")
-    _check_reproduced(rejected_values, rejected_index, plan.rejected_values, reproduce_atol, "rejected")
+    _check_reproduced(rejected_values, rejected_index, plan.rejected_values, reproduce_atol,
+                      "rejected")
     h = get_surrogate(surrogate)
     u = chosen_values.to(plan.chosen_sorted.dtype)
     v = rejected_values.to(plan.chosen_sorted.dtype)
@@ -118,10 +137,12 @@ def matched_partner_loss(
     total = u.sum() + v.sum() if not (u.numel() or v.numel()) else u.new_zeros(())
     if u.numel():
         slot = _local_slot(plan.chosen_rank, chosen_index, plan.cell_chosen)
-        terms = h(u[slot.clamp_min(0)] - plan.rejected_sorted[plan.cell_rejected], beta, label_smoothing)
+        partner = plan.rejected_sorted[plan.cell_rejected]
+        terms = h(u[slot.clamp_min(0)] - partner, beta, label_smoothing)
         total = total + torch.where(slot >= 0, w * terms, 0.0).sum()
     if v.numel():
         slot = _local_slot(plan.rejected_rank, rejected_index, plan.cell_rejected)
-        terms = h(plan.chosen_sorted[plan.cell_chosen] - v[slot.clamp_min(0)], beta, label_smoothing)
+        partner = plan.chosen_sorted[plan.cell_chosen]
+        terms = h(partner - v[slot.clamp_min(0)], beta, label_smoothing)
         total = total + torch.where(slot >= 0, w * (terms - terms.detach()), 0.0).sum()
     return total

@@ -22,7 +22,12 @@ from typing import Callable, Optional
 
 import torch
 
-from .aot import aot_paired_loss, aot_unpaired_loss, paired_transport_inputs, unpaired_transport_inputs
+from .aot import (
+    aot_paired_loss,
+    aot_unpaired_loss,
+    paired_transport_inputs,
+    unpaired_transport_inputs,
+)
 from .dpo import dpo_loss, ipo_loss
 
 Tensor = torch.Tensor
@@ -119,7 +124,9 @@ def _ipo(pc, pr, rc, rr, beta, surrogate, ls):
 
 
 # Registration order is the order config errors list the choices in.
-register_loss(LossSpec("aot_unpaired", _aot_unpaired, paired=False, transport_inputs=unpaired_transport_inputs))
-register_loss(LossSpec("aot_paired", _aot_paired, paired=True, transport_inputs=paired_transport_inputs))
+register_loss(LossSpec("aot_unpaired", _aot_unpaired, paired=False,
+                       transport_inputs=unpaired_transport_inputs))
+register_loss(LossSpec("aot_paired", _aot_paired, paired=True,
+                       transport_inputs=paired_transport_inputs))
 register_loss(LossSpec("dpo", _dpo, paired=True))
 register_loss(LossSpec("ipo", _ipo, paired=True, uses_surrogate=False))

@@ -25,7 +25,8 @@ import torch
 
 
 @functools.lru_cache(maxsize=64)
-def _cells_cached(n: int, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cells_cached(n: int, m: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Work in integer units of 1/(n m): level k/n is k*m, level l/m is l*n. No rounding anywhere.
     edges = torch.unique(torch.cat([
         torch.arange(n + 1, device=device, dtype=torch.int64) * m,
@@ -72,7 +73,8 @@ def transport_cost(
 
 
 @torch.no_grad()
-def dominance_violation(u: torch.Tensor, v: torch.Tensor, *, presorted: bool = False) -> torch.Tensor:
+def dominance_violation(u: torch.Tensor, v: torch.Tensor, *,
+                        presorted: bool = False) -> torch.Tensor:
     """Fraction of quantile levels ``t`` in (0, 1] where ``Q_u(t) < Q_v(t)``.
 
     Zero exactly when the empirical distribution of ``u`` first-order stochastically dominates
@@ -85,7 +87,8 @@ def dominance_violation(u: torch.Tensor, v: torch.Tensor, *, presorted: bool = F
 
 
 @torch.no_grad()
-def empirical_quantiles(x: torch.Tensor, levels: tuple[float, ...], *, presorted: bool = False) -> torch.Tensor:
+def empirical_quantiles(x: torch.Tensor, levels: tuple[float, ...], *,
+                        presorted: bool = False) -> torch.Tensor:
     """``Q_x(t) = x_(ceil(t n))`` at each level (the same quantile function the loss integrates)."""
     x_sorted = x.detach() if presorted else torch.sort(x.detach()).values
     n = x_sorted.shape[0]

@@ -109,8 +109,7 @@ class MegatronGPTAOTModel(ModelPT):
         self.cpu_swap: Optional[CpuSwapReference] = None
 
     def _wrap_ddp(self, chunks, use_distributed_optimizer: bool):
-        from megatron.core.distributed import (DistributedDataParallel,
-                                               DistributedDataParallelConfig)
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
         from nemo_aot.distributed.parallel import compute_device

@@ -34,14 +34,28 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from nemo_aot.distributed.collectives import all_gather_list_with_grad, data_parallel_gather
+from nemo_aot.distributed.collectives import (
+    all_gather_list_with_grad,
+    data_parallel_gather,
+    exchange_row_counts,
+)
 from nemo_aot.distributed.parallel import compute_device
-from nemo_aot.losses import (finalize_metrics, get_loss_spec, logit_metric_sums, matched_partner_loss,
-                             plan_global_sort, preference_loss, transport_inputs)
+from nemo_aot.distributed.ranks import any_rank
+from nemo_aot.losses import (
+    finalize_metrics,
+    get_loss_spec,
+    logit_metric_sums,
+    matched_partner_loss,
+    plan_global_sort,
+    preference_loss,
+    reproduction_error,
+    transport_inputs,
+)
 from nemo_aot.losses.config import AlignmentConfig
 from nemo_aot.models.logprobs import sequence_logprobs, tp_vocab_range, vocab_parallel_logprobs
 
 MicroBatch = dict[str, torch.Tensor]
+ROW_KEYS = ("chosen_rows", "rejected_rows")  # added to each micro-batch by AOTStep (host)
 
 
 @dataclass
@@ -57,18 +71,30 @@ class StepResult:
     """Per-sample implicit rewards {chosen, rejected} (host tensors), when collected."""
 
 
-def split_sides(mb: MicroBatch, values: torch.Tensor, paired: bool):
-    """(chosen, rejected) entries of a per-row vector, real rows only.
+def side_rows(mb: MicroBatch, paired: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) row indices of a micro-batch's real rows, computed on the host.
 
     Paired micro-batches keep row i and row i + B/2 as one pair; a filler pair has weight 0 on
-    both rows, so dropping filler rows keeps the pairs aligned.
+    both rows, so dropping filler rows keeps the pairs aligned. Selecting rows by these index
+    tensors (sizes known on the host) needs no device sync, unlike boolean masks on the device.
     """
-    real = mb["sample_weight"] > 0
+    real = mb["sample_weight"].cpu() > 0  # host tensors in training: no copy
     if paired:
-        half = values.shape[0] // 2
-        keep = real[:half]
-        return values[:half][keep], values[half:][keep]
-    return values[mb["label"] & real], values[~mb["label"] & real]
+        half = real.shape[0] // 2
+        keep = torch.nonzero(real[:half]).flatten()
+        return keep, keep + half
+    label = mb["label"].cpu()
+    return torch.nonzero(label & real).flatten(), torch.nonzero(~label & real).flatten()
+
+
+def split_sides(mb: MicroBatch, values: torch.Tensor, paired: bool):
+    """(chosen, rejected) entries of a per-row vector, real rows only (``side_rows``)."""
+    if ROW_KEYS[0] in mb:
+        chosen, rejected = (mb[k] for k in ROW_KEYS)
+    else:  # a micro-batch that did not pass through AOTStep (e.g. built by hand)
+        chosen, rejected = side_rows(mb, paired)
+    return (values.index_select(0, chosen.to(values.device)),
+            values.index_select(0, rejected.to(values.device)))
 
 
 def split_rows(mb: MicroBatch, logps: torch.Tensor, paired: bool):
@@ -125,12 +151,15 @@ class AOTStep:
         a = self.alignment
         return dict(beta=a.beta, label_smoothing=a.label_smoothing, surrogate=a.surrogate)
 
-    def _scoped_loss(self, pc, pr, rc, rr, lengths=None):
+    def _scoped_loss(self, pc, pr, rc, rr, lengths=None, dp_rows=None):
+        """The loss of this micro-batch's sort group; ``dp_rows``: every DP rank's (chosen,
+        rejected) counts of it under the data_parallel scope (exchanged once per step)."""
         a = self.alignment
         lengths = list(lengths or ())
-        if a.sort_scope == "data_parallel" and parallel_state.get_data_parallel_world_size() > 1:
+        if dp_rows is not None:
+            rows = [[nc, nr, nc, nr] + [nc, nr] * (len(lengths) // 2) for nc, nr in dp_rows]
             pc, pr, rc, rr, *lengths = data_parallel_gather(
-                parallel_state.get_data_parallel_group())([pc, pr, rc, rr, *lengths])
+                parallel_state.get_data_parallel_group(), rows)([pc, pr, rc, rr, *lengths])
         if pc.numel() == 0 or pr.numel() == 0:
             # Nothing to compare (all filler, or one side only): no loss, no gradient, no
             # metrics; the zero stays in the graph so backward() still runs.
@@ -146,7 +175,7 @@ class AOTStep:
             raise ValueError("pipeline parallelism needs every micro-batch of a step padded to one "
                              "length: set data.uniform_step_length=true")
 
-        device = compute_device()
+        device = compute_device()  # micro-batches come staged (_stage): pinned when on CUDA
 
         def forward_step(data_iterator, model):
             index, mb = next(data_iterator)
@@ -169,21 +198,53 @@ class AOTStep:
             num_microbatches=len(micro_batches), seq_length=seq,
             micro_batch_size=micro_batches[0]["input_ids"].shape[0], forward_only=forward_only)
 
+    def _stage(self, micro_batches: list[MicroBatch]) -> list[MicroBatch]:
+        """Host-side preparation of a step's micro-batches: the real rows of each side as index
+        tensors (``side_rows``), and page-locked copies on a GPU host, so that the
+        ``non_blocking`` copies in the schedule overlap (from pageable memory they do not)."""
+        pin = compute_device().type == "cuda"
+        staged = []
+        for mb in micro_batches:
+            mb = dict(mb)
+            if ROW_KEYS[0] not in mb:
+                mb.update(zip(ROW_KEYS, side_rows(mb, self.paired)))
+            if pin:
+                mb = {k: v.pin_memory() if torch.is_tensor(v) and v.device.type == "cpu" else v
+                      for k, v in mb.items()}
+            staged.append(mb)
+        return staged
+
+    def _data_parallel_rows(self, micro_batches: list[MicroBatch]) -> Optional[list]:
+        """Every DP rank's (chosen, rejected) real-row counts per micro-batch, from one exchange
+        per step (the data_parallel scope's gathers then need no size exchange or host sync),
+        on the last pipeline stage; None where nothing is gathered."""
+        if self.alignment.sort_scope != "data_parallel" or \
+                parallel_state.get_data_parallel_world_size() == 1 or \
+                not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            return None
+        local = [int(mb[k].numel()) for mb in micro_batches for k in ROW_KEYS]
+        every = exchange_row_counts(local, parallel_state.get_data_parallel_group())
+        return [[(counts[2 * i], counts[2 * i + 1]) for counts in every]
+                for i in range(len(micro_batches))]
+
     def step(self, micro_batches: list[MicroBatch], forward_only: bool = False,
              collect_rewards: bool = False) -> StepResult:
         """Forward (and backward unless ``forward_only``) of one global batch. With
         ``collect_rewards`` (validation: the reward CDF plots) the per-sample rewards come back
         too, gathered over DP ranks (one host copy per micro-batch)."""
         rewards = [] if collect_rewards else None
+        micro_batches = self._stage(micro_batches)
         if self.alignment.sort_scope == "global":
             return self._global_step(micro_batches, forward_only, rewards)
+        dp_rows = self._data_parallel_rows(micro_batches)
 
         def loss_for(index, mb, logits):
             logps, counts, logit_sums = self._sequence_logps(logits, mb, with_logits=True)
             rows = split_rows(mb, logps, self.paired)
             if rewards is not None:
                 rewards.append(self._sample_rewards(rows))
-            loss, sums = self._scoped_loss(*rows, lengths=self._lengths(mb, counts))
+            loss, sums = self._scoped_loss(*rows, lengths=self._lengths(mb, counts),
+                                           dp_rows=None if dp_rows is None else dp_rows[index])
             if sums is not None:
                 sums.update(self._logit_pieces(mb, counts, logit_sums))
                 # megatron divides the returned loss in place; the pieces must not share it
@@ -207,7 +268,7 @@ class AOTStep:
                                                 counts)}
 
         with torch.no_grad():
-            stats = self._run(micro_batches, loss_for, forward_only=True)
+            stats = self._run(self._stage(micro_batches), loss_for, forward_only=True)
         return [s["scores"] for s in stats]
 
     # ----------------------------------------------------------------- global scope
@@ -234,6 +295,7 @@ class AOTStep:
         if forward_only:
             return self._reduce_metrics(sums, rewards)
         scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
+        errors = []
 
         def grad_pass(index, mb, logits):
             logps, _, _ = self._sequence_logps(logits, mb)
@@ -241,13 +303,27 @@ class AOTStep:
                 return logps.sum() * 0, {}
             u, v = transport_inputs(a.loss_type, *split_rows(mb, logps, self.paired))
             (u0, v0) = offsets[index]
-            term = matched_partner_loss(
-                u, v, torch.arange(u0, u0 + u.numel()), torch.arange(v0, v0 + v.numel()), plan,
-                reproduce_atol=a.reproduce_atol, **self._loss_kwargs())
+            u_index = torch.arange(u0, u0 + u.numel(), device=u.device)
+            v_index = torch.arange(v0, v0 + v.numel(), device=v.device)
+            errors.append(reproduction_error(u, v, u_index, v_index, plan))
+            term = matched_partner_loss(u, v, u_index, v_index, plan, reproduce_atol=None,
+                                        **self._loss_kwargs())
             return term * scale, {}
 
         self._run(micro_batches, grad_pass, forward_only=False)
+        self._check_reproduced(errors)
         return self._reduce_metrics(sums, rewards)
+
+    def _check_reproduced(self, errors: list[torch.Tensor]) -> None:
+        """The grad pass must reproduce the first pass's values: one check per step, agreed by
+        every rank (the last stage measures; all ranks raise together)."""
+        atol = self.alignment.reproduce_atol
+        worst = float(torch.stack(errors).max()) if errors else 0.0  # the step's one host read
+        if any_rank(worst > atol):
+            raise RuntimeError(
+                f"global sort scope: the grad pass's values differ from the first pass's by "
+                f"{worst:.3g} (on this rank) > alignment.reproduce_atol={atol}: the forward is "
+                "not deterministic (dropout on? FP8 delayed scaling?)")
 
     def _plan(self, captured):
         """Gather every rank's first-pass transport inputs in rank-major order and sort them.
@@ -266,11 +342,10 @@ class AOTStep:
         group = parallel_state.get_data_parallel_group()
         dp_rank = parallel_state.get_data_parallel_rank()
         if parallel_state.get_data_parallel_world_size() > 1:
-            counts = torch.tensor([local[0].numel(), local[1].numel()], device=local[0].device)
-            every = [torch.zeros_like(counts) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(every, counts, group=group)
-            base = torch.stack(every)[:dp_rank].sum(0).tolist() if dp_rank else [0, 0]
-            local = all_gather_list_with_grad(local, group)
+            # One exchange of every gathered tensor's length serves the offsets and the gather.
+            rows = exchange_row_counts([t.shape[0] for t in local], group)
+            base = [sum(r[0] for r in rows[:dp_rank]), sum(r[1] for r in rows[:dp_rank])]
+            local = all_gather_list_with_grad(local, group, rows=rows)
         else:
             base = [0, 0]
         u_all, v_all, pc, pr, rc, rr, *lengths = local

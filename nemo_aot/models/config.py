@@ -174,9 +174,14 @@ def to_transformer_config(model: GPTModelConfig, parallel, precision: str = "fp3
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        # Initialize the full weight on the CPU with one seed, then shard it: the same
-        # checkpoint-free model at every TP/PP layout (and no CUDA needed to build it).
-        use_cpu_initialization=True,
+        # Without CUDA: initialize the full weight on the CPU with one seed, then shard it (the
+        # same checkpoint-free model at every TP/PP layout). On a GPU host, each rank allocates
+        # and initializes only its shard, on the device (megatron's model-parallel RNG): the
+        # full master weights of a 70B model on every rank's CPU take minutes. Initialization
+        # stays on even when a checkpoint overwrites the weights: megatron marks tensor-parallel
+        # parameters (which the grad norm needs) only while initializing them; only a read-only
+        # export turns it off.
+        use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=True,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,

@@ -7,7 +7,8 @@ two modules of ours:
   usable with sequence parallelism: its weight is marked ``sequence_parallel`` so megatron's
   grad finalization all-reduces it over the TP group. (megatron's torch fallback norm refuses
   sequence parallelism outright.)
-* :class:`SDPAttention` - core attention through ``torch.nn.functional.scaled_dot_product_attention``:
+* :class:`SDPAttention` - core attention through
+  ``torch.nn.functional.scaled_dot_product_attention``:
   flash / memory-efficient kernels on GPU, the math kernel on CPU, causal and GQA-aware without
   materializing the fp32 [b, heads, s, s] score tensor that megatron's unfused
   ``DotProductAttention`` allocates.
@@ -35,7 +36,7 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         # Under sequence parallelism each TP rank sees a slice of the sequence, so each holds a
         # partial weight gradient; megatron sums params marked like this over the TP group.
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -55,7 +56,8 @@ class SDPAttention(MegatronModule):
         if config.context_parallel_size != 1:
             raise ValueError("context parallelism needs the TransformerEngine layer spec")
         self.attn_mask_type = attn_mask_type
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.dropout_p = (config.attention_dropout if attention_dropout is None
+                          else attention_dropout)
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale or config.softmax_scale or 1.0 / math.sqrt(head_dim)
 
@@ -118,7 +120,10 @@ def decoder_block_spec(config: TransformerConfig, layer_spec: ModuleSpec,
                        vp_stage: Optional[int] = None) -> ModuleSpec:
     """Wrap a layer spec into a block spec whose final norm is ours (SP-capable) on local."""
     from megatron.core.transformer.transformer_block import (
-        TransformerBlock, TransformerBlockSubmodules, get_num_layers_to_build)
+        TransformerBlock,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
 
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     final_norm = RMSNorm if layer_spec.submodules.input_layernorm is RMSNorm else None

@@ -55,9 +55,14 @@ import yaml
 
 from nemo_aot.distributed import ranks
 from nemo_aot.models.config import GPTModelConfig, RopeScaling
-from nemo_aot.models.dist_weights import (VOCAB_NAMES, check_dist_checkpoint,
-                                          chunks_sharded_state_dict, load_dist_weights,
-                                          read_checkpoint_metadata, unpickle_metadata)
+from nemo_aot.models.dist_weights import (
+    VOCAB_NAMES,
+    check_dist_checkpoint,
+    chunks_sharded_state_dict,
+    load_dist_weights,
+    read_checkpoint_metadata,
+    unpickle_metadata,
+)
 
 CONFIG_NAME = "model_config.yaml"
 EXTRACT_DIR_ENV = "NEMO_AOT_EXTRACT_DIR"

@@ -11,7 +11,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 FP8_FORMATS = ("e4m3", "hybrid")
-FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+# The compute capability each FP8 recipe needs: FP8 GEMMs from Ada/Hopper on; block-scaled
+# recipes need their hardware scaling (blockwise: Hopper's TE kernels; MXFP8: Blackwell).
+FP8_MIN_CAPABILITY = {"delayed": (8, 9), "tensorwise": (8, 9), "blockwise": (9, 0),
+                      "mxfp8": (10, 0)}
+FP8_RECIPES = tuple(FP8_MIN_CAPABILITY)
 
 
 @dataclass
@@ -35,7 +39,8 @@ class PrecisionConfig:
 
     def validate(self, prefix: str = "precision") -> None:
         if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ValueError(f"{prefix}.precision must be bf16, fp16 or fp32, got {self.precision!r}")
+            raise ValueError(f"{prefix}.precision must be bf16, fp16 or fp32, got "
+                             f"{self.precision!r}")
         if self.transformer_impl not in ("local", "transformer_engine"):
             raise ValueError(f"{prefix}.transformer_impl must be local or transformer_engine, "
                              f"got {self.transformer_impl!r}")
@@ -44,7 +49,8 @@ class PrecisionConfig:
                 raise ValueError(f"{prefix}.fp8_param needs {prefix}.fp8 to be set")
             return
         if self.fp8 not in FP8_FORMATS:
-            raise ValueError(f"{prefix}.fp8 must be one of {list(FP8_FORMATS)} or null, got {self.fp8!r}")
+            raise ValueError(f"{prefix}.fp8 must be one of {list(FP8_FORMATS)} or null, got "
+                             f"{self.fp8!r}")
         if self.fp8_recipe not in FP8_RECIPES:
             raise ValueError(f"{prefix}.fp8_recipe must be one of {list(FP8_RECIPES)}")
         if self.fp8_amax_compute_algo not in ("max", "most_recent"):
@@ -70,8 +76,16 @@ class PrecisionConfig:
         if self.fp8 is not None:
             if not torch.cuda.is_available():
                 raise ValueError(f"{prefix}.fp8 needs a CUDA GPU; set {prefix}.fp8=null on CPU")
-            major, minor = torch.cuda.get_device_capability()
-            if (major, minor) < (8, 9):
-                raise ValueError(
-                    f"{prefix}.fp8 needs compute capability >= 8.9 (Ada/Hopper/Blackwell); this "
-                    f"GPU is {major}.{minor}. Set {prefix}.fp8=null")
+            check_fp8_device(self.fp8_recipe, torch.cuda.get_device_capability(), prefix)
+
+
+def check_fp8_device(recipe: str, capability: tuple, prefix: str = "precision") -> None:
+    """Refuse an FP8 recipe this GPU (``capability`` = (major, minor)) cannot run."""
+    need, have = FP8_MIN_CAPABILITY[recipe], tuple(capability)
+    if have >= need:
+        return
+    usable = [r for r, c in FP8_MIN_CAPABILITY.items() if have >= c]
+    fix = (f"use {prefix}.fp8_recipe={' or '.join(usable)}" if usable
+           else f"set {prefix}.fp8=null (no FP8 on this GPU)")
+    raise ValueError(f"{prefix}.fp8_recipe={recipe} needs compute capability >= "
+                     f"{need[0]}.{need[1]}; this GPU is {have[0]}.{have[1]}: {fix}")

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from nemo_aot.distributed.ranks import StopRequested, any_ranks, from_rank0, rank
 from nemo_aot.distributed.parallel import compute_device
+from nemo_aot.distributed.ranks import StopRequested, any_ranks, from_rank0, rank
 from nemo_aot.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -169,20 +169,36 @@ def _read_cache(cache_path: str, sizes: tuple[int, int]) -> Optional[dict]:
     return None
 
 
+def _host_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    copy = torch.empty_like(tensor, device="cpu", pin_memory=pin)
+    copy.copy_(tensor.detach())
+    return copy
+
+
 class CpuSwapReference:
     """Reference weights in CPU memory, swapped into the model to score each global batch."""
 
     def __init__(self, chunks: list):
         self.params = [p for c in chunks for p in c.parameters()]
-        self.reference = [p.detach().to("cpu", copy=True) for p in self.params]
+        # Page-locked on a GPU host, so the copies below are asynchronous DMA (from pageable
+        # memory a non_blocking copy is a synchronous one). The policy's own host buffers are
+        # allocated once and reused every swap.
+        pin = torch.cuda.is_available()
+        self.reference = [_host_copy(p, pin) for p in self.params]
+        self.policy = [torch.empty_like(r, pin_memory=pin) for r in self.reference]
 
-    def _swap(self, into: list[torch.Tensor]) -> list[torch.Tensor]:
-        held = []
-        with torch.no_grad():
-            for p, ref in zip(self.params, into):
-                held.append(p.detach().to("cpu", copy=True))
-                p.copy_(ref, non_blocking=True)
-        return held
+    @torch.no_grad()
+    def _load_reference(self) -> None:
+        """Park the policy's weights in their host buffers, then load the reference's (the
+        copies are ordered on the current stream: each weight parks before it is overwritten)."""
+        for p, keep, ref in zip(self.params, self.policy, self.reference):
+            keep.copy_(p.detach(), non_blocking=True)
+            p.copy_(ref, non_blocking=True)
+
+    @torch.no_grad()
+    def _restore_policy(self) -> None:
+        for p, keep in zip(self.params, self.policy):
+            p.copy_(keep, non_blocking=True)
 
     def score_step(self, step, micro_batches: list[dict]) -> ReferenceTable:
         """Reference log-probs of this global batch's responses (all ranks)."""
@@ -192,11 +208,11 @@ class CpuSwapReference:
                 if (mb["sample_index"][mask] >= 0).any():
                     sizes[side] = max(sizes[side], int(mb["sample_index"][mask].max()) + 1)
         sizes = self._global_sizes(sizes)
-        policy = self._swap(self.reference)
+        self._load_reference()
         try:
             return score_into_table(step, [micro_batches], tuple(sizes))
         finally:
-            self._swap(policy)
+            self._restore_policy()
 
     @staticmethod
     def _global_sizes(sizes: list[int]) -> list[int]:

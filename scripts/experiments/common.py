@@ -203,7 +203,7 @@ class HFPolicy:
             ids = torch.full((len(seqs), width), self.encoder.pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             resp = torch.zeros(len(seqs), width, dtype=torch.bool)
-            for i, ((p, r), s) in enumerate(zip(chunk, seqs)):
+            for i, ((p, _), s) in enumerate(zip(chunk, seqs)):
                 ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
                 mask[i, :len(s)] = 1
                 resp[i, len(p):len(s)] = True

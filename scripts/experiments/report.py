@@ -143,7 +143,8 @@ def _scope_table(rows: list) -> list:
         lines.append(f"| {r['beta']:g} | {r['sort_scope']} | {r['micro_batch_size']} | {r['dp']} | "
                      f"{r['sort_batch']} | {_fmt(r['heldout_accuracy'])} | {_fmt(r['win_rate'])} | "
                      f"{_fmt(r['fsd_violation'])} | {_fmt(r['reward_accuracy'])} | "
-                     f"{_fmt(r['train_reward_chosen'], 2)} | {_fmt(r['train_reward_rejected'], 2)} | "
+                     f"{_fmt(r['train_reward_chosen'], 2)} | "
+                     f"{_fmt(r['train_reward_rejected'], 2)} | "
                      f"{len(r['seeds'])} |")
     return lines
 

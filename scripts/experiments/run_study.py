@@ -176,7 +176,7 @@ def _run_all(commands: list, log_dir: str, label: str) -> None:
                       log, cmd))
     failed = []
     try:
-        for proc, log, cmd in procs:
+        for proc, log, _ in procs:
             proc.wait()
             log.close()
             if proc.returncode:
@@ -243,19 +243,7 @@ def orchestrate(args) -> int:
 
     groups = mode.groups()
     runs = list(dict.fromkeys(groups["loss"] + groups["scope"]))
-    previous = os.path.join(out, "plan.json")
-    if os.path.exists(previous):
-        with open(previous) as f:
-            before = json.load(f)
-        if before["mode_config"] != json.loads(json.dumps(dataclasses.asdict(mode))) or \
-                before["reference"] != reference:
-            raise SystemExit(f"{out} holds a study with another configuration (plan.json); "
-                             "use a new --out folder")
-    plan = {"mode": args.mode, "reference": reference,
-            "runs": [dataclasses.asdict(r) for r in runs],
-            "groups": {g: [r.name for r in members] for g, members in groups.items()},
-            "mode_config": dataclasses.asdict(mode)}
-    common.write_json(os.path.join(out, "plan.json"), plan)
+    _write_plan(out, args.mode, mode, reference, runs, groups)
 
     def train():
         todo = [r for r in runs if not os.path.exists(_policy(out, r))]
@@ -287,6 +275,23 @@ def orchestrate(args) -> int:
     _stage("report", timings, lambda: write_report(out, timings))
     print(f"[study] results: {os.path.join(out, 'results.md')}")
     return 0
+
+
+def _write_plan(out: str, mode_name: str, mode, reference: str, runs: list, groups: dict) -> None:
+    """<out>/plan.json; a folder that holds a study of another configuration is refused."""
+    path = os.path.join(out, "plan.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        if before["mode_config"] != json.loads(json.dumps(dataclasses.asdict(mode))) or \
+                before["reference"] != reference:
+            raise SystemExit(f"{out} holds a study with another configuration (plan.json); "
+                             "use a new --out folder")
+    plan = {"mode": mode_name, "reference": reference,
+            "runs": [dataclasses.asdict(r) for r in runs],
+            "groups": {g: [r.name for r in members] for g, members in groups.items()},
+            "mode_config": dataclasses.asdict(mode)}
+    common.write_json(path, plan)
 
 
 def _reference_path(args, out: str) -> str:

@@ -32,6 +32,7 @@ from nemo_aot.data import demo_task
 
 from . import common
 
+
 def write_sft_data(path: str, questions: list, seed: int) -> int:
     rng = random.Random(seed)
     records = []
@@ -66,7 +67,8 @@ def sft_config(train_path: str, init_from: str, args):
     from nemo_aot.algorithms.config import compose_config
 
     return compose_config("gpt_aot", [
-        "recipe=demo", f"init_from={init_from}", f"data.train_path={train_path}", "data.validation_path=null",
+        "recipe=demo", f"init_from={init_from}", f"data.train_path={train_path}",
+        "data.validation_path=null",
         f"data.tokenizer_path={common.TOKENIZER}", "data.max_seq_length=64",
         f"data.seed={args.seed}", f"trainer.seed={args.seed}",
         f"trainer.max_steps={args.steps}", "trainer.max_epochs=null",

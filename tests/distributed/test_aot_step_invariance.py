@@ -64,7 +64,8 @@ def _compare(tmp_path, world, tp, pp, scope, loss_type, groups, reference_micro,
                                            length_normalize), timeout=300)
     for metrics in out:
         assert metrics.keys() == ref.keys()
-        assert {"logps/chosen", "logits/chosen", "rewards/margins", "rewards/accuracies"} <= ref.keys()
+        assert {"logps/chosen", "logits/chosen", "rewards/margins",
+                "rewards/accuracies"} <= ref.keys()
         assert metrics["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6)
         for key, value in ref.items():   # every metric, TRL's included: exact reduction
             assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5, nan_ok=True), key
@@ -72,7 +73,8 @@ def _compare(tmp_path, world, tp, pp, scope, loss_type, groups, reference_micro,
     (b,) = run_multirank(_full, 1, args=(run_g,), timeout=240)
     nonzero = 0
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=2e-4, atol=2e-6, msg=lambda m, k=key: f"{k}: {m}")
+        torch.testing.assert_close(b[key], a[key], rtol=2e-4, atol=2e-6,
+                                   msg=lambda m, k=key: f"{k}: {m}")
         nonzero += int(a[key].abs().max() > 0)
     assert nonzero > len(a) // 2, "reference gradients are mostly zero: the test would be vacuous"
 
@@ -106,7 +108,8 @@ def test_length_normalized_dp2_gathers_the_token_counts(tmp_path, scope):
     rank1 = _micro_batches(len(rank0), 10, length_normalize=True)
     merged = ([mu.merge_rows([rank0[k], rank1[k]]) for k in range(2)] if scope == "data_parallel"
               else [mu.merge_rows(rank0 + rank1)])
-    _compare(tmp_path, 2, 1, 1, scope, "aot_unpaired", [rank0, rank1], merged, length_normalize=True)
+    _compare(tmp_path, 2, 1, 1, scope, "aot_unpaired", [rank0, rank1], merged,
+             length_normalize=True)
 
 
 def test_global_scope_four_micro_batches_equal_one(tmp_path):

@@ -56,8 +56,13 @@ def _load_all(tp, pp, nemo_files, tokens, resave_path):
     from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
     from nemo_aot.models.config import to_transformer_config
     from nemo_aot.models.gpt import build_model_chunks
-    from nemo_aot.models.nemo_format import (TOKENIZER_DIR, extract_nemo, load_nemo_weights,
-                                             read_nemo_config, save_nemo)
+    from nemo_aot.models.nemo_format import (
+        TOKENIZER_DIR,
+        extract_nemo,
+        load_nemo_weights,
+        read_nemo_config,
+        save_nemo,
+    )
 
     results = {}
     for family, path in nemo_files.items():

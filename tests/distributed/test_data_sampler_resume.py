@@ -1,4 +1,5 @@
-"""Resume in fresh processes: k steps, save the state, restore elsewhere -> the uninterrupted batches.
+"""Resume in fresh processes: k steps, save the state, restore elsewhere -> the uninterrupted
+batches.
 
 The uninterrupted run needs no process group (DP rank and size are plain ints, as the trainer
 passes megatron's), so it runs here for every rank; the resumed run happens in fresh gloo ranks
@@ -30,7 +31,8 @@ def _take(batches, n):
     out = []
     while len(out) < n:
         for step in batches:
-            out.append([{k: m[k].tolist() for k in ("input_ids", "loss_mask", "sample_index", "label")}
+            out.append([{k: m[k].tolist()
+                         for k in ("input_ids", "loss_mask", "sample_index", "label")}
                         for m in step])
             if len(out) == n:
                 break
@@ -69,9 +71,11 @@ def test_resume_in_fresh_processes_continues_exactly(dp):
         for kind in SETUPS:
             steps = full[rank][kind][0]
             assert len(steps) == BEFORE + AFTER
-            assert resumed[rank][kind] == steps[BEFORE:], f"{kind} rank {rank} diverged after resume"
+            assert resumed[rank][kind] == steps[BEFORE:], \
+                f"{kind} rank {rank} diverged after resume"
             assert steps[BEFORE:] != steps[:AFTER]  # the continuation is not just a restart
     if dp == 2:  # the ranks split each step: no sample on both
         for t in range(BEFORE + AFTER):
-            ids = [set(i for m in full[r]["paired"][0][t] for i in m["sample_index"]) for r in range(2)]
+            ids = [set(i for m in full[r]["paired"][0][t] for i in m["sample_index"])
+                   for r in range(2)]
             assert not ids[0] & ids[1]

@@ -99,8 +99,8 @@ def test_a_reference_cache_one_rank_sees_does_not_split_the_ranks(which, tmp_pat
 
 
 def _scoring_interrupted_on_one_rank():
-    from nemo_aot.distributed.ranks import StopRequested
     from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
+    from nemo_aot.distributed.ranks import StopRequested
     from nemo_aot.models.reference import score_into_table
 
     initialize_model_parallel(ParallelConfig())

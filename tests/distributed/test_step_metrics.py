@@ -38,8 +38,8 @@ def _brute_force(chunk, mbs, paired):
 
 
 def _run(loss_type, length_normalize):
-    from nemo_aot.models.aot_step import AOTStep
     from nemo_aot.losses.config import AlignmentConfig
+    from nemo_aot.models.aot_step import AOTStep
 
     chunks, config = mu.setup(per_token_loss=False)
     paired = loss_type != "aot_unpaired"

@@ -58,7 +58,8 @@ def make_init_nemo(root, vocab_size=512):
 
 def train_args(data_dir, output_dir, *extra):
     return ["recipe=demo", "trainer.max_steps=8", "trainer.max_epochs=null",
-            "trainer.global_batch_size=8", "trainer.micro_batch_size=2", "trainer.val_check_interval=4",
+            "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
+            "trainer.val_check_interval=4",
             "checkpoint.save_interval=4",
             f"data.train_path={data_dir}/train.jsonl",
             f"data.validation_path={data_dir}/validation.jsonl",
@@ -85,7 +86,8 @@ def run_cli(args, nproc=1, timeout=420, check=True):
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n"
-                             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}")
+                             f"--- stdout ---\n{proc.stdout[-4000:]}\n"
+                             f"--- stderr ---\n{proc.stderr[-8000:]}")
     return proc
 
 

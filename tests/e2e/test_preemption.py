@@ -23,9 +23,9 @@ def _inject(phase: str) -> None:
     """Deliver a signal to one rank only, in the middle of ``phase``."""
     rank = torch.distributed.get_rank()
     if phase == "data loading" and rank == 1:
-        import nemo_aot.data
+        from nemo_aot.algorithms import run  # where the run looks the loader up
 
-        load = nemo_aot.data.load_preference_data
+        load = run.load_preference_data
 
         def load_then_signal(config, split, tokenizer=None):
             data = load(config, split, tokenizer)
@@ -33,7 +33,7 @@ def _inject(phase: str) -> None:
                 _signal_self()
             return data
 
-        nemo_aot.data.load_preference_data = load_then_signal
+        run.load_preference_data = load_then_signal
     elif phase == "reference scoring" and rank == 0:
         from nemo_aot.models.aot_step import AOTStep
 

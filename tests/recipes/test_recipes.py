@@ -52,7 +52,8 @@ def scale_down(recipe, data_dir, out_dir):
     tp = min(p.tensor_model_parallel_size, CAP_TP)
     pp = min(p.pipeline_model_parallel_size, CAP_PP)
     world = t.num_nodes * t.devices if t.devices else tp * pp
-    dp = min(max(world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size), 1), CAP_DP)
+    dp = min(max(world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size), 1),
+             CAP_DP)
     while tp * pp * dp > MAX_RANKS:
         dp -= 1
     micro = min(t.micro_batch_size, CAP_MICRO)
@@ -62,7 +63,8 @@ def scale_down(recipe, data_dir, out_dir):
     ranks = tp * pp * dp
     overrides = [
         f"recipe={recipe}", f"parallel.tensor_model_parallel_size={tp}",
-        f"parallel.pipeline_model_parallel_size={pp}", "parallel.virtual_pipeline_model_parallel_size=null",
+        f"parallel.pipeline_model_parallel_size={pp}",
+        "parallel.virtual_pipeline_model_parallel_size=null",
         f"parallel.sequence_parallel={str(bool(p.sequence_parallel and tp > 1)).lower()}",
         "trainer.num_nodes=1", f"trainer.devices={ranks if t.devices else 'null'}",
         f"trainer.micro_batch_size={micro}", f"trainer.global_batch_size={gbs}",

@@ -3,15 +3,22 @@
 import pytest
 import torch
 
-from nemo_aot.losses import matched_partner_loss, plan_global_sort, preference_loss, transport_inputs
+from nemo_aot.losses import (
+    matched_partner_loss,
+    plan_global_sort,
+    preference_loss,
+    transport_inputs,
+)
 
 
 def _model_batch(n, m, d=5, seed=0):
     """A tiny linear 'policy': log-probs = features @ theta, reference log-probs fixed."""
     g = torch.Generator().manual_seed(seed)
     theta = torch.randn(d, generator=g, dtype=torch.float64)
-    xc, xr = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(m, d, generator=g, dtype=torch.float64)
-    rc, rr = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(m, generator=g, dtype=torch.float64)
+    xc, xr = (torch.randn(n, d, generator=g, dtype=torch.float64),
+              torch.randn(m, d, generator=g, dtype=torch.float64))
+    rc, rr = (torch.randn(n, generator=g, dtype=torch.float64),
+              torch.randn(m, generator=g, dtype=torch.float64))
     return theta, xc, xr, rc, rr
 
 
@@ -36,14 +43,16 @@ def _micro_batched(loss_type, theta, xc, xr, rc, rr, surrogate, beta, ls, parts,
         plan = plan_global_sort(u_all, v_all)
     theta = theta.clone().requires_grad_()
     chosen_split = _split(xc.shape[0], parts, seed)
-    rejected_split = chosen_split if loss_type == "aot_paired" else _split(xr.shape[0], parts, seed + 1)
+    rejected_split = (chosen_split if loss_type == "aot_paired"
+                      else _split(xr.shape[0], parts, seed + 1))
     total = 0.0
     for ci, ri in zip(chosen_split, rejected_split):   # second pass, one micro-batch at a time
         if loss_type == "aot_paired":
             u, v = transport_inputs(loss_type, xc[ci] @ theta, xr[ci] @ theta, rc[ci], rr[ci])
         else:
             u, v = transport_inputs(loss_type, xc[ci] @ theta, xr[ri] @ theta, rc[ci], rr[ri])
-        term = matched_partner_loss(u, v, ci, ri, plan, beta=beta, surrogate=surrogate, label_smoothing=ls)
+        term = matched_partner_loss(u, v, ci, ri, plan, beta=beta, surrogate=surrogate,
+                                    label_smoothing=ls)
         term.backward()
         total += term.detach()
     return total, theta.grad
@@ -96,9 +105,10 @@ def test_second_pass_must_reproduce_first_pass():
 def test_global_scope_bad_inputs():
     plan = plan_global_sort(torch.randn(4), torch.randn(4))
     with pytest.raises(ValueError, match="chosen_values and chosen_index"):
-        matched_partner_loss(torch.randn(2), torch.randn(2), torch.arange(3), torch.arange(2), plan, beta=0.1)
+        matched_partner_loss(torch.randn(2), torch.randn(2), torch.arange(3), torch.arange(2), plan,
+                             beta=0.1)
     with pytest.raises(ValueError, match="beta"):
-        matched_partner_loss(torch.randn(2), torch.randn(2), torch.arange(2), torch.arange(2), plan, beta=0.0,
-                             reproduce_atol=None)
+        matched_partner_loss(torch.randn(2), torch.randn(2), torch.arange(2), torch.arange(2), plan,
+                             beta=0.0, reproduce_atol=None)
     with pytest.raises(ValueError, match="rejected_values"):
         plan_global_sort(torch.randn(4), torch.randn(0))

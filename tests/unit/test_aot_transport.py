@@ -21,7 +21,7 @@ def _integral_by_cells(u, v, h):
     """Enumerate the breakpoints with exact fractions; evaluate h at each cell's midpoint."""
     us, vs = sorted(u), sorted(v)
     points = sorted({Fraction(k, len(us)) for k in range(len(us) + 1)}
-                    | {Fraction(l, len(vs)) for l in range(len(vs) + 1)})
+                    | {Fraction(j, len(vs)) for j in range(len(vs) + 1)})
     total = 0.0
     for a, b in zip(points, points[1:]):
         mid = (a + b) / 2
@@ -51,9 +51,11 @@ def test_unequal_sizes_match_exact_cell_enumeration(n, m):
     v = [rnd.gauss(0.5, 2) for _ in range(m)]
     beta = 0.6
     expected = _integral_by_cells(u, v, _softplus_neg(beta))
-    zeros = lambda k: torch.zeros(k, dtype=torch.float64)
-    loss, _ = preference_loss(torch.tensor(u, dtype=torch.float64), torch.tensor(v, dtype=torch.float64),
-                              zeros(n), zeros(m), loss_type="aot_unpaired", beta=beta)
+    loss, _ = preference_loss(torch.tensor(u, dtype=torch.float64),
+                              torch.tensor(v, dtype=torch.float64),
+                              torch.zeros(n, dtype=torch.float64),
+                              torch.zeros(m, dtype=torch.float64), loss_type="aot_unpaired",
+                              beta=beta)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -61,7 +63,10 @@ def test_unequal_sizes_match_blind_numerical_integration():
     rnd = random.Random(7)
     u = [rnd.gauss(0, 1) for _ in range(7)]
     v = [rnd.gauss(0, 1) for _ in range(11)]
-    h = lambda x: max(0.5 - x, 0.0) ** 2
+
+    def h(x):
+        return max(0.5 - x, 0.0) ** 2
+
     got = transport_cost(torch.tensor(u, dtype=torch.float64), torch.tensor(v, dtype=torch.float64),
                          lambda x: torch.relu(0.5 - x).square())
     assert got.item() == pytest.approx(_integral_by_riemann(u, v, h), abs=2e-4)
@@ -85,11 +90,15 @@ def test_quantile_cells_structure(n, m):
 def test_equal_sizes_take_the_sorted_pairs_mean_exactly():
     g = torch.Generator().manual_seed(0)
     u, v = torch.randn(50, generator=g), torch.randn(50, generator=g)
-    cost = lambda x: torch.nn.functional.softplus(-x)
+
+    def cost(x):
+        return torch.nn.functional.softplus(-x)
+
     expected = cost(torch.sort(u).values - torch.sort(v).values).mean()
     assert transport_cost(u, v, cost).item() == expected.item()        # bitwise: TRL's formula
     ui, vi, w = quantile_cells(50, 50)
-    via_cells = (w * cost(torch.sort(u).values[ui].double() - torch.sort(v).values[vi].double())).sum()
+    via_cells = (w * cost(torch.sort(u).values[ui].double()
+                          - torch.sort(v).values[vi].double())).sum()
     assert via_cells.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -103,8 +112,9 @@ def test_unequal_gradient_matches_finite_differences_of_the_exact_integral():
                    lambda x: torch.nn.functional.softplus(-1.3 * x)).backward()
     eps = 1e-6
     for i in range(4):
-        up = list(u); up[i] += eps
-        dn = list(u); dn[i] -= eps
+        up, dn = list(u), list(u)
+        up[i] += eps
+        dn[i] -= eps
         fd = (_integral_by_cells(up, v, h) - _integral_by_cells(dn, v, h)) / (2 * eps)
         assert ut.grad[i].item() == pytest.approx(fd, rel=1e-6, abs=1e-9)
 
@@ -115,7 +125,8 @@ def test_dominance_violation_matches_cell_enumeration(n, m):
     u = [rnd.gauss(0.3, 1) for _ in range(n)]
     v = [rnd.gauss(0, 1) for _ in range(m)]
     expected = _integral_by_cells(u, v, lambda d: 1.0 if d < 0 else 0.0)
-    got = dominance_violation(torch.tensor(u, dtype=torch.float64), torch.tensor(v, dtype=torch.float64))
+    got = dominance_violation(torch.tensor(u, dtype=torch.float64),
+                              torch.tensor(v, dtype=torch.float64))
     assert got.item() == pytest.approx(expected, abs=1e-12)
 
 
@@ -127,5 +138,6 @@ def test_dominance_violation_extremes():
 
 def test_empirical_quantiles():
     x = torch.tensor([5.0, 1.0, 3.0, 2.0, 4.0, 0.0, 9.0, 8.0, 7.0, 6.0])
-    expected = [_quantile(sorted(x.tolist()), Fraction(t).limit_denominator(1000)) for t in QUANTILE_LEVELS]
+    expected = [_quantile(sorted(x.tolist()), Fraction(t).limit_denominator(1000))
+                for t in QUANTILE_LEVELS]
     assert empirical_quantiles(x, QUANTILE_LEVELS).tolist() == expected == [0.0, 4.0, 8.0]

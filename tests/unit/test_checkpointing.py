@@ -14,8 +14,13 @@ import pytest
 import torch
 
 from multirank import run_multirank
-from nemo_aot.algorithms.checkpointing import (MARKER, CheckpointManager, capture_rng_state,
-                                               read_marker, restore_rng_state)
+from nemo_aot.algorithms.checkpointing import (
+    MARKER,
+    CheckpointManager,
+    capture_rng_state,
+    read_marker,
+    restore_rng_state,
+)
 
 
 def _writer(text):
@@ -169,7 +174,7 @@ def _multirank_save(root):
 def test_multirank_save(tmp_path):
     root = str(tmp_path / "ckpt")
     results = run_multirank(_multirank_save, world_size=2, args=(root,), timeout=120)
-    for files_seen, step, path, after_failure, error in results:
+    for files_seen, step, path, after_failure, _ in results:
         assert files_seen == [MARKER, "shard_rank0.txt", "shard_rank1.txt"]
         assert step == 4 and path == os.path.join(root, "step_00000004")
         assert after_failure == 4  # the failed save did not replace the checkpoint

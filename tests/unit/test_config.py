@@ -11,9 +11,17 @@ import pytest
 from omegaconf import OmegaConf
 
 from config_stubs import DEMO_WITHOUT_CHECKPOINT, config_only_nemo, model_group
+from nemo_aot.algorithms.config import (
+    AOTConfig,
+    compose_config,
+    compose_raw,
+    config_hash,
+    find_config_dir,
+    load_config,
+    required_keys,
+    to_yaml,
+)
 from nemo_aot.data.config import DataConfig
-from nemo_aot.algorithms.config import (AOTConfig, compose_config, compose_raw, config_hash,
-                                        find_config_dir, load_config, required_keys, to_yaml)
 
 CONF = find_config_dir()
 TOP_LEVEL = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(f"{CONF}/*.yaml"))
@@ -138,7 +146,8 @@ def test_wrong_type_and_unknown_option_fail():
 @pytest.mark.parametrize("overrides, world_size, match", [
     (["parallel.tensor_model_parallel_size=3"], None, "num_attention_heads"),
     (["parallel=tp2"], 3, "not divisible"),
-    (["parallel.pipeline_model_parallel_size=4", "data.uniform_step_length=true"], None, "num_layers"),
+    (["parallel.pipeline_model_parallel_size=4", "data.uniform_step_length=true"], None,
+     "num_layers"),
     (["parallel.sequence_parallel=true"], None, "sequence_parallel"),
     (["parallel=pp2", "parallel.virtual_pipeline_model_parallel_size=2", "model.num_layers=4",
       "trainer.global_batch_size=12"], 2, "multiple of parallel.pipeline_model_parallel_size"),
@@ -221,7 +230,7 @@ def test_conf_ships_inside_the_package():
 def test_infrastructure_modules_do_not_import_megatron_or_nemo():
     code = ("import sys\n"
             "import nemo_aot.algorithms.config, nemo_aot.algorithms.checkpointing\n"
-            "import nemo_aot.algorithms.signals, nemo_aot.algorithms.observability\n"
+            "import nemo_aot.algorithms.signals, nemo_aot.algorithms.reporting\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('megatron', 'nemo', 'wandb')]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -9,9 +9,15 @@ import os
 
 import pytest
 import torch
-
-from test_conversion_families import (FAMILIES, build_hf, hf_logits, megatron_logits,
-                                      random_tokens, read_safetensors_dir, save_hf)
+from test_conversion_families import (
+    FAMILIES,
+    build_hf,
+    hf_logits,
+    megatron_logits,
+    random_tokens,
+    read_safetensors_dir,
+    save_hf,
+)
 
 TOLERANCE = 1e-4
 

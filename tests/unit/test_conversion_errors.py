@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-
 from test_conversion_families import build_hf, save_hf
 
 

@@ -1,4 +1,5 @@
-"""Malformed inputs: each is a ValueError naming the file and line/row and the fix, or a counted skip."""
+"""Malformed inputs: each is a ValueError naming the file and line/row and the fix, or a counted
+skip."""
 
 import json
 import os
@@ -44,40 +45,54 @@ def _with(base, **changes):
 _DROP = object()
 MSG = [{"role": "user", "content": "hi"}]
 
-# name -> (file bytes, config overrides, regex that the message must match after "data.jsonl:line N: ")
+# name -> (file bytes, config overrides, regex that the message must match after
+# "data.jsonl:line N: ")
 CASES = {
     "invalid_json_line": (_lines(GOOD, '{"prompt": "a", "chosen": '), {}, (2, r"invalid JSON")),
     "line_not_an_object": (_lines(GOOD, "[1, 2]"), {}, (2, r"expected a JSON object, got list")),
-    "missing_key": (_lines(GOOD, _with(GOOD, rejected=_DROP)), {}, (2, r"missing key 'rejected'.*data\.columns")),
-    "missing_key_nemo_format": (_lines(GOOD), {"format": "nemo_dpo"}, (1, r"missing key 'chosen_response'")),
-    "prompt_wrong_type": (_lines(_with(GOOD, prompt=5)), {}, (1, r"'prompt' must be a string or a list")),
-    "response_wrong_type": (_lines(_with(GOOD, chosen={"text": "x"})), {}, (1, r"'chosen' must be a string")),
+    "missing_key": (_lines(GOOD, _with(GOOD, rejected=_DROP)), {},
+                    (2, r"missing key 'rejected'.*data\.columns")),
+    "missing_key_nemo_format": (_lines(GOOD), {"format": "nemo_dpo"},
+                                (1, r"missing key 'chosen_response'")),
+    "prompt_wrong_type": (_lines(_with(GOOD, prompt=5)), {},
+                          (1, r"'prompt' must be a string or a list")),
+    "response_wrong_type": (_lines(_with(GOOD, chosen={"text": "x"})), {},
+                            (1, r"'chosen' must be a string")),
     "empty_prompt": (_lines(GOOD, GOOD, _with(GOOD, prompt="")), {}, (3, r"'prompt' is empty")),
     "blank_response": (_lines(_with(GOOD, rejected="   ")), {}, (1, r"'rejected' is empty")),
     "null_response": (_lines(_with(GOOD, chosen=None)), {}, (1, r"'chosen' is null")),
-    "non_utf8_bytes": (_lines(GOOD) + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n', {},
-                       (2, r"not UTF-8.*iconv")),
+    "non_utf8_bytes": (_lines(GOOD) + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n',
+                       {}, (2, r"not UTF-8.*iconv")),
     "unknown_role": (_lines(_with(GOOD, prompt=[{"role": "human", "content": "hi"}])), {},
                      (1, r"unknown role 'human'.*data\.message_roles")),
-    "response_role_not_assistant": (_lines(_with(GOOD, chosen=MSG)), {}, (1, r"chosen\[0\] has unknown role 'user'")),
-    "message_without_content": (_lines(_with(GOOD, prompt=[{"role": "user"}])), {}, (1, r"'role' and 'content'")),
-    "message_content_not_string": (_lines(_with(GOOD, prompt=[{"role": "user", "content": ["a"]}])), {},
-                                   (1, r"content must be a string")),
+    "response_role_not_assistant": (_lines(_with(GOOD, chosen=MSG)), {},
+                                    (1, r"chosen\[0\] has unknown role 'user'")),
+    "message_without_content": (_lines(_with(GOOD, prompt=[{"role": "user"}])), {},
+                                (1, r"'role' and 'content'")),
+    "message_content_not_string": (_lines(_with(GOOD, prompt=[{"role": "user", "content": ["a"]}])),
+                                   {}, (1, r"content must be a string")),
     "empty_message_list": (_lines(_with(GOOD, prompt=[])), {}, (1, r"empty message list")),
-    "label_string": (_lines(GOOD_U, _with(GOOD_U, label="true")), {}, (2, r"'label' must be a boolean.*true/false")),
+    "label_string": (_lines(GOOD_U, _with(GOOD_U, label="true")), {},
+                     (2, r"'label' must be a boolean.*true/false")),
     "label_integer": (_lines(_with(GOOD_U, label=1)), {}, (1, r"'label' must be a boolean")),
     "reward_not_number": (_lines({"prompt": "Q", "chosen_response": "a", "rejected_response": "b",
-                                  "chosen_reward": "high"}), {}, (1, r"'chosen_reward' must be a finite number")),
-    "reward_nan": (b'{"prompt": "Q", "chosen_response": "a", "rejected_response": "b", "rejected_reward": NaN}\n',
+                                  "chosen_reward": "high"}), {},
+                          (1, r"'chosen_reward' must be a finite number")),
+    "reward_nan": (b'{"prompt": "Q", "chosen_response": "a", "rejected_response": "b", '
+                   b'"rejected_reward": NaN}\n',
                    {}, (1, r"'rejected_reward' must be a finite number")),
-    "implicit_prompt_no_common_start": (_lines({"chosen": "Yes: 3", "rejected": "No: 4"}), {},
-                                        (1, r"implicit prompt.*share no common start.*'prompt' column")),
-    "implicit_prompt_empty_response": (_lines({"chosen": "1 + 2 = 3", "rejected": "1 + 2 = 3!"}), {},
-                                       (1, r"implicit prompt.*response would be empty")),
+    "implicit_prompt_no_common_start": (
+        _lines({"chosen": "Yes: 3", "rejected": "No: 4"}), {},
+        (1, r"implicit prompt.*share no common start.*'prompt' column")),
+    "implicit_prompt_empty_response": (
+        _lines({"chosen": "1 + 2 = 3", "rejected": "1 + 2 = 3!"}), {},
+        (1, r"implicit prompt.*response would be empty")),
     "implicit_prompt_mixed_types": (_lines({"chosen": "1 + 2 = 3", "rejected": MSG}), {},
                                     (1, r"not both text or both message lists")),
-    "undetectable_format": (_lines({"question": "Q", "answer": "A"}), {}, (1, r"cannot detect the format.*data\.format")),
-    "over_length_error_policy": (_lines(GOOD, _with(GOOD, prompt="What is 1 + 2? " * 20)), {"max_seq_length": 40},
+    "undetectable_format": (_lines({"question": "Q", "answer": "A"}), {},
+                            (1, r"cannot detect the format.*data\.format")),
+    "over_length_error_policy": (_lines(GOOD, _with(GOOD, prompt="What is 1 + 2? " * 20)),
+                                 {"max_seq_length": 40},
                                  (2, r"exceeds data\.max_seq_length=40.*length_policy")),
     "conversational_with_never": (_lines(_with(GOOD, prompt=MSG)), {"apply_chat_template": "never"},
                                   (1, r"conversational.*apply_chat_template")),
@@ -139,12 +154,14 @@ def test_over_length_drop_policy_counts_the_skip(tok, tmp_path):
     long = _with(GOOD, prompt="What is 1 + 2? " * 20)
     data = _load(tok, tmp_path, _lines(GOOD, long, GOOD), max_seq_length=40, length_policy="drop")
     assert len(data.streams[0]) == 2
-    assert data.summary.dropped == {"too_long": 1} and data.summary.kept == 2 and data.summary.records == 3
+    assert data.summary.dropped == {"too_long": 1}
+    assert data.summary.kept == 2 and data.summary.records == 3
 
 
 def test_over_length_truncate_prompt_left_keeps_bos_and_response(tok, tmp_path):
     long = _with(GOOD, prompt="Some context. " * 20 + "What is 1 + 2?")
-    data = _load(tok, tmp_path, _lines(long, GOOD), max_seq_length=40, length_policy="truncate_prompt_left")
+    data = _load(tok, tmp_path, _lines(long, GOOD), max_seq_length=40,
+                 length_policy="truncate_prompt_left")
     assert data.summary.truncated == 1 and data.summary.kept == 2 and not data.summary.dropped
     example = data.streams[0][0]
     assert len(example.prompt_ids) + max(len(r) for r in example.response_ids) == 40
@@ -155,7 +172,8 @@ def test_over_length_truncate_prompt_left_keeps_bos_and_response(tok, tmp_path):
 
 def test_truncate_policy_drops_response_that_cannot_fit(tok, tmp_path):
     huge = _with(GOOD, chosen="1 + 2 = 3 " * 20)
-    data = _load(tok, tmp_path, _lines(GOOD, huge), max_seq_length=40, length_policy="truncate_prompt_left")
+    data = _load(tok, tmp_path, _lines(GOOD, huge), max_seq_length=40,
+                 length_policy="truncate_prompt_left")
     assert data.summary.dropped == {"response_too_long": 1} and len(data.streams[0]) == 1
 
 
@@ -183,7 +201,8 @@ def test_negatives_file_missing(tok, tmp_path):
 
 def test_label_disagreeing_with_its_file(tok, tmp_path):
     (tmp_path / "neg.jsonl").write_bytes(_lines(_with(GOOD_U, completion="1 + 2 = 4", label=True)))
-    with pytest.raises(ValueError, match=r"neg\.jsonl:line 1: 'label' is True in the negatives file"):
+    with pytest.raises(ValueError,
+                       match=r"neg\.jsonl:line 1: 'label' is True in the negatives file"):
         _load(tok, tmp_path, _lines(GOOD_U), train_negatives_path=str(tmp_path / "neg.jsonl"))
 
 
@@ -198,23 +217,27 @@ def test_prefix_inconsistent_chat_template(tmp_path):
     tok = load_tokenizer("bundled:tokenizer")
     tok.chat_template = ("{% if messages[-1]['role'] == 'assistant' %}[answered]{% endif %}"
                          "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}")
-    with pytest.raises(ValueError, match=r"line 1: the chat template renders the prompt differently"):
+    with pytest.raises(ValueError,
+                       match=r"line 1: the chat template renders the prompt differently"):
         _load(tok, tmp_path, _lines(_with(GOOD, prompt=MSG)))
 
 
 def test_train_split_smaller_than_one_micro_batch(tok, tmp_path):
     data = _load(tok, tmp_path, _lines(GOOD))
     cfg = DataConfig()
-    with pytest.raises(ValueError, match=r"data\.jsonl: 1 pairs are fewer than one global batch needs \(2\).*Fix"):
+    with pytest.raises(ValueError, match=r"data\.jsonl: 1 pairs are fewer than one global batch "
+                                         r"needs \(2\).*Fix"):
         make_batches(data, cfg, global_batch_size=2, micro_batch_size=2, dp_rank=0, dp_size=1)
 
 
 def test_validation_split_smaller_than_one_global_batch_is_padded(tok, tmp_path):
     data = _load(tok, tmp_path, _lines(GOOD, GOOD, GOOD))
-    ranks = [list(make_batches(data, DataConfig(), 8, 2, rank, 2, train=False)) for rank in range(2)]
+    ranks = [list(make_batches(data, DataConfig(), 8, 2, rank, 2, train=False))
+             for rank in range(2)]
     assert all(len(steps) == 1 for steps in ranks)
     micro = [m for steps in ranks for m in steps[0]]
-    weights = [w for m in micro for w in m["sample_weight"][:2].tolist()]  # chosen rows of each micro-batch
+    # the chosen rows of each micro-batch
+    weights = [w for m in micro for w in m["sample_weight"][:2].tolist()]
     assert weights == [1, 1, 1, 0, 0, 0, 0, 0]
     for m in micro:
         filler = m["sample_weight"] == 0
@@ -247,7 +270,8 @@ def test_config_is_a_structured_schema_that_rejects_unknown_keys():
     from omegaconf.errors import ConfigKeyError
 
     schema = OmegaConf.structured(DataConfig)
-    merged = OmegaConf.to_object(OmegaConf.merge(schema, {"columns": {"chosen": "good"}, "max_seq_length": 64}))
+    merged = OmegaConf.to_object(OmegaConf.merge(schema, {"columns": {"chosen": "good"},
+                                                          "max_seq_length": 64}))
     assert isinstance(merged, DataConfig) and merged.validate().columns == {"chosen": "good"}
     with pytest.raises(ConfigKeyError):
         OmegaConf.merge(schema, {"max_seq_len": 64})
@@ -258,10 +282,12 @@ def test_saved_dataset_dict_split_selection(tok, tmp_path):
 
     rows = [GOOD, _with(GOOD, prompt="What is 2 + 2?")]
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:1]),
-                          "test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
+                          "test": datasets.Dataset.from_list(rows)}
+                         ).save_to_disk(str(tmp_path / "dd"))
     cfg = DataConfig(train_path=str(tmp_path / "dd"), train_split="test", validation_path=None,
                      apply_chat_template="never")
     assert len(load_preference_data(cfg, "train", tok).streams[0]) == 2
     cfg.train_split = "validation"
-    with pytest.raises(ValueError, match=r"dd: saved DatasetDict has no split 'validation'.*data\.train_split"):
+    with pytest.raises(ValueError, match=r"dd: saved DatasetDict has no split "
+                                         r"'validation'.*data\.train_split"):
         load_preference_data(cfg, "train", tok)

@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 
 from nemo_aot.data import (
-    BUNDLED_DIR, DataConfig, collate_micro_batch, load_preference_data, load_tokenizer, score_answer,
+    BUNDLED_DIR,
+    DataConfig,
+    collate_micro_batch,
+    load_preference_data,
+    load_tokenizer,
+    score_answer,
 )
 from nemo_aot.data.demo_task import correct_result, parse_question
 
@@ -41,12 +46,14 @@ def _write_jsonl(path, rows):
 
 
 def _examples(data):
-    return [[(e.prompt_ids.tolist(), [r.tolist() for r in e.response_ids]) for e in s] for s in data.streams]
+    return [[(e.prompt_ids.tolist(), [r.tolist() for r in e.response_ids]) for e in s]
+            for s in data.streams]
 
 
 def _load(tok, path, **kw):
     kw.setdefault("apply_chat_template", "always")
-    return load_preference_data(DataConfig(train_path=path, validation_path=None, **kw), "train", tok)
+    return load_preference_data(DataConfig(train_path=path, validation_path=None, **kw), "train",
+                                tok)
 
 
 def test_paired_formats_round_trip_to_same_tokens(tok, tmp_path):
@@ -85,7 +92,8 @@ def test_paired_formats_round_trip_to_same_tokens(tok, tmp_path):
         assert got == reference, f"{name} tokenized differently from TRL conversational"
     # The first pair decodes back to the templated conversation.
     prompt, (chosen, _) = reference[0][0]
-    assert tok.decode(prompt + chosen) == "<|bos|><|user|>What is 17 + 25?<|end|><|assistant|>17 + 25 = 42<|end|>"
+    assert tok.decode(prompt + chosen) == \
+        "<|bos|><|user|>What is 17 + 25?<|end|><|assistant|>17 + 25 = 42<|end|>"
 
 
 def test_implicit_text_prompt_is_the_common_start(tok, tmp_path):
@@ -115,10 +123,13 @@ def test_unpaired_formats_match_paired_sequences(tok, tmp_path):
     paired = _examples(_load(tok, _write_jsonl(tmp_path / "p.jsonl", conv)))[0]
     rows = []
     for q, c, r in CONTENT:
-        rows += [{"prompt": q, "completion": c, "label": True}, {"prompt": q, "completion": r, "label": False}]
+        rows += [{"prompt": q, "completion": c, "label": True},
+                 {"prompt": q, "completion": r, "label": False}]
     trl = _load(tok, _write_jsonl(tmp_path / "u.jsonl", rows))
-    pos = _write_jsonl(tmp_path / "pos.jsonl", [{"prompt": _user(q), "completion": _asst(c)} for q, c, _ in CONTENT])
-    neg = _write_jsonl(tmp_path / "neg.jsonl", [{"prompt": q, "completion": r} for q, _, r in CONTENT])
+    pos = _write_jsonl(tmp_path / "pos.jsonl",
+                       [{"prompt": _user(q), "completion": _asst(c)} for q, c, _ in CONTENT])
+    neg = _write_jsonl(tmp_path / "neg.jsonl",
+                       [{"prompt": q, "completion": r} for q, _, r in CONTENT])
     two_file = _load(tok, pos, train_negatives_path=neg)
     for data in (trl, two_file):
         assert data.kind == "unpaired"
@@ -128,17 +139,20 @@ def test_unpaired_formats_match_paired_sequences(tok, tmp_path):
 
 
 def test_prerendered_text_equals_template_route_with_one_bos(tok, tmp_path):
-    """NeMo-Aligner style: prompt already templated (starting with BOS), apply_chat_template=never."""
+    """NeMo-Aligner style: prompt already templated (starting with BOS),
+    apply_chat_template=never."""
     q, c, r = CONTENT[0]
     rows = [{"prompt": f"<|bos|><|user|>{q}<|end|><|assistant|>", "chosen_response": c,
              "rejected_response": r + "<|end|>"}]
-    pre = _examples(_load(tok, _write_jsonl(tmp_path / "n.jsonl", rows), apply_chat_template="never"))
+    pre = _examples(_load(tok, _write_jsonl(tmp_path / "n.jsonl", rows),
+                          apply_chat_template="never"))
     conv = [{"prompt": _user(q), "chosen": _asst(c), "rejected": _asst(r)}]
     templated = _examples(_load(tok, _write_jsonl(tmp_path / "c.jsonl", conv)))
     assert pre == templated
     prompt, (chosen, rejected) = pre[0][0]
     assert prompt.count(tok.bos_token_id) == 1 and prompt[0] == tok.bos_token_id
-    assert chosen.count(tok.eos_token_id) == 1 and rejected.count(tok.eos_token_id) == 1  # no doubled EOS
+    # no doubled EOS
+    assert chosen.count(tok.eos_token_id) == 1 and rejected.count(tok.eos_token_id) == 1
     # The trap we avoid: the tokenizer's default call on a rendered template doubles BOS.
     rendered = tok.apply_chat_template(_user(q), tokenize=False, add_generation_prompt=True)
     assert tok(rendered)["input_ids"][:2] == [tok.bos_token_id] * 2
@@ -149,7 +163,8 @@ def test_prerendered_text_equals_template_route_with_one_bos(tok, tmp_path):
 def test_boundary_mask_covers_exactly_response_tokens(tok, tmp_path, prompt, response):
     # The case must really tempt a merge: joint tokenization has a token across the boundary.
     joint = tok(prompt + response, add_special_tokens=False, return_offsets_mapping=True)
-    assert any(s < len(prompt) < e for s, e in joint["offset_mapping"]), "case does not tempt a merge"
+    assert any(s < len(prompt) < e for s, e in joint["offset_mapping"]), \
+        "case does not tempt a merge"
     rows = [{"prompt": prompt, "chosen": response, "rejected": "no"}]
     data = _load(tok, _write_jsonl(tmp_path / "b.jsonl", rows), apply_chat_template="never")
     batch = collate_micro_batch(data, ((0,),))
@@ -173,13 +188,16 @@ def test_chat_template_row_has_one_bos_one_eos_and_exact_mask(tok):
         assert row.count(bos) == 1 and row[0] == bos
         assert row[-1] == eos and row[p - 1] == tok.convert_tokens_to_ids("<|assistant|>")
         mask = batch["loss_mask"][b]
-        assert mask[:p - 1].sum() == 0 and mask[p - 1:n - 1].sum() == n - p and mask[n - 1:].sum() == 0
+        assert mask[:p - 1].sum() == 0 and mask[p - 1:n - 1].sum() == n - p \
+            and mask[n - 1:].sum() == 0
         assert batch["labels"][b][:n - 1].tolist() == row[1:]
 
 
 def test_multi_turn_prompt_masks_only_the_final_response(tok, tmp_path):
-    prompt = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 2?"},
-              {"role": "assistant", "content": "2 + 2 = 4"}, {"role": "user", "content": "And 3 + 3?"}]
+    prompt = [{"role": "system", "content": "Answer briefly."},
+              {"role": "user", "content": "What is 2 + 2?"},
+              {"role": "assistant", "content": "2 + 2 = 4"},
+              {"role": "user", "content": "And 3 + 3?"}]
     rows = [{"prompt": prompt, "chosen": _asst("3 + 3 = 6"), "rejected": _asst("3 + 3 = 7")}]
     data = _load(tok, _write_jsonl(tmp_path / "m.jsonl", rows))
     batch = collate_micro_batch(data, ((0,),))
@@ -201,8 +219,9 @@ def test_add_eos_appends_once_and_can_be_disabled(tok, tmp_path):
 
 def test_whitespace_after_template_eos_is_trimmed(tmp_path):
     tok = load_tokenizer("bundled:tokenizer")  # a private copy: the template is changed below
-    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] "
-                         "+ eos_token + '\n' }}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}"
+                         "{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}"
+                         "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
     rows = [{"prompt": _user("What is 1 + 1?"), "chosen": _asst("2"), "rejected": _asst("3")}]
     ((_, (chosen, _)),) = _examples(_load(tok, _write_jsonl(tmp_path / "w.jsonl", rows)))[0]
     assert tok.decode(chosen) == "2<|end|>"
@@ -210,10 +229,12 @@ def test_whitespace_after_template_eos_is_trimmed(tmp_path):
 
 def test_rewards_are_carried_and_nan_when_absent(tok, tmp_path):
     rows = [{"prompt": "Q", "chosen_response": "a", "rejected_response": "b", "chosen_reward": 2.5,
-             "rejected_reward": -1}, {"prompt": "Q", "chosen_response": "a", "rejected_response": "b"}]
+             "rejected_reward": -1},
+            {"prompt": "Q", "chosen_response": "a", "rejected_response": "b"}]
     data = _load(tok, _write_jsonl(tmp_path / "r.jsonl", rows), apply_chat_template="never")
     reward = collate_micro_batch(data, ((0, 1),))["reward"].tolist()
-    assert reward[0] == 2.5 and reward[2] == -1.0 and math.isnan(reward[1]) and math.isnan(reward[3])
+    assert reward[0] == 2.5 and reward[2] == -1.0
+    assert math.isnan(reward[1]) and math.isnan(reward[3])
 
 
 def test_summary_counts_and_percentiles(tok):
@@ -238,13 +259,16 @@ def test_bundled_demo_is_verifiable_and_splits_are_disjoint(tok):
             assert score_answer(q, r["rejected"][0]["content"]) == 0.0
         unpaired = rows(f"unpaired/{split}.jsonl")
         for r in unpaired:
-            assert score_answer(r["prompt"][0]["content"], r["completion"][0]["content"]) == float(r["label"])
+            assert score_answer(r["prompt"][0]["content"],
+                                r["completion"][0]["content"]) == float(r["label"])
         positives = sum(r["label"] for r in unpaired)
-        assert 0 < positives < len(unpaired) - positives  # a thumbs-up/down log: unequal, fewer positives
+        # a thumbs-up/down log: unequal, fewer positives
+        assert 0 < positives < len(unpaired) - positives
     train_q = {parse_question(r["prompt"][0]["content"]) for r in rows("paired/train.jsonl")}
     val_q = {parse_question(r["prompt"][0]["content"]) for r in rows("paired/validation.jsonl")}
     assert not train_q & val_q
-    assert correct_result("What is 12 - 5?") == 7 and score_answer("What is 3 * 4?", "3 * 4 = 12") == 1.0
+    assert correct_result("What is 12 - 5?") == 7
+    assert score_answer("What is 3 * 4?", "3 * 4 = 12") == 1.0
     assert len(tok) <= 512
 
 
@@ -263,7 +287,9 @@ def test_generator_reproduces_bundled_files_byte_for_byte(tmp_path):
         bundled = os.path.join(BUNDLED_DIR, os.path.relpath(fresh, tmp_path))
         with open(bundled, "rb") as a, open(fresh, "rb") as b:
             old, new = a.read(), b.read()
-        if name == "tokenizer.json":  # the serializer's layout may change across tokenizers releases
+        # the serializer's layout may change across tokenizers releases
+        if name == "tokenizer.json":
             old, new = json.loads(old), json.loads(new)
-            old, new = [(t["model"]["vocab"], t["model"]["merges"], t["added_tokens"]) for t in (old, new)]
+            old, new = [(t["model"]["vocab"], t["model"]["merges"], t["added_tokens"])
+                        for t in (old, new)]
         assert old == new, f"{name} differs from the generator's output"

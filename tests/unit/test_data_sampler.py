@@ -42,7 +42,8 @@ def test_paired_rows_keep_each_pair_together():
 def test_steps_do_not_depend_on_dp_size(dp):
     data = synthetic_preference_data("paired", (50,))
     single = _take(_sampler(data, gbs=8, mbs=2), 15)  # crosses epoch boundaries (6 steps per epoch)
-    per_rank = [_take(_sampler(data, rank=r, dp=dp, gbs=8, mbs=8 // (2 * dp) or 1), 15) for r in range(dp)]
+    per_rank = [_take(_sampler(data, rank=r, dp=dp, gbs=8, mbs=8 // (2 * dp) or 1), 15)
+                for r in range(dp)]
     flat = [[idx for micro in step for idx in micro[0]] for step in single]
     for t in range(15):
         assert [i for r in range(dp) for micro in per_rank[r][t] for i in micro[0]] == flat[t]
@@ -56,29 +57,36 @@ def test_epochs_are_seeded_permutations():
     for order in epochs:
         assert len(order) == 48 and len(set(order)) == 48
     assert epochs[0] != epochs[1] != epochs[2]
-    again = [[i for step in list(s) for micro in step for i in micro[0]] for s in [_sampler(data, gbs=8, mbs=2)]]
+    again = [[i for step in list(s) for micro in step for i in micro[0]]
+             for s in [_sampler(data, gbs=8, mbs=2)]]
     assert again[0] == epochs[0]
-    other_seed = [i for step in list(_sampler(data, gbs=8, mbs=2, seed=8)) for micro in step for i in micro[0]]
+    other_seed = [i for step in list(_sampler(data, gbs=8, mbs=2, seed=8))
+                  for micro in step for i in micro[0]]
     assert other_seed != epochs[0]
-    in_order = [i for step in list(_sampler(data, gbs=8, mbs=2, shuffle=False)) for micro in step for i in micro[0]]
+    in_order = [i for step in list(_sampler(data, gbs=8, mbs=2, shuffle=False))
+                for micro in step for i in micro[0]]
     assert in_order == list(range(48))
 
 
 @pytest.mark.parametrize("resume_dp", [1, 2])
 def test_state_restores_exactly_across_epochs(resume_dp):
-    data = synthetic_preference_data("unpaired", (6, 20))  # 1 + 3 per micro-batch: 3 steps per epoch
+    # 1 + 3 per micro-batch: 3 steps per epoch
+    data = synthetic_preference_data("unpaired", (6, 20))
     reference = _take(_sampler(data, gbs=8, mbs=4), 20)  # crosses six epoch boundaries
     first = _sampler(data, gbs=8, mbs=4)
     assert _take(first, 7) == reference[:7]
     state = copy.deepcopy(first.state_dict())
-    assert state["consumed_samples"] == 7 * 8 and state["epoch"] == 2 and state["step_in_epoch"] == 1
+    assert state["consumed_samples"] == 7 * 8
+    assert state["epoch"] == 2 and state["step_in_epoch"] == 1
     resumed = [_sampler(data, rank=r, dp=resume_dp, gbs=8, mbs=4) for r in range(resume_dp)]
     for s in resumed:
         s.load_state_dict(state)
     after = [_take(s, 13) for s in resumed]
     for t in range(13):
-        merged = [tuple(i for r in range(resume_dp) for micro in after[r][t] for i in micro[k]) for k in range(2)]
-        assert merged == [tuple(i for micro in reference[7 + t] for i in micro[k]) for k in range(2)]
+        merged = [tuple(i for r in range(resume_dp) for micro in after[r][t] for i in micro[k])
+                  for k in range(2)]
+        assert merged == [tuple(i for micro in reference[7 + t] for i in micro[k])
+                          for k in range(2)]
 
 
 def test_state_from_other_data_or_seed_is_refused():
@@ -95,10 +103,11 @@ def test_state_from_other_data_or_seed_is_refused():
 def test_unpaired_three_times_more_negatives_batches_as_configured():
     data = synthetic_preference_data("unpaired", (100, 300))
     for fraction, counts, steps in ((None, (1, 3), 25), (0.25, (1, 3), 25), (0.5, (2, 2), 12)):
-        ranks = [_sampler(data, rank=r, dp=2, gbs=16, mbs=4, positive_fraction=fraction) for r in range(2)]
+        ranks = [_sampler(data, rank=r, dp=2, gbs=16, mbs=4, positive_fraction=fraction)
+                 for r in range(2)]
         assert all(s.steps_per_epoch == steps for s in ranks)
         seen_pos, seen_neg = [], []
-        for r, sampler in enumerate(ranks):
+        for sampler in ranks:
             for step in sampler:
                 assert len(step) == 2  # micro-batches per rank
                 for pos, neg in step:
@@ -109,7 +118,8 @@ def test_unpaired_three_times_more_negatives_batches_as_configured():
         assert len(seen_neg) == len(set(seen_neg)) == steps * 4 * counts[1]
     step = next(iter(_sampler(data, gbs=16, mbs=4)))
     micro = collate_step(data, step)[0]
-    assert micro["label"].tolist() == [True, False, False, False] and (micro["pair_index"] == -1).all()
+    assert micro["label"].tolist() == [True, False, False, False]
+    assert (micro["pair_index"] == -1).all()
 
 
 def test_unpaired_validation_covers_both_streams_once_with_filler():
@@ -128,7 +138,8 @@ def test_collate_shift_mask_and_padding_convention():
     step = next(iter(_sampler(data, gbs=4, mbs=2, shuffle=False)))
     micro = collate_step(data, step, pad_to_multiple_of=16)[0]
     ids, labels, mask = micro["input_ids"], micro["labels"], micro["loss_mask"]
-    assert ids.shape[1] % 16 == 0 and ids.dtype == labels.dtype == torch.int64 and mask.dtype == torch.float32
+    assert ids.shape[1] % 16 == 0
+    assert ids.dtype == labels.dtype == torch.int64 and mask.dtype == torch.float32
     for b, (index, slot) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1)]):
         ex = data.streams[0][index]
         seq = ex.prompt_ids.tolist() + ex.response_ids[slot].tolist()
@@ -138,7 +149,8 @@ def test_collate_shift_mask_and_padding_convention():
         assert mask[b].nonzero().flatten().tolist() == list(range(p - 1, n - 1))
         assert labels[b][mask[b].bool()].tolist() == ex.response_ids[slot].tolist()
         assert micro["seq_lengths"][b] == n and micro["prompt_lengths"][b] == p
-    assert (micro["position_ids"] == torch.arange(ids.shape[1])).all() and (micro["sample_weight"] == 1).all()
+    assert (micro["position_ids"] == torch.arange(ids.shape[1])).all()
+    assert (micro["sample_weight"] == 1).all()
 
 
 def test_uniform_step_length_pads_every_micro_batch_alike():

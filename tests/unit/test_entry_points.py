@@ -23,6 +23,21 @@ def test_version_and_help():
         assert command in out.stdout
 
 
+def test_help_loads_no_megatron_nemo_or_hydra():
+    """`nemo-aot --help` imports every command's module: they load the heavy stacks lazily."""
+    code = ("import sys\n"
+            "from nemo_aot.cli import main\n"
+            "try:\n"
+            "    main(['--help'])\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "heavy = ('megatron', 'nemo', 'hydra', 'omegaconf', 'transformers', 'matplotlib')\n"
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & set(heavy))\n"
+            "assert not bad, bad\n")
+    out = _run("-c", code)
+    assert out.returncode == 0, out.stderr
+
+
 def test_train_typo_fails_naming_the_key_before_any_model():
     out = _run("-m", "nemo_aot.cli", "train", "recipe=demo", "trainer.max_stepz=3")
     assert out.returncode == 2
@@ -30,7 +45,8 @@ def test_train_typo_fails_naming_the_key_before_any_model():
 
 
 def test_train_impossible_layout_fails_before_any_model():
-    out = _run("-m", "nemo_aot.cli", "train", "recipe=demo", "parallel.tensor_model_parallel_size=3")
+    out = _run("-m", "nemo_aot.cli", "train", "recipe=demo",
+               "parallel.tensor_model_parallel_size=3")
     assert out.returncode == 2 and "num_attention_heads" in out.stderr
 
 

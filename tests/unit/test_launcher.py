@@ -5,8 +5,14 @@ import stat
 
 import pytest
 
-from nemo_aot.launcher import (LaunchEnv, derive_env, expand_nodelist, expand_tasks_per_node,
-                               rank_coordinates, resolve_hostnames)
+from nemo_aot.launcher import (
+    LaunchEnv,
+    derive_env,
+    expand_nodelist,
+    expand_tasks_per_node,
+    rank_coordinates,
+    resolve_hostnames,
+)
 
 
 @pytest.mark.parametrize("nodelist, hosts", [

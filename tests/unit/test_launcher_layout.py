@@ -2,11 +2,10 @@
 report and command, the status file, and the in-process launch path (training stubbed)."""
 
 import argparse
+import atexit
 import os
 import re
 import shlex
-
-import atexit
 import shutil
 import tempfile
 
@@ -114,7 +113,8 @@ def test_only_train_is_launched(job, capsys, argv, match):
     assert code == 2 and match in err
 
 
-def test_launch_exports_ranks_then_trains_and_records_the_outcome(job, capsys, monkeypatch, tmp_path):
+def test_launch_exports_ranks_then_trains_and_records_the_outcome(job, capsys, monkeypatch,
+                                                                  tmp_path):
     from nemo_aot.algorithms import run as run_module
 
     job(2, 2, 0, nodelist="localhost,localhost")
@@ -127,7 +127,7 @@ def test_launch_exports_ranks_then_trains_and_records_the_outcome(job, capsys, m
         seen["layout"] = (cfg.parallel.tensor_model_parallel_size, cfg.trainer.global_batch_size)
         return run_module.RunResult(cfg.logging.output_dir, 7, "signal", None, None, [])
 
-    monkeypatch.setattr(run_module, "run_training", fake_training)
+    monkeypatch.setattr(launcher, "run_training", fake_training)
     status = tmp_path / "status.txt"
     code, _, err = run(capsys, "--status-file", str(status), "--", "train", "recipe=demo",
                        "parallel.tensor_model_parallel_size=2", "trainer.global_batch_size=8")

@@ -23,7 +23,9 @@ def _h(surrogate, beta, ls=0.0):
     """Independent scalar surrogate formulas (math module, not torch)."""
     def logistic(x):
         z = beta * x
-        log_sig = lambda s: -math.log1p(math.exp(-s)) if s > 0 else s - math.log1p(math.exp(s))
+        def log_sig(s):
+            return -math.log1p(math.exp(-s)) if s > 0 else s - math.log1p(math.exp(s))
+
         return -(1 - ls) * log_sig(z) - ls * log_sig(-z)
     return {"logistic": logistic,
             "squared_hinge": lambda x: max(beta - x, 0.0) ** 2,
@@ -43,10 +45,14 @@ def test_aot_equals_explicit_sort_and_pair(surrogate, n):
     pc, pr, rc, rr = _logps(n, seed=n)
     beta = 0.3
     h = _h(surrogate, beta)
-    paired, _ = preference_loss(pc, pr, rc, rr, loss_type="aot_paired", beta=beta, surrogate=surrogate)
-    unpaired, _ = preference_loss(pc, pr, rc, rr, loss_type="aot_unpaired", beta=beta, surrogate=surrogate)
-    assert paired.item() == pytest.approx(_sorted_pairs_mean(pc - pr, rc - rr, h), rel=1e-12, abs=1e-12)
-    assert unpaired.item() == pytest.approx(_sorted_pairs_mean(pc - rc, pr - rr, h), rel=1e-12, abs=1e-12)
+    paired, _ = preference_loss(pc, pr, rc, rr, loss_type="aot_paired", beta=beta,
+                                surrogate=surrogate)
+    unpaired, _ = preference_loss(pc, pr, rc, rr, loss_type="aot_unpaired", beta=beta,
+                                  surrogate=surrogate)
+    assert paired.item() == pytest.approx(_sorted_pairs_mean(pc - pr, rc - rr, h), rel=1e-12,
+                                          abs=1e-12)
+    assert unpaired.item() == pytest.approx(_sorted_pairs_mean(pc - rc, pr - rr, h), rel=1e-12,
+                                            abs=1e-12)
 
 
 @pytest.mark.parametrize("surrogate", SURROGATE_NAMES)
@@ -58,11 +64,13 @@ def test_dpo_and_ipo_equal_explicit_per_pair_formulas(surrogate):
     dpo, _ = preference_loss(pc, pr, rc, rr, loss_type="dpo", beta=beta, surrogate=surrogate)
     assert dpo.item() == pytest.approx(sum(map(h, d)) / len(d), rel=1e-12)
     ipo, _ = preference_loss(pc, pr, rc, rr, loss_type="ipo", beta=beta)
-    assert ipo.item() == pytest.approx(sum((x - 1 / (2 * beta)) ** 2 for x in d) / len(d), rel=1e-12)
+    assert ipo.item() == pytest.approx(sum((x - 1 / (2 * beta)) ** 2 for x in d) / len(d),
+                                       rel=1e-12)
 
 
 # ---------------------------------------------------------------- hand-checked values
-# chosen log-ratios [3, -1], rejected [0, 1] -> sorted differences [-1 - 0, 3 - 1] = [-1, 2], beta = 1
+# chosen log-ratios [3, -1], rejected [0, 1] -> sorted differences [-1 - 0, 3 - 1] = [-1, 2],
+# beta = 1
 HAND = {
     "logistic": (math.log1p(math.e) + math.log1p(math.exp(-2))) / 2,   # 0.7200948...
     "squared_hinge": (2.0 ** 2 + 0.0) / 2,
@@ -74,8 +82,10 @@ HAND = {
 @pytest.mark.parametrize("surrogate", SURROGATE_NAMES)
 def test_hand_checked_value(surrogate):
     zeros = torch.zeros(2, dtype=torch.float64)
-    pc, pr = torch.tensor([3.0, -1.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
-    loss, _ = preference_loss(pc, pr, zeros, zeros, loss_type="aot_unpaired", beta=1.0, surrogate=surrogate)
+    pc, pr = (torch.tensor([3.0, -1.0], dtype=torch.float64),
+              torch.tensor([0.0, 1.0], dtype=torch.float64))
+    loss, _ = preference_loss(pc, pr, zeros, zeros, loss_type="aot_unpaired", beta=1.0,
+                              surrogate=surrogate)
     assert loss.item() == pytest.approx(HAND[surrogate], rel=1e-12)
     assert HAND["logistic"] == pytest.approx(0.72009485, abs=1e-8)
 
@@ -88,8 +98,9 @@ def test_hand_checked_unequal_sizes():
     # beta = 1: h(0), h(-1), h(1), h(-1) with weights 1/3, 1/6, 1/6, 1/3
     expected = {"least_squares": 1 / 3 + 4 / 6 + 0 + 4 / 3, "hinge": 1 / 3 + 2 / 6 + 0 + 2 / 3}
     for surrogate, beta in (("least_squares", 1.0), ("hinge", 1.0)):
-        loss, _ = preference_loss(u, v, torch.zeros(2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64),
-                                  loss_type="aot_unpaired", beta=beta, surrogate=surrogate)
+        loss, _ = preference_loss(u, v, torch.zeros(2, dtype=torch.float64),
+                                  torch.zeros(3, dtype=torch.float64), loss_type="aot_unpaired",
+                                  beta=beta, surrogate=surrogate)
         assert loss.item() == pytest.approx(expected[surrogate], rel=1e-12)
 
 
@@ -152,7 +163,8 @@ def test_gradient_is_the_sorted_matching_gradient():
 def test_surrogate_gradcheck(surrogate):
     h = get_surrogate(surrogate)
     beta = 0.8
-    x = torch.tensor([-2.1, -0.3, 0.45, 1.3, 2.7], dtype=torch.float64, requires_grad=True)  # no kink at beta
+    # no kink at beta
+    x = torch.tensor([-2.1, -0.3, 0.45, 1.3, 2.7], dtype=torch.float64, requires_grad=True)
     ls = 0.15 if surrogate == "logistic" else 0.0
     assert torch.autograd.gradcheck(lambda t: h(t, beta, ls), (x,))
     if surrogate != "hinge":
@@ -166,7 +178,11 @@ def test_whole_loss_gradcheck(loss_type, surrogate):
     if not spec.uses_surrogate and surrogate != "logistic":
         pytest.skip(f"{loss_type} has no surrogate")
     pc, pr, rc, rr = _logps(5, 5 if spec.paired else 3, seed=21)
-    fn = lambda a, b: preference_loss(a, b, rc, rr, loss_type=loss_type, beta=0.4, surrogate=surrogate)[0]
+
+    def fn(a, b):
+        return preference_loss(a, b, rc, rr, loss_type=loss_type, beta=0.4,
+                               surrogate=surrogate)[0]
+
     assert torch.autograd.gradcheck(fn, (pc.requires_grad_(), pr.requires_grad_()))
 
 
@@ -174,6 +190,7 @@ def test_low_precision_inputs_are_upcast():
     pc, pr, rc, rr = (t.to(torch.bfloat16) for t in _logps(8, seed=1))
     loss, metrics = preference_loss(pc, pr, rc, rr, loss_type="aot_paired", beta=0.1)
     assert loss.dtype == torch.float32
-    ref, _ = preference_loss(*(t.float() for t in (pc, pr, rc, rr)), loss_type="aot_paired", beta=0.1)
+    ref, _ = preference_loss(*(t.float() for t in (pc, pr, rc, rr)), loss_type="aot_paired",
+                             beta=0.1)
     assert loss.item() == ref.item()
     assert all(v.dtype == torch.float32 and not v.requires_grad for v in metrics.values())

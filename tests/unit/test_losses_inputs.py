@@ -23,7 +23,8 @@ def _call(tensors, **kw):
 
 @pytest.mark.parametrize("loss_type", ["aot_paired", "dpo", "ipo"])
 def test_paired_loss_types_need_equal_lengths(loss_type):
-    with pytest.raises(ValueError, match="policy_rejected_logps has 3 entries but policy_chosen_logps has 4"):
+    with pytest.raises(ValueError,
+                       match="policy_rejected_logps has 3 entries but policy_chosen_logps has 4"):
         _call(_ok(4, 3), loss_type=loss_type)
     t = _ok(4)
     t[2] = torch.randn(5)
@@ -35,7 +36,8 @@ def test_unpaired_allows_unequal_sides_but_needs_a_reference_per_policy_logp():
     _call(_ok(4, 3), loss_type="aot_unpaired")
     t = _ok(4, 3)
     t[3] = torch.randn(4)
-    with pytest.raises(ValueError, match="reference_rejected_logps has 4 entries but policy_rejected_logps has 3"):
+    with pytest.raises(ValueError, match="reference_rejected_logps has 4 entries but "
+                                         "policy_rejected_logps has 3"):
         _call(t, loss_type="aot_unpaired")
 
 
@@ -96,7 +98,8 @@ def test_bad_options(kw, match):
 
 
 def _names():
-    return ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")
+    return ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
+            "reference_rejected_logps")
 
 
 FORBIDDEN = ("torch.distributed", "megatron", "nemo.", "transformer_engine", "apex",
@@ -113,5 +116,6 @@ def test_losses_package_imports_only_pure_torch():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
             for name in names:
-                assert not any(name == f.rstrip(".") or name.startswith(f) or name.startswith(f + ".")
+                assert not any(name == f.rstrip(".") or name.startswith(f)
+                               or name.startswith(f + ".")
                                for f in FORBIDDEN), f"{path.name} imports {name}"

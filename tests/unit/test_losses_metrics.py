@@ -8,8 +8,10 @@ from nemo_aot.losses import finalize_metrics, logit_metric_sums, preference_loss
 
 def _batch(n, m, seed, shift=0.0):
     g = torch.Generator().manual_seed(seed)
-    pc, rc = torch.randn(n, generator=g, dtype=torch.float64) + shift, torch.randn(n, generator=g, dtype=torch.float64)
-    pr, rr = torch.randn(m, generator=g, dtype=torch.float64), torch.randn(m, generator=g, dtype=torch.float64)
+    pc, rc = (torch.randn(n, generator=g, dtype=torch.float64) + shift,
+              torch.randn(n, generator=g, dtype=torch.float64))
+    pr, rr = (torch.randn(m, generator=g, dtype=torch.float64),
+              torch.randn(m, generator=g, dtype=torch.float64))
     return pc, pr, rc, rr
 
 
@@ -21,15 +23,19 @@ def test_metrics_of_one_call_match_direct_formulas():
     chosen, rejected = beta * (pc - rc), beta * (pr - rr)
     assert m["loss"].item() == pytest.approx(loss.item())
     assert m["rewards/chosen"].item() == pytest.approx(chosen.mean().item(), rel=1e-6)
-    assert m["rewards/chosen_std"].item() == pytest.approx(chosen.std(unbiased=False).item(), rel=1e-5)
-    assert m["rewards/rejected_std"].item() == pytest.approx(rejected.std(unbiased=False).item(), rel=1e-5)
+    assert m["rewards/chosen_std"].item() == pytest.approx(chosen.std(unbiased=False).item(),
+                                                           rel=1e-5)
+    assert m["rewards/rejected_std"].item() == pytest.approx(rejected.std(unbiased=False).item(),
+                                                             rel=1e-5)
     assert m["rewards/margins"].item() == pytest.approx((chosen - rejected).mean().item(), rel=1e-5)
-    assert m["rewards/accuracies"].item() == pytest.approx((chosen > rejected).double().mean().item())
+    assert m["rewards/accuracies"].item() == pytest.approx(
+        (chosen > rejected).double().mean().item())
     assert m["logps/chosen"].item() == pytest.approx(pc.mean().item(), rel=1e-6)
     assert m["logps/rejected"].item() == pytest.approx(pr.mean().item(), rel=1e-6)
     cs, rs = chosen.sort().values, rejected.sort().values
     assert m["fsd_violation"].item() == pytest.approx((cs < rs).double().mean().item())
-    assert m["rewards/chosen_q50"].item() == pytest.approx(cs[5].item(), rel=1e-6)   # x_(ceil(0.5*12))
+    # x_(ceil(0.5*12))
+    assert m["rewards/chosen_q50"].item() == pytest.approx(cs[5].item(), rel=1e-6)
     assert m["rewards/rejected_q90"].item() == pytest.approx(rs[10].item(), rel=1e-6)
     ms, rms = (pc - pr).sort().values, (rc - rr).sort().values
     assert m["fsd_violation/margins"].item() == pytest.approx((ms < rms).double().mean().item())
@@ -45,10 +51,13 @@ def test_summing_pieces_over_calls_gives_exact_pooled_statistics():
     chosen = torch.cat([beta * (b[0] - b[2]) for b in calls])
     rejected = torch.cat([beta * (b[1] - b[3]) for b in calls])
     assert m["rewards/chosen"].item() == pytest.approx(chosen.mean().item(), rel=1e-5)
-    assert m["rewards/rejected_std"].item() == pytest.approx(rejected.std(unbiased=False).item(), rel=1e-4)
-    assert m["rewards/accuracies"].item() == pytest.approx((chosen > rejected).double().mean().item())
-    assert m["logps/rejected"].item() == pytest.approx(torch.cat([b[1] for b in calls]).mean().item(), rel=1e-5)
-    assert m["loss"].item() == pytest.approx(sum(l.item() for l, _ in results) / 3, rel=1e-6)
+    assert m["rewards/rejected_std"].item() == pytest.approx(rejected.std(unbiased=False).item(),
+                                                             rel=1e-4)
+    assert m["rewards/accuracies"].item() == pytest.approx(
+        (chosen > rejected).double().mean().item())
+    assert m["logps/rejected"].item() == pytest.approx(
+        torch.cat([b[1] for b in calls]).mean().item(), rel=1e-5)
+    assert m["loss"].item() == pytest.approx(sum(loss.item() for loss, _ in results) / 3, rel=1e-6)
 
 
 def test_unpaired_unequal_sizes_have_no_pairwise_accuracy_but_a_violation():
@@ -89,7 +98,8 @@ def test_length_averaged_inputs_report_token_sums_but_sort_the_averages():
     chosen, rejected = beta * (pc - rc), beta * (pr - rr)
     assert m["rewards/chosen"].item() == pytest.approx(chosen.mean().item(), rel=1e-5)
     assert m["rewards/rejected"].item() == pytest.approx(rejected.mean().item(), rel=1e-5)
-    assert m["rewards/accuracies"].item() == pytest.approx((chosen > rejected).double().mean().item())
+    assert m["rewards/accuracies"].item() == pytest.approx(
+        (chosen > rejected).double().mean().item())
     assert m["rewards/chosen_q50"].item() == pytest.approx(chosen.sort().values[3].item(), rel=1e-5)
     assert m["logps/chosen"].item() == pytest.approx(pc.mean().item(), rel=1e-5)
     assert m["fsd_violation"].item() == p["fsd_violation"].item()   # of what the loss sorts
@@ -98,8 +108,10 @@ def test_length_averaged_inputs_report_token_sums_but_sort_the_averages():
 
 
 def test_logit_pieces_give_the_token_weighted_mean_over_calls():
-    rows = [(torch.tensor([3.0, -1.0]), torch.tensor([2.0, 1.0]), torch.tensor([4.0]), torch.tensor([8.0])),
-            (torch.tensor([0.5]), torch.tensor([5.0]), torch.tensor([1.0, 1.0]), torch.tensor([1.0, 3.0]))]
+    rows = [(torch.tensor([3.0, -1.0]), torch.tensor([2.0, 1.0]), torch.tensor([4.0]),
+             torch.tensor([8.0])),
+            (torch.tensor([0.5]), torch.tensor([5.0]), torch.tensor([1.0, 1.0]),
+             torch.tensor([1.0, 3.0]))]
     calls = [logit_metric_sums(*r) for r in rows]
     _, sums = preference_loss(*_batch(3, 3, seed=5), loss_type="dpo", beta=0.1)
     m = finalize_metrics({**sums, **{k: calls[0][k] + calls[1][k] for k in calls[0]}})

@@ -7,9 +7,19 @@ import torch
 
 from config_stubs import DEMO_WITHOUT_CHECKPOINT
 from nemo_aot.algorithms.config import compose_config
-from nemo_aot.losses import (LOSS_SPECS, AlignmentConfig, LossSpec, aot_unpaired_loss, finalize_metrics,
-                             get_loss_spec, matched_partner_loss, plan_global_sort, preference_loss,
-                             register_loss, transport_inputs)
+from nemo_aot.losses import (
+    LOSS_SPECS,
+    AlignmentConfig,
+    LossSpec,
+    aot_unpaired_loss,
+    finalize_metrics,
+    get_loss_spec,
+    matched_partner_loss,
+    plan_global_sort,
+    preference_loss,
+    register_loss,
+    transport_inputs,
+)
 
 
 def test_builtin_specs():
@@ -73,12 +83,14 @@ def test_alignment_config_accepts_a_registered_loss(toys):
     AlignmentConfig(loss_type="toy_sorted", surrogate="hinge").validate()
     with pytest.raises(ValueError, match="surrogate does not apply to loss_type='toy_slic'"):
         AlignmentConfig(loss_type="toy_slic", surrogate="hinge").validate()
-    assert _compose("alignment.loss_type=toy_slic", "alignment.sort_scope=micro").alignment.loss_type == "toy_slic"
+    cfg = _compose("alignment.loss_type=toy_slic", "alignment.sort_scope=micro")
+    assert cfg.alignment.loss_type == "toy_slic"
 
 
 @pytest.mark.parametrize("overrides, match", [
     (["alignment.loss_type=toy_slic", "alignment.sort_scope=global"], "toy_slic never sorts"),
-    (["data=bundled_unpaired", "alignment.loss_type=toy_slic"], "needs paired data.*aot_unpaired/toy_sorted"),
+    (["data=bundled_unpaired", "alignment.loss_type=toy_slic"],
+     "needs paired data.*aot_unpaired/toy_sorted"),
     (["alignment.loss_type=toy_sorted", "alignment.sort_scope=micro", "trainer.micro_batch_size=1"],
      "makes toy_sorted exactly DPO"),
 ])
@@ -88,7 +100,8 @@ def test_run_config_rules_read_the_spec(toys, overrides, match):
 
 
 def test_run_config_accepts_an_unpaired_sorting_loss_on_unpaired_data(toys):
-    cfg = _compose("data=bundled_unpaired", "alignment.loss_type=toy_sorted", "alignment.sort_scope=global")
+    cfg = _compose("data=bundled_unpaired", "alignment.loss_type=toy_sorted",
+                   "alignment.sort_scope=global")
     assert cfg.alignment.loss_type == "toy_sorted"
 
 
@@ -98,7 +111,8 @@ def test_preference_loss_and_metrics_of_a_paired_toy(toys):
     assert loss.item() == pytest.approx(_slic(pc, pr, rc, rr, 0.5, None, 0.0).item())
     metrics = finalize_metrics(sums)
     chosen, rejected = 0.5 * (pc - rc), 0.5 * (pr - rr)
-    assert metrics["rewards/accuracies"].item() == pytest.approx((chosen > rejected).double().mean().item())
+    assert metrics["rewards/accuracies"].item() == pytest.approx(
+        (chosen > rejected).double().mean().item())
     assert "fsd_violation/margins" in metrics          # the paired losses' margin diagnostic
     with pytest.raises(ValueError, match="loss_type='toy_slic' needs pairs"):
         preference_loss(*_logps(4, 3), loss_type="toy_slic", beta=0.5)
@@ -106,16 +120,19 @@ def test_preference_loss_and_metrics_of_a_paired_toy(toys):
 
 def test_preference_loss_metrics_and_global_scope_of_an_unpaired_toy(toys):
     pc, pr, rc, rr = _logps(5, 3, seed=2)
-    loss, sums = preference_loss(pc, pr, rc, rr, loss_type="toy_sorted", beta=0.5, surrogate="hinge")
-    assert loss.item() == pytest.approx(aot_unpaired_loss(pc, pr, beta=0.5, surrogate="hinge").item())
+    loss, sums = preference_loss(pc, pr, rc, rr, loss_type="toy_sorted", beta=0.5,
+                                 surrogate="hinge")
+    assert loss.item() == pytest.approx(
+        aot_unpaired_loss(pc, pr, beta=0.5, surrogate="hinge").item())
     metrics = finalize_metrics(sums)
     assert torch.isnan(metrics["rewards/accuracies"]) and "fsd_violation/margins" not in metrics
-    # The global scope's pieces: plan on the transport inputs, matched-partner terms sum to the loss.
+    # The global scope's pieces: plan on the transport inputs, matched-partner terms sum to the
+    # loss.
     u, v = transport_inputs("toy_sorted", pc, pr, rc, rr)
     assert torch.equal(u, pc) and torch.equal(v, pr)
     plan = plan_global_sort(u, v)
-    total = sum(matched_partner_loss(u[i:i + 1], v[i:i + 1], torch.tensor([i]), torch.tensor([i]), plan,
-                                     beta=0.5, surrogate="hinge") for i in range(3))
+    total = sum(matched_partner_loss(u[i:i + 1], v[i:i + 1], torch.tensor([i]), torch.tensor([i]),
+                                     plan, beta=0.5, surrogate="hinge") for i in range(3))
     total = total + matched_partner_loss(u[3:], v[:0], torch.arange(3, 5), torch.arange(0), plan,
                                          beta=0.5, surrogate="hinge")
     assert total.item() == pytest.approx(loss.item())

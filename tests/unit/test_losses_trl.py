@@ -27,16 +27,19 @@ def transcribed_trl_loss(loss_type, pc, pr, rc, rr, beta, label_smoothing=0.0):
     """TRL's formulas, re-typed from its documentation of each loss type (not from our code)."""
     if loss_type == "sigmoid":
         logits = (pc - pr) - (rc - rr)
-        per = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+        per = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
+               - F.logsigmoid(-beta * logits) * label_smoothing)
     elif loss_type == "ipo":
         logits = (pc - pr) - (rc - rr)
         per = (logits - 1 / (2 * beta)) ** 2
     elif loss_type == "aot":
         delta = torch.sort(pc - pr, dim=0)[0] - torch.sort(rc - rr, dim=0)[0]
-        per = -F.logsigmoid(beta * delta) * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
+        per = (-F.logsigmoid(beta * delta) * (1 - label_smoothing)
+               - F.logsigmoid(-beta * delta) * label_smoothing)
     elif loss_type == "aot_unpaired":
         delta = torch.sort(pc - rc, dim=0)[0] - torch.sort(pr - rr, dim=0)[0]
-        per = -F.logsigmoid(beta * delta) * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
+        per = (-F.logsigmoid(beta * delta) * (1 - label_smoothing)
+               - F.logsigmoid(-beta * delta) * label_smoothing)
     return per.mean()
 
 
@@ -60,9 +63,11 @@ def test_matches_transcribed_trl(trl_type, label_smoothing, n):
         pytest.skip("no label smoothing for ipo")
     pc, pr, rc, rr = _inputs(n, seed=n)
     beta = 0.1
-    ref = _loss_and_grads(lambda *a: transcribed_trl_loss(trl_type, *a, beta, label_smoothing), pc, pr, rc, rr)
+    ref = _loss_and_grads(lambda *a: transcribed_trl_loss(trl_type, *a, beta, label_smoothing),
+                          pc, pr, rc, rr)
     ours = _loss_and_grads(lambda *a: preference_loss(*a, loss_type=OURS[trl_type], beta=beta,
-                                                     label_smoothing=label_smoothing)[0], pc, pr, rc, rr)
+                                                     label_smoothing=label_smoothing)[0],
+                           pc, pr, rc, rr)
     for r, o in zip(ref, ours):
         torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-15)
 
@@ -83,7 +88,8 @@ class _StandInModel:
 
     def __init__(self, per_token_logps, mean_logits=None):
         self.per_token_logps = per_token_logps
-        self.mean_logits = torch.zeros_like(per_token_logps.detach()) if mean_logits is None else mean_logits
+        self.mean_logits = (torch.zeros_like(per_token_logps.detach()) if mean_logits is None
+                            else mean_logits)
 
     def __call__(self, **kwargs):
         lp = self.per_token_logps
@@ -94,7 +100,8 @@ class _StandInModel:
 
 def _trl_loss(trainer_cls, trl_type, pc, pr, rc, rr, completion_lengths, beta, label_smoothing):
     """Run TRL's _compute_loss with the reference log-probs precomputed."""
-    return _trl_run(trainer_cls, trl_type, pc, pr, rc, rr, completion_lengths, beta, label_smoothing)[0]
+    return _trl_run(trainer_cls, trl_type, pc, pr, rc, rr, completion_lengths, beta,
+                    label_smoothing)[0]
 
 
 def _trl_run(trainer_cls, trl_type, pc, pr, rc, rr, completion_lengths, beta, label_smoothing,
@@ -103,13 +110,16 @@ def _trl_run(trainer_cls, trl_type, pc, pr, rc, rr, completion_lengths, beta, la
     n, seq = pc.shape[0], int(completion_lengths.max()) + 1
     # Put each sequence's whole log-prob on its first completion token; the rest are 0.
     per_token = torch.zeros(2 * n, seq - 1, dtype=pc.dtype)
-    per_token = per_token + F.one_hot(torch.zeros(2 * n, dtype=torch.long), seq - 1) * torch.cat([pc, pr])[:, None]
+    per_token = per_token + (F.one_hot(torch.zeros(2 * n, dtype=torch.long), seq - 1)
+                             * torch.cat([pc, pr])[:, None])
     mask = (torch.arange(seq)[None, :] < completion_lengths[:, None]).long()
-    accel = types.SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
+    accel = types.SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x,
+                                  gather_for_metrics=lambda x: x)
     model = _StandInModel(per_token, mean_logits)
     fake = types.SimpleNamespace(
-        model=model, accelerator=accel, aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        f_divergence_type="reverse_kl", loss_types=[trl_type], loss_weights=[1.0], beta=beta,
+        model=model, accelerator=accel, aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[trl_type],
+        loss_weights=[1.0], beta=beta,
         label_smoothing=label_smoothing, use_weighting=False, _tp_size=1, _total_train_tokens=0,
         _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
     )
@@ -128,14 +138,19 @@ def test_matches_trl_dpo_trainer(trl_type, n):
     lengths = torch.randint(1, 9, (2 * n,), generator=g)
     beta = 0.1
     smoothing = 0.2 if trl_type.startswith("aot") else 0.0   # TRL's sigmoid no longer smooths
-    ref = _loss_and_grads(lambda *a: _trl_loss(trainer_cls, trl_type, *a, lengths, beta, smoothing), pc, pr, rc, rr)
+    ref = _loss_and_grads(lambda *a: _trl_loss(trainer_cls, trl_type, *a, lengths, beta, smoothing),
+                          pc, pr, rc, rr)
     if trl_type == "ipo":   # TRL's IPO divides each log-ratio by its completion length
         lc, lr = lengths[:n].double(), lengths[n:].double()
-        scale = lambda a, b, c, d: (a / lc, b / lr, c / lc, d / lr)
+
+        def scale(a, b, c, d):
+            return a / lc, b / lr, c / lc, d / lr
     else:
-        scale = lambda *a: a
-    ours = _loss_and_grads(lambda *a: preference_loss(*scale(*a), loss_type=OURS[trl_type], beta=beta,
-                                                     label_smoothing=smoothing)[0], pc, pr, rc, rr)
+        def scale(*a):
+            return a
+    ours = _loss_and_grads(lambda *a: preference_loss(*scale(*a), loss_type=OURS[trl_type],
+                                                     beta=beta, label_smoothing=smoothing)[0],
+                           pc, pr, rc, rr)
     for r, o in zip(ref, ours):
         torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-15)
 

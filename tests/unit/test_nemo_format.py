@@ -13,7 +13,6 @@ import tarfile
 import pytest
 import torch
 import yaml
-
 from test_conversion_families import build_hf, hf_logits, megatron_logits, random_tokens, save_hf
 
 

@@ -103,5 +103,6 @@ def test_cpu_support_refuses_unknown_megatron_versions(monkeypatch):
         pytest.skip("CPU support is never active with CUDA")
     monkeypatch.setattr(cpu_support, "_ENABLED", False)
     monkeypatch.setattr(cpu_support, "megatron_core_version", lambda: (0, 9, 0))
-    with pytest.raises(RuntimeError, match=r"written for megatron-core 0\.15\.x or 0\.16\.x, found 0\.9\.0"):
+    with pytest.raises(RuntimeError,
+                       match=r"written for megatron-core 0\.15\.x or 0\.16\.x, found 0\.9\.0"):
         cpu_support.enable_cpu_execution()

@@ -7,8 +7,16 @@ import sys
 
 import pytest
 
-from nemo_aot.progress import (Progress, RankZeroFilter, configure_logging, current_rank,
-                               format_duration, format_rate, log_level, track)
+from nemo_aot.progress import (
+    Progress,
+    RankZeroFilter,
+    configure_logging,
+    current_rank,
+    format_duration,
+    format_rate,
+    log_level,
+    track,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -151,7 +159,8 @@ logging.getLogger("nemo_aot.x").warning("ours-warning")
 
 @pytest.mark.parametrize("env, shown", [
     ({}, {"ours-info", "theirs-warning", "ours-warning"}),
-    ({"NEMO_AOT_LOG_LEVEL": "DEBUG"}, {"ours-info", "ours-debug", "theirs-warning", "ours-warning"}),
+    ({"NEMO_AOT_LOG_LEVEL": "DEBUG"},
+     {"ours-info", "ours-debug", "theirs-warning", "ours-warning"}),
     ({"NEMO_AOT_LOG_LEVEL": "WARNING"}, {"theirs-warning", "ours-warning"}),
     ({"NEMO_AOT_LOG_LEVEL": "ERROR"}, set()),
     ({"RANK": "1"}, {"theirs-warning", "ours-warning"}),

@@ -32,7 +32,8 @@ LOOP = textwrap.dedent("""
 
 def test_subprocess_receiving_sigterm_stops_cleanly(tmp_path):
     ready = tmp_path / "ready"
-    proc = subprocess.Popen([sys.executable, "-c", LOOP, str(ready)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", LOOP, str(ready)], stdout=subprocess.PIPE,
+                            text=True)
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():

@@ -43,7 +43,8 @@ if [[ "$1 $2 $3" == "show hostnames localhost" ]]; then echo localhost; fi
 def executable_lines(path):
     """The script without comments and with continuation lines joined."""
     text = re.sub(r"\\\n\s*", " ", open(path).read())
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [line.strip() for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 def directives(path):
@@ -145,7 +146,8 @@ def test_sigterm_to_the_batch_shell_prevents_the_scripts_own_requeue(cluster, tm
     # A srun that signals its parent shell the way scancel/preemption would, then stops early.
     slow = tmp_path / "bin" / "srun"
     slow.write_text(FAKE_SRUN.replace('exit "${FAKE_RC:-0}"', 'kill -TERM "$PPID"; exit 0'))
-    proc, calls = cluster("recipe=demo", FAKE_STATUS=r"stop_reason=signal\nstep=3\ncomplete=false\n")
+    proc, calls = cluster("recipe=demo",
+                          FAKE_STATUS=r"stop_reason=signal\nstep=3\ncomplete=false\n")
     assert proc.returncode == 0, proc.stderr
     assert "not requeueing" in proc.stdout and not any("requeue" in c for c in calls)
 

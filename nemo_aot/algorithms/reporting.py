@@ -3,6 +3,10 @@
 Everything here writes on rank 0 only (other ranks get no-op objects), so the loop may call it
 unconditionally after reducing its metrics.
 
+* ``RunReporter``: the one object a training run talks to (``log``, ``on_validation``,
+  ``resumed``, ``close``); it wires the pieces below from the run's config: metrics, the bar,
+  tokens/s and MFU of every logged training step, and at each validation the chosen-vs-rejected
+  reward CDFs and the FSD violation curve.
 * ``MetricsLogger``: one JSON object per line in ``<output_dir>/metrics.jsonl`` (``step``,
   ``split``, ``time``, then the metrics; non-finite values are written as null), flushed per
   line; TensorBoard scalars ``<split>/<name>`` under ``<output_dir>/tensorboard``; optionally
@@ -29,15 +33,27 @@ unconditionally after reducing its metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from typing import Any, Mapping, Optional, Sequence, Union
 
+import numpy as np
+import torch
+from tqdm import tqdm
+
 from nemo_aot.distributed.ranks import is_rank_zero
+
+# matplotlib, TensorBoard and wandb are imported where used: they cost start-up (matplotlib
+# ~0.7 s, also for `nemo-aot --help`) and serve outputs a run may switch off (wandb optional).
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 # Dense (no sparsity) bf16 tensor-core peak TFLOP/s per device; the first matching pattern wins.
@@ -102,7 +118,8 @@ class MetricsLogger:
                 if value is not None:
                     self._tb.add_scalar(f"{split}/{name}", value, step)
         if self._wandb is not None:
-            self._wandb.log({f"{split}/{k}": v for k, v in values.items() if v is not None}, step=step)
+            self._wandb.log({f"{split}/{k}": v for k, v in values.items() if v is not None},
+                            step=step)
 
     def close(self) -> None:
         if self._file is not None:
@@ -128,7 +145,10 @@ def _start_wandb(output_dir, project, mode, name, run_config, resume):
                          "pip install wandb, or set logging.wandb_project=null") from None
     # A run id kept in the output folder, so a resumed job continues the same W&B run.
     id_file = os.path.join(output_dir, "wandb_run_id")
-    run_id = open(id_file).read().strip() if resume and os.path.exists(id_file) else wandb.util.generate_id()
+    if resume and os.path.exists(id_file):
+        run_id = open(id_file).read().strip()
+    else:
+        run_id = wandb.util.generate_id()
     with open(id_file, "w") as f:
         f.write(run_id)
     return wandb.init(project=project, name=name, mode=mode, dir=output_dir, id=run_id,
@@ -180,8 +200,6 @@ class ProgressBar:
         self.enabled = enabled and is_rank_zero()
         self._bar = None
         if self.enabled:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total_steps, initial=initial_step, desc=desc, unit="step",
                              dynamic_ncols=True, file=file or sys.stderr)
 
@@ -223,8 +241,6 @@ def _save(figure, path: str) -> str:
 
 
 def _as_array(values: Any, name: str):
-    import numpy as np
-
     if hasattr(values, "detach"):
         values = values.detach().float().cpu().numpy()
     array = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -237,8 +253,6 @@ def _as_array(values: Any, name: str):
 def plot_reward_cdfs(chosen: Any, rejected: Any, path: str, *, step: Optional[int] = None,
                      title: str = "Reward distributions") -> str:
     """Empirical CDFs of per-sample chosen and rejected rewards (arrays/tensors) as a PNG."""
-    import numpy as np
-
     figure = _figure()
     axes = figure.add_subplot()
     for values, label, color in ((_as_array(chosen, "chosen"), "chosen", "tab:blue"),
@@ -264,14 +278,16 @@ def plot_fsd_violation(history: Union[str, Sequence[Mapping[str, Any]]], path: s
     series: dict[str, list[tuple[int, float]]] = {}
     for record in records:
         if record.get(key) is not None:
-            series.setdefault(record.get("split", "train"), []).append((record["step"], record[key]))
+            series.setdefault(record.get("split", "train"), []).append(
+                (record["step"], record[key]))
     if not series:
         raise ValueError(f"no '{key}' values in the metrics history")
     figure = _figure()
     axes = figure.add_subplot()
     for split, points in sorted(series.items()):
         steps, values = zip(*sorted(points))
-        axes.plot(steps, values, marker="o" if len(points) < 50 else None, markersize=3, label=split)
+        axes.plot(steps, values, marker="o" if len(points) < 50 else None, markersize=3,
+                  label=split)
     axes.set_xlabel("step")
     axes.set_ylabel("FSD violation (share of quantile levels)")
     axes.set_ylim(bottom=0.0)
@@ -317,14 +333,85 @@ def throughput(tokens: float, seconds: float, model_cfg, world_size: int, *,
     per_device = flops / seconds / world_size / 1e12
     if peak_tflops is None:
         if device_name is None:
-            import torch
-
             device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         peak_tflops = peak_tflops_for(device_name)
-    return {"tokens_per_s": tokens / seconds, "tokens_per_s_per_device": tokens / seconds / world_size,
-            "tflops_per_device": per_device, "mfu": None if peak_tflops is None else per_device / peak_tflops}
+    return {"tokens_per_s": tokens / seconds,
+            "tokens_per_s_per_device": tokens / seconds / world_size,
+            "tflops_per_device": per_device,
+            "mfu": None if peak_tflops is None else per_device / peak_tflops}
 
 
-__all__ = ["MetricsLogger", "ProgressBar", "read_history", "truncate_history", "plot_reward_cdfs",
-           "plot_fsd_violation", "throughput", "flops_per_token", "matmul_params",
-           "peak_tflops_for", "METRICS_FILE", "PEAK_BF16_TFLOPS"]
+# ---------------------------------------------------------------------- one run
+
+
+class RunReporter:
+    """What one training run reports, from its config (rank 0 writes; ``enabled=False``
+    elsewhere)."""
+
+    def __init__(self, cfg, model_arch, total_steps: int, dp_size: int, world_size: int,
+                 resume_step: Optional[int] = None, enabled: bool = True):
+        self.cfg, self.model_arch = cfg, model_arch
+        self.enabled, self.dp_size, self.world_size = enabled, dp_size, world_size
+        out = cfg.logging.output_dir
+        self.plot_dir = os.path.join(out, "plots")
+        self.logger = MetricsLogger(
+            out, tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
+            wandb_mode=cfg.logging.wandb_mode, wandb_run_name=cfg.logging.wandb_run_name,
+            run_config=dataclasses.asdict(cfg), resume_step=resume_step, enabled=enabled)
+        self.metrics_path = self.logger.path if enabled else None
+        self.bar = ProgressBar(total_steps, initial_step=resume_step or 0,
+                               enabled=enabled and cfg.logging.progress_bar)
+        self.plots: list[str] = []
+        self._last = time.monotonic()
+
+    def log(self, split: str, step: int, metrics: dict) -> None:
+        if not metrics:
+            return
+        metrics = dict(metrics)
+        if split == "train":
+            now = time.monotonic()
+            tokens = metrics.pop("local_tokens", 0) * self.dp_size
+            rate = throughput(tokens, max(now - self._last, 1e-9), self.model_arch,
+                              self.world_size, peak_tflops=self.cfg.logging.peak_tflops)
+            self._last = now
+            metrics.update(tokens_per_s=rate["tokens_per_s"], mfu=rate["mfu"])
+            if step % max(self.cfg.trainer.log_every_n_steps, 1) == 0:
+                self.logger.log(metrics, step, split)
+            self.bar.update(step, metrics)
+        else:
+            self.logger.log(metrics, step, split)
+            self._last = time.monotonic()  # validation time is not training throughput
+
+    def on_validation(self, step: int, metrics: dict, rewards: dict) -> None:
+        if not (self.enabled and self.cfg.logging.plot_every_validation):
+            return
+        if rewards["chosen"].numel() == 0 or rewards["rejected"].numel() == 0:
+            return
+        try:
+            self._plot(step, rewards)
+        except Exception as err:  # noqa: BLE001 - a plot must never stop a training run
+            logger.warning("plotting at step %d failed: %s", step, err)
+
+    def _plot(self, step: int, rewards: dict) -> None:
+        os.makedirs(self.plot_dir, exist_ok=True)
+        path = plot_reward_cdfs(rewards["chosen"], rewards["rejected"],
+                                os.path.join(self.plot_dir, f"reward_cdf_step{step:06d}.png"),
+                                step=step, title="Validation reward CDFs")
+        latest = os.path.join(self.plot_dir, "reward_cdf.png")
+        shutil.copyfile(path, latest)
+        fsd = plot_fsd_violation(self.metrics_path,
+                                 os.path.join(self.plot_dir, "fsd_violation.png"))
+        self.plots = sorted({*self.plots, latest, fsd})
+
+    def resumed(self, path: str, step: int) -> None:
+        if self.enabled:
+            print(f"resumed from {path} at step {step}", flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()
+
+
+__all__ = ["RunReporter", "MetricsLogger", "ProgressBar", "read_history", "truncate_history",
+           "plot_reward_cdfs", "plot_fsd_violation", "throughput", "flops_per_token",
+           "matmul_params", "peak_tflops_for", "METRICS_FILE", "PEAK_BF16_TFLOPS"]

@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from nemo_aot.algorithms.observability import (MetricsLogger, ProgressBar, flops_per_token,
-                                               matmul_params, peak_tflops_for, plot_fsd_violation,
-                                               plot_reward_cdfs, read_history, throughput)
+from nemo_aot.algorithms.reporting import (
+    MetricsLogger,
+    ProgressBar,
+    flops_per_token,
+    matmul_params,
+    peak_tflops_for,
+    plot_fsd_violation,
+    plot_reward_cdfs,
+    read_history,
+    throughput,
+)
 from nemo_aot.models.config import GPTModelConfig, default_tiny
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -27,7 +35,8 @@ def test_jsonl_records_are_flushed_and_typed(tmp_path):
     assert len(lines) == 2
     first = json.loads(lines[0])
     assert first["step"] == 1 and first["split"] == "train" and first["loss"] == 0.5
-    assert first["rewards/margins"] == 0.25 and first["rewards/accuracies"] is None and first["lr"] == 1e-3
+    assert first["rewards/margins"] == 0.25 and first["rewards/accuracies"] is None
+    assert first["lr"] == 1e-3
     assert isinstance(first["time"], float)
     logger.close()
     assert [r["step"] for r in read_history(str(tmp_path), split="validation")] == [2]
@@ -142,11 +151,13 @@ def test_throughput_and_mfu():
     assert stats["tokens_per_s"] == 500.0 and stats["mfu"] is None
     expected = (1000 * 6 * n + 500 * 2 * n) / 2.0 / 4 / 1e12
     stats = throughput(1000, 2.0, tiny, world_size=4, forward_only_tokens=500, peak_tflops=1.0)
-    assert math.isclose(stats["tflops_per_device"], expected) and math.isclose(stats["mfu"], expected)
+    assert math.isclose(stats["tflops_per_device"], expected)
+    assert math.isclose(stats["mfu"], expected)
     assert stats["tokens_per_s_per_device"] == 125.0
     h100 = throughput(1000, 2.0, tiny, world_size=1, device_name="NVIDIA H100 80GB HBM3")
     assert math.isclose(h100["mfu"], h100["tflops_per_device"] / 989.0)
-    assert peak_tflops_for("NVIDIA H100 PCIe") == 756.0 and peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops_for("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312.0
     assert peak_tflops_for("Some CPU") is None
     with pytest.raises(ValueError, match="seconds"):
         throughput(1, 0.0, tiny, world_size=1)
