@@ -19,7 +19,7 @@ def _backend_and_device():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU host's choice")
 @pytest.mark.parametrize("device,world", [(None, 2), ("auto", 1)])
 def test_cpu_host_runs_gloo_on_the_cpu(device, world):
-    assert run_multirank(_backend_and_device, world, timeout=60, device=device) == \
+    assert run_multirank(_backend_and_device, world, timeout=180, device=device) == \
         [("gloo", "cpu", False)] * world
 
 
