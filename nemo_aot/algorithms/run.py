@@ -204,6 +204,12 @@ def build_policy(cfg):
         use_distributed_optimizer=cfg.optim.use_distributed_optimizer, seed=cfg.trainer.seed)
     if cfg.init_from:
         load_nemo_into(resolve_path(cfg.init_from), list(model.chunks))
+    if cfg.peft.enabled and rank() == 0:
+        params = [p for c in model.chunks for p in c.parameters()]
+        trained = sum(p.numel() for p in params if p.requires_grad)
+        logger.info("LoRA: rank 0 trains %d of its %d parameters (%.2f%%), the base is frozen",
+                    trained, sum(p.numel() for p in params),
+                    100 * trained / sum(p.numel() for p in params))
     if cfg.peft.enabled and cfg.peft.adapter_from:
         read = load_adapter_from(list(model.chunks), cfg)
         if rank() == 0:

@@ -114,9 +114,10 @@ class LoRAAdapter(torch.nn.Module):
         return F.linear(t, self.linear_out.weight) * self.options.scale
 
     def delta(self) -> torch.Tensor:
-        """This rank's shard of ``(alpha / r) B A``: the TP shard of the base weight it adds to
-        (column: B's rows times all of A; row: all of B times A's columns)."""
-        return (self.linear_out.weight @ self.linear_in.weight) * self.options.scale
+        """This rank's shard of ``(alpha / r) B A`` in fp32: the TP shard of the base weight it
+        adds to (column: B's rows times all of A; row: all of B times A's columns)."""
+        b, a = (w.detach().float() for w in (self.linear_out.weight, self.linear_in.weight))
+        return (b @ a) * self.options.scale
 
     def sharded_state_dict(self, prefix: str, sharded_offsets=(), metadata=None) -> dict:
         from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
@@ -182,7 +183,7 @@ class _LoRALinearMixin:
         state = {k: v for k, v in state.items() if not k.startswith(adapter_prefix)}
         if (metadata or {}).get(MERGED):
             key = f"{prefix}weight"
-            merged = (self.weight.detach() + self.adapter.delta().detach()).to(self.weight.dtype)
+            merged = (self.weight.detach().float() + self.adapter.delta()).to(self.weight.dtype)
             state[key] = _with_data(state[key], merged)
             return state
         state.update(self.adapter.sharded_state_dict(adapter_prefix, sharded_offsets, metadata))
@@ -274,7 +275,9 @@ def init_adapters(chunks: Sequence[torch.nn.Module], seed: int) -> None:
         generator = torch.Generator().manual_seed(
             seed * 1_000_003 + layer_number * len(LORA_TARGETS) + LORA_TARGETS.index(target))
         bound = 1.0 / math.sqrt(fan_in)
-        full = torch.empty(rank, fan_in).uniform_(-bound, bound, generator=generator)
+        # Drawn on the host (a CPU generator: the same numbers on every machine), then copied.
+        full = torch.empty(rank, fan_in, device="cpu").uniform_(-bound, bound,
+                                                                generator=generator)
         local = full if adapter.column else full.chunk(tp, dim=1)[tp_rank]
         with torch.no_grad():
             adapter.linear_in.weight.copy_(local)
