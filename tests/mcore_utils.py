@@ -27,8 +27,9 @@ def global_batch(seed: int = 0, batch: int = GLOBAL_BATCH, seq: int = SEQ, vocab
 
 
 def setup(tp=1, pp=1, vpp=None, sp=False, model_cfg=TINY, seed=1234, attention_backend=None,
-          per_token_loss=True):
-    """Initialize megatron parallel state and return DDP-wrapped model chunks for this rank."""
+          per_token_loss=True, peft=None, use_distributed_optimizer=False):
+    """Initialize megatron parallel state and return DDP-wrapped model chunks for this rank;
+    with ``peft`` (a PeftConfig) the chunks carry LoRA adapters and a frozen base."""
     import dataclasses
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -43,9 +44,14 @@ def setup(tp=1, pp=1, vpp=None, sp=False, model_cfg=TINY, seed=1234, attention_b
     parallel = ParallelConfig(tp, pp, vpp, sp)
     initialize_model_parallel(parallel, model_cfg, seed=seed)
     config = to_transformer_config(model_cfg, parallel, calculate_per_token_loss=per_token_loss)
-    chunks = build_model_chunks(model_cfg, config)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                               average_in_collective=False)
+    chunks = build_model_chunks(model_cfg, config, peft=peft, seed=seed)
+    if peft is not None and peft.enabled:
+        from nemo_aot.models.lora import freeze_base
+
+        freeze_base(chunks)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, average_in_collective=False,
+        use_distributed_optimizer=use_distributed_optimizer)
     chunks = [DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0)
               for i, c in enumerate(chunks)]
     config.finalize_model_grads_func = finalize_model_grads
@@ -134,12 +140,13 @@ def grads_into_params(chunks):
     with torch.no_grad():
         for c in chunks:
             for p in c.module.parameters():
-                p.copy_(p.main_grad)
+                if p.requires_grad:  # frozen (LoRA base) weights have no gradient
+                    p.copy_(p.main_grad)
 
 
-def full_state(directory):
+def full_state(directory, peft=None):
     """Canonical full tensors of a checkpoint, read into a TP=1, PP=1 model (1-rank worker)."""
-    chunks, _ = setup()
+    chunks, _ = setup(peft=peft)
     load(chunks, directory)
     return {k: v.detach().clone() for k, v in chunks[0].module.state_dict().items()
             if not k.endswith("_extra_state")}

@@ -29,7 +29,7 @@ from nemo_aot.losses import LOSS_SPECS, get_loss_spec
 from nemo_aot.losses.config import AlignmentConfig
 from nemo_aot.models.config import GPTModelConfig, default_tiny
 from nemo_aot.models.nemo_format import read_nemo_config
-from nemo_aot.models.options import PrecisionConfig
+from nemo_aot.models.options import PeftConfig, PrecisionConfig
 
 # hydra/omegaconf imported lazily: `nemo-aot --help` (which lists the recipes from here) must
 # not load them.
@@ -205,6 +205,8 @@ class AOTConfig:
     """Preference data and tokenization."""
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     """The AOT/DPO objective, its sort scope and the reference policy."""
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """Full fine-tuning (scheme none) or LoRA adapters on the frozen policy (``peft=lora``)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """Run length, batch sizes, validation, safety."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -236,6 +238,7 @@ class AOTConfig:
         self.precision.validate()
         self.data.validate()
         self.alignment.validate()
+        self.peft.validate()
         for section in (self.trainer, self.optim, self.checkpoint, self.logging):
             section.validate()
         if self.init_from is not None and not str(self.init_from).strip():
@@ -252,7 +255,38 @@ class AOTConfig:
         _check_sequences(self)
         _check_objective(self, None if world is None else self.parallel.data_parallel_size(world))
         _check_fp8(self)
+        _check_peft(self)
         return self
+
+
+def _check_peft(cfg: AOTConfig) -> None:
+    """LoRA's combinations with the reference policy, the sort scope and FP8."""
+    a, peft = cfg.alignment, cfg.peft
+    if a.reference_policy == "adapters_off" and not peft.enabled:
+        raise ValueError("alignment.reference_policy=adapters_off needs LoRA adapters to switch "
+                         "off: add peft=lora (or use alignment.reference_policy=cached)")
+    if not peft.enabled:
+        return
+    if a.reference_policy == "cpu_swap":
+        raise ValueError("alignment.reference_policy=cpu_swap with peft.scheme=lora would keep "
+                         "a second copy of every frozen weight; use alignment.reference_policy="
+                         "adapters_off (the base without adapters) or cached")
+    if peft.dropout > 0 and a.sort_scope == "global":
+        raise ValueError(f"peft.dropout={peft.dropout} with alignment.sort_scope=global: the grad "
+                         "pass could not reproduce the no-grad pass's rewards; set "
+                         "peft.dropout=0 or use sort_scope=data_parallel")
+    if cfg.precision.fp8_param:
+        raise ValueError("precision.fp8_param with peft.scheme=lora: adapters are merged into "
+                         "the base weights on export, which FP8 weights cannot hold exactly; "
+                         "set precision.fp8_param=false")
+    p = cfg.precision
+    if p.fp8 is not None and p.fp8_recipe == "delayed" and a.reference_policy == "adapters_off":
+        raise ValueError("alignment.reference_policy=adapters_off with precision.fp8_recipe="
+                         "delayed: the reference forward would shift the policy's amax history; "
+                         "use alignment.reference_policy=cached or precision.fp8_recipe=tensorwise")
+    if peft.adapter_from is not None and not cfg.init_from:
+        raise ValueError("peft.adapter_from needs init_from: the base .nemo the adapter was "
+                         "trained on")
 
 
 def _check_fp8(cfg: AOTConfig) -> None:

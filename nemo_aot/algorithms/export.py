@@ -18,6 +18,10 @@ dist checkpoint reshards on load); that needs the whole model in host memory onc
 that does not fit one process, run the export under ``torchrun``/``srun`` with the layout as
 overrides (e.g. ``parallel.tensor_model_parallel_size=8``); every rank then reads its shard.
 The export never changes the checkpoint folder.
+
+LoRA runs (``peft.scheme=lora``) checkpoint their adapters only: the export reads the base
+weights from the run's ``init_from``, adds ``(alpha / r) B A`` and writes a plain .nemo (the
+merged policy); ``--adapter-out DIR`` also writes the adapters in the Hugging Face PEFT layout.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from nemo_aot.algorithms.adapters import export_adapter
 from nemo_aot.algorithms.checkpointing import (
     CONFIG_FILE,
     MARKER,
@@ -43,7 +48,7 @@ from nemo_aot.distributed.parallel import (
 )
 from nemo_aot.models.config import to_transformer_config
 from nemo_aot.models.dist_weights import check_dist_checkpoint, load_dist_weights
-from nemo_aot.models.nemo_format import save_nemo
+from nemo_aot.models.nemo_format import nemo_sharded_state_dict, save_nemo
 
 # omegaconf and models.gpt (megatron) imported lazily: `nemo-aot --help` registers this
 # command and must not load them.
@@ -100,15 +105,26 @@ def checkpoint_config(folder: str, config_path: Optional[str] = None,
 
 
 def export_checkpoint(path: str, out: str, *, step: Optional[int] = None,
-                      config_path: Optional[str] = None, overrides: Sequence[str] = ()) -> str:
-    """Write the policy weights of a training checkpoint as ``out`` (.nemo); collective under
-    torch.distributed (every rank calls it). Returns the checkpoint folder it read."""
+                      config_path: Optional[str] = None, overrides: Sequence[str] = (),
+                      adapter_out: Optional[str] = None) -> str:
+    """Write the policy weights of a training checkpoint as ``out`` (.nemo), and for a LoRA
+    run its adapters as a PEFT folder ``adapter_out``; collective under torch.distributed
+    (every rank calls it). Returns the checkpoint folder it read."""
+    from nemo_aot.models.aot_model import load_nemo_into
     from nemo_aot.models.gpt import build_model_chunks
+    from nemo_aot.models.lora import MERGED, is_adapter_name
 
     folder = find_checkpoint(path, step)
     cfg = checkpoint_config(folder, config_path, overrides)
     if os.path.abspath(out).startswith(os.path.abspath(folder) + os.sep):
         raise ValueError(f"--out {out} is inside the checkpoint {folder}; write it elsewhere")
+    lora = cfg.peft.enabled
+    if adapter_out is not None and not lora:
+        raise ValueError(f"--adapter-out: {folder} is a full fine-tuning checkpoint (the run "
+                         "had peft.scheme=none); it has no adapters")
+    if lora and not cfg.init_from:
+        raise ValueError(f"{folder} holds LoRA adapters only and its run had no init_from: "
+                         "the base weights are not stored anywhere to merge them into")
     init_distributed()
     world = torch.distributed.get_world_size()
     parallel = cfg.parallel
@@ -117,15 +133,21 @@ def export_checkpoint(path: str, out: str, *, step: Optional[int] = None,
     initialize_model_parallel(parallel, cfg.model, seed=cfg.trainer.seed)
     config = to_transformer_config(cfg.model, parallel, cfg.precision.precision,
                                    perform_initialization=False)  # every weight is loaded
-    chunks = build_model_chunks(cfg.model, config, "local")
+    chunks = build_model_chunks(cfg.model, config, "local", peft=cfg.peft if lora else None)
+    if lora:  # the frozen base from init_from, the adapters from the checkpoint
+        load_nemo_into(resolve_path(cfg.init_from), chunks)
     # Training checkpoints store the model's sharded keys unprefixed. The reader the .nemo
     # loader uses screens the files (no unpickling of code) and re-pads the vocabulary tables
     # when this layout pads them differently from the training layout (e.g. TP8 -> TP1).
-    load_dist_weights(chunks, check_dist_checkpoint(folder), prefix="")
+    load_dist_weights(chunks, check_dist_checkpoint(folder), prefix="",
+                      select=is_adapter_name if lora else None)
     tokenizer = os.path.join(folder, TOKENIZER_COPY)  # the run's tokenizer, saved with the state
     if not os.path.isdir(tokenizer):  # checkpoints written before it was stored
         tokenizer = resolve_path(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else None
-    save_nemo(out, cfg.model, chunks, tokenizer)
+    save_nemo(out, cfg.model, nemo_sharded_state_dict(chunks, {MERGED: True} if lora else None),
+              tokenizer)
+    if adapter_out is not None:
+        export_adapter(chunks, cfg, adapter_out, base_model=cfg.init_from)
     return folder
 
 
@@ -140,6 +162,9 @@ def register(subparsers):
     parser.add_argument("--out", required=True, metavar="FILE.nemo", help="the .nemo to write")
     parser.add_argument("--step", type=int, default=None,
                         help="which complete step to export (default: the newest)")
+    parser.add_argument("--adapter-out", default=None, metavar="DIR",
+                        help="LoRA runs: also write the adapters as a Hugging Face PEFT folder "
+                             "(adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("--config", default=None, metavar="YAML",
                         help="the run's resolved config, for checkpoints that carry none")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -151,7 +176,8 @@ def register(subparsers):
 
 def _run(args) -> int:
     folder = export_checkpoint(args.checkpoint, args.out, step=args.step,
-                               config_path=args.config, overrides=args.overrides)
+                               config_path=args.config, overrides=args.overrides,
+                               adapter_out=args.adapter_out)
     if torch.distributed.get_rank() == 0:
         print(f"nemo-aot export: {folder} -> {args.out}")
     return 0

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import torch
 
+from nemo_aot.algorithms.adapters import ADAPTER_DIR, export_adapter, load_adapter_from
 from nemo_aot.algorithms.checkpointing import (
     CONFIG_FILE,
     CheckpointManager,
@@ -64,6 +65,8 @@ class RunResult:
     nemo_path: Optional[str]
     metrics_path: Optional[str]
     plots: list
+    adapter_path: Optional[str] = None
+    """A finished LoRA run's adapters in the Hugging Face PEFT layout (rank 0)."""
 
 
 @dataclasses.dataclass
@@ -192,15 +195,34 @@ def _epoch_then_rest(ordered, coverage):
 
 
 def build_policy(cfg):
-    """The policy at cfg's parallel layout, with init_from's weights when set (collective)."""
+    """The policy at cfg's parallel layout, with init_from's weights when set, and under LoRA
+    the adapters of peft.adapter_from when set (collective)."""
     from nemo_aot.models.aot_model import MegatronGPTAOTModel, load_nemo_into, model_cfg_node
 
     model = MegatronGPTAOTModel(
-        model_cfg_node(cfg.model, cfg.precision, cfg.parallel, cfg.alignment),
-        use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
+        model_cfg_node(cfg.model, cfg.precision, cfg.parallel, cfg.alignment, cfg.peft),
+        use_distributed_optimizer=cfg.optim.use_distributed_optimizer, seed=cfg.trainer.seed)
     if cfg.init_from:
         load_nemo_into(resolve_path(cfg.init_from), list(model.chunks))
+    if cfg.peft.enabled and rank() == 0:
+        params = [p for c in model.chunks for p in c.parameters()]
+        trained = sum(p.numel() for p in params if p.requires_grad)
+        logger.info("LoRA: rank 0 trains %d of its %d parameters (%.2f%%), the base is frozen",
+                    trained, sum(p.numel() for p in params),
+                    100 * trained / sum(p.numel() for p in params))
+    if cfg.peft.enabled and cfg.peft.adapter_from:
+        read = load_adapter_from(list(model.chunks), cfg)
+        if rank() == 0:
+            logger.info("LoRA adapters from %s", read)
     return model
+
+
+def policy_origin(cfg) -> str:
+    """What the starting policy is made of (the reference cache's model key)."""
+    origin = cfg.init_from or f"random-init seed={cfg.trainer.seed} {cfg.model.to_dict()}"
+    if cfg.peft.enabled and cfg.peft.adapter_from:
+        origin += f" + adapter {cfg.peft.adapter_from}"
+    return origin
 
 
 def setup_run(cfg):
@@ -242,10 +264,9 @@ def _run(cfg, preemption, started: float, scratch: str) -> RunResult:
     model = build_policy(cfg)
     stop_point(preemption.requested, "model set-up")
     if cfg.alignment.reference_policy == "cached":
-        origin = cfg.init_from or f"random-init seed={cfg.trainer.seed} {cfg.model.to_dict()}"
-        model.reference_tables = _reference_tables(cfg, model, data, origin, dp_rank, dp_size,
-                                                   lambda: preemption.requested)
-    else:
+        model.reference_tables = _reference_tables(cfg, model, data, policy_origin(cfg), dp_rank,
+                                                   dp_size, lambda: preemption.requested)
+    elif cfg.alignment.reference_policy == "cpu_swap":
         model.enable_cpu_swap()
     optimizer, scheduler = build_optimizer(cfg, model, len(data.train_batches))
     checkpointer = RunCheckpointer(
@@ -268,13 +289,20 @@ def _run(cfg, preemption, started: float, scratch: str) -> RunResult:
         trainer.validate()
     trainer.fit()
     nemo_path = _export(cfg, model, trainer, data.tokenizer_dir)
+    adapter_path = None
+    if nemo_path is not None and cfg.peft.enabled:
+        adapter_path = export_adapter(list(model.chunks), cfg,
+                                      os.path.join(cfg.logging.output_dir, ADAPTER_DIR),
+                                      base_model=cfg.init_from)
     reporter.close()
     return RunResult(cfg.logging.output_dir, trainer.state.step, trainer.stop_reason,
-                     nemo_path if rank() == 0 else None, reporter.metrics_path, reporter.plots)
+                     nemo_path if rank() == 0 else None, reporter.metrics_path, reporter.plots,
+                     adapter_path if rank() == 0 else None)
 
 
 def _export(cfg, model, trainer, tokenizer_dir: str) -> Optional[str]:
-    """The policy as <output_dir>/aot_policy.nemo when the run finished (collective)."""
+    """The policy as <output_dir>/aot_policy.nemo when the run finished (collective); under
+    LoRA with the adapters merged into the base weights (a plain model)."""
     if not cfg.checkpoint.export_nemo_at_end:
         return None
     if trainer.stop_reason not in COMPLETE_REASONS:

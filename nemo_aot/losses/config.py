@@ -13,7 +13,7 @@ from .api import check_options
 from .registry import LOSS_SPECS
 
 SORT_SCOPES = ("micro", "data_parallel", "global")
-REFERENCE_POLICIES = ("cached", "cpu_swap")
+REFERENCE_POLICIES = ("cached", "cpu_swap", "adapters_off")
 
 
 @dataclass
@@ -38,7 +38,9 @@ class AlignmentConfig:
     """Average response log-probs over tokens instead of summing them."""
     reference_policy: str = "cached"
     """cached: one scoring pass writes reference log-probs, reused across steps, epochs, runs;
-    cpu_swap: reference weights kept in CPU memory and swapped in once per global batch."""
+    cpu_swap: reference weights kept in CPU memory and swapped in once per global batch;
+    adapters_off (LoRA only): the frozen base, i.e. the policy with its adapters switched off,
+    scored once per global batch (no copy, no cache)."""
     reference_cache_dir: Optional[str] = None
     """Where cached reference log-probs live (default: <output_dir>/reference_cache)."""
     logprob_chunk_size: int = 1024

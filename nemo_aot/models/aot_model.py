@@ -9,11 +9,14 @@ config), and exposes the small interface the trainer depends on:
                                          additive pieces, per-sample rewards when collected
     finish_training_step()               nothing to do after the optimizer step today
     attach_reference(mbs)                add reference log-probs to micro-batches
-    sharded_state_dict()                 megatron dist-checkpoint view of the weights
+    sharded_state_dict()                 megatron dist-checkpoint view of the trained weights
+                                         (the adapters only under LoRA)
 
 Parallel state must be initialized (``nemo_aot.distributed.parallel.initialize_model_parallel``)
 before construction. The chunks are wrapped in megatron-core DDP; the optimizer is built by the
-trainer on top of ``self.chunks``.
+trainer on top of ``self.chunks``. With ``peft.scheme=lora`` the base weights are frozen
+before the DDP wrap, so DDP's buckets, the optimizer and its (distributed) state see the
+adapters only (``nemo_aot.models.lora``).
 """
 
 from __future__ import annotations
@@ -29,8 +32,14 @@ from nemo_aot.losses.config import AlignmentConfig
 from nemo_aot.models.aot_step import AOTStep, StepResult
 from nemo_aot.models.config import GPTModelConfig, to_transformer_config
 from nemo_aot.models.gpt import build_model_chunks
-from nemo_aot.models.options import PrecisionConfig
-from nemo_aot.models.reference import CpuSwapReference, ReferenceTable, attach_reference
+from nemo_aot.models.lora import MERGED, adapter_sharded_state_dict, freeze_base, is_adapter_name
+from nemo_aot.models.options import PeftConfig, PrecisionConfig
+from nemo_aot.models.reference import (
+    AdaptersOffReference,
+    CpuSwapReference,
+    ReferenceTable,
+    attach_reference,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +58,7 @@ def fp8_overrides(precision: PrecisionConfig) -> dict:
                 fp8_param=precision.fp8_param)
 
 
-RUNTIME_SECTIONS = ("precision", "parallel", "alignment")
+RUNTIME_SECTIONS = ("precision", "parallel", "alignment", "peft")
 
 
 def architecture_from_cfg(cfg: DictConfig) -> GPTModelConfig:
@@ -62,35 +71,41 @@ def architecture_from_cfg(cfg: DictConfig) -> GPTModelConfig:
 
 
 def model_cfg_node(model: GPTModelConfig, precision: PrecisionConfig, parallel: ParallelConfig,
-                   alignment: AlignmentConfig) -> DictConfig:
+                   alignment: AlignmentConfig, peft: Optional[PeftConfig] = None) -> DictConfig:
     """The ModelPT cfg: architecture keys at the top level (as NeMo's model_config.yaml has
     them) plus the run-time sections."""
     import dataclasses
 
     node = OmegaConf.create(model.to_dict())
-    for name, section in zip(RUNTIME_SECTIONS, (precision, parallel, alignment)):
+    sections = (precision, parallel, alignment, peft or PeftConfig())
+    for name, section in zip(RUNTIME_SECTIONS, sections):
         node[name] = dataclasses.asdict(section)
     return node
 
 
 def load_nemo_into(path: str, chunks: list) -> None:
     """Read the weights of a .nemo file or extracted .nemo folder into model chunks at the
-    current layout (collective; a file is extracted once per node, see ``open_nemo``)."""
+    current layout (collective; a file is extracted once per node, see ``open_nemo``). A .nemo
+    holds a plain model: LoRA adapters of the chunks keep their values."""
     from nemo_aot.models.nemo_format import load_nemo_weights, open_nemo
 
     with open_nemo(path) as extracted:
-        load_nemo_weights(chunks, extracted)
+        load_nemo_weights(chunks, extracted, select=lambda name: not is_adapter_name(name))
 
 
 class MegatronGPTAOTModel(ModelPT):
     """A Llama-family GPT policy on megatron-core, aligned with AOT / DPO / IPO."""
 
-    def __init__(self, cfg: DictConfig, trainer=None, *, use_distributed_optimizer: bool = False):
+    def __init__(self, cfg: DictConfig, trainer=None, *, use_distributed_optimizer: bool = False,
+                 seed: int = 1234):
         super().__init__(cfg=cfg, trainer=trainer)
         self.model_cfg = architecture_from_cfg(cfg)
         self.precision_cfg = PrecisionConfig(**OmegaConf.to_container(cfg.precision, resolve=True))
         self.parallel_cfg = ParallelConfig(**OmegaConf.to_container(cfg.parallel, resolve=True))
         self.alignment = AlignmentConfig(**OmegaConf.to_container(cfg.alignment, resolve=True))
+        self.peft = PeftConfig(**OmegaConf.to_container(cfg.peft, resolve=True)) \
+            if "peft" in cfg else PeftConfig()
+        self.peft.validate()
         self.precision_cfg.validate()
         self.precision_cfg.check_runtime()
         self.alignment.validate()
@@ -98,7 +113,9 @@ class MegatronGPTAOTModel(ModelPT):
             self.model_cfg, self.parallel_cfg, self.precision_cfg.precision,
             **fp8_overrides(self.precision_cfg))
         chunks = build_model_chunks(self.model_cfg, self.transformer_config,
-                                    self.precision_cfg.transformer_impl)
+                                    self.precision_cfg.transformer_impl, peft=self.peft, seed=seed)
+        if self.peft.enabled:  # before DDP: its buffers hold the trainable parameters only
+            freeze_base(chunks)
         self.chunks = torch.nn.ModuleList(self._wrap_ddp(chunks, use_distributed_optimizer))
         self.step_runner = AOTStep(
             list(self.chunks), self.transformer_config, vocab_size=self.model_cfg.vocab_size,
@@ -107,6 +124,8 @@ class MegatronGPTAOTModel(ModelPT):
             alignment=self.alignment)
         self.reference_tables: dict[str, ReferenceTable] = {}
         self.cpu_swap: Optional[CpuSwapReference] = None
+        self.adapters_off = AdaptersOffReference(list(self.chunks)) \
+            if self.alignment.reference_policy == "adapters_off" else None
 
     def _wrap_ddp(self, chunks, use_distributed_optimizer: bool):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -153,6 +172,8 @@ class MegatronGPTAOTModel(ModelPT):
             if self.cpu_swap is None:
                 raise RuntimeError("cpu_swap reference not set up: call enable_cpu_swap() first")
             table = self.cpu_swap.score_step(self.step_runner, micro_batches)
+        elif self.alignment.reference_policy == "adapters_off":
+            table = self.adapters_off.score_step(self.step_runner, micro_batches)
         else:
             if split not in self.reference_tables:
                 raise RuntimeError(f"cached reference for split {split!r} not set up")
@@ -169,17 +190,24 @@ class MegatronGPTAOTModel(ModelPT):
         return self.step_runner.score(micro_batches)
 
     def sharded_state_dict(self, prefix: str = "", **kwargs) -> dict:
+        """The trained weights: every weight, or under LoRA the adapters only (the frozen base
+        comes from init_from, so checkpoints hold what the optimizer changes)."""
         if len(self.chunks) == 1:
-            return self.chunks[0].module.sharded_state_dict(prefix=prefix)
-        return {f"model{i}": c.module.sharded_state_dict(prefix=prefix)
-                for i, c in enumerate(self.chunks)}
+            state = self.chunks[0].module.sharded_state_dict(prefix=prefix)
+        else:
+            state = {f"model{i}": c.module.sharded_state_dict(prefix=prefix)
+                     for i, c in enumerate(self.chunks)}
+        return adapter_sharded_state_dict(state) if self.peft.enabled else state
 
     def load_sharded_state(self, state: dict) -> None:
-        if len(self.chunks) == 1:
-            self.chunks[0].module.load_state_dict(state, strict=True)
-        else:
-            for i, c in enumerate(self.chunks):
-                c.module.load_state_dict(state[f"model{i}"], strict=True)
+        parts = [state] if len(self.chunks) == 1 else \
+            [state[f"model{i}"] for i in range(len(self.chunks))]
+        for chunk, part in zip(self.chunks, parts):
+            missing, unexpected = chunk.module.load_state_dict(part, strict=not self.peft.enabled)
+            # Under LoRA a checkpoint holds exactly the adapters; the base stays as loaded.
+            stray = [k for k in missing if is_adapter_name(k)] + list(unexpected)
+            if stray:
+                raise ValueError(f"checkpoint does not fit the model's adapters: {stray[:4]}")
 
     # ------------------------------------------------------------------ .nemo
     def save_to(self, save_path: str, tokenizer_dir: Optional[str] = None) -> None:
@@ -188,7 +216,15 @@ class MegatronGPTAOTModel(ModelPT):
         from nemo_aot.models.nemo_format import save_nemo
 
         tokenizer_dir = resolve_path(tokenizer_dir) if tokenizer_dir else None
-        save_nemo(save_path, self.model_cfg, list(self.chunks), tokenizer_dir)
+        save_nemo(save_path, self.model_cfg, self.export_state_dict(), tokenizer_dir)
+
+    def export_state_dict(self) -> dict:
+        """The policy as a plain model's sharded weights (``model.`` keys): under LoRA the base
+        weights with ``(alpha / r) B A`` added, no adapter entries (the base is unchanged)."""
+        from nemo_aot.models.nemo_format import nemo_sharded_state_dict
+
+        return nemo_sharded_state_dict(list(self.chunks),
+                                       metadata={MERGED: True} if self.peft.enabled else None)
 
     @classmethod
     def restore_from(cls, restore_path: str, override_config_path=None, map_location=None,

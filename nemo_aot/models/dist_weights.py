@@ -18,7 +18,7 @@ import io
 import json
 import os
 import pickle
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -32,13 +32,16 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def chunks_sharded_state_dict(chunks: Sequence[torch.nn.Module], prefix: str) -> dict:
+def chunks_sharded_state_dict(chunks: Sequence[torch.nn.Module], prefix: str,
+                              metadata: Optional[dict] = None) -> dict:
     """The chunks' sharded state dict, keys under ``prefix``; ``model_{i}`` per virtual
-    pipeline chunk (NeMo's nesting; only the keys of the sharded tensors are stored)."""
+    pipeline chunk (NeMo's nesting; only the keys of the sharded tensors are stored).
+    ``metadata`` goes to megatron's ``sharded_state_dict`` (e.g. LoRA's merged view)."""
     modules = [_unwrap(c) for c in chunks]
     if len(modules) == 1:
-        return modules[0].sharded_state_dict(prefix=prefix)
-    return {f"model_{i}": m.sharded_state_dict(prefix=prefix) for i, m in enumerate(modules)}
+        return modules[0].sharded_state_dict(prefix=prefix, metadata=metadata)
+    return {f"model_{i}": m.sharded_state_dict(prefix=prefix, metadata=metadata)
+            for i, m in enumerate(modules)}
 
 
 def check_dist_checkpoint(wdir: str) -> str:
@@ -111,10 +114,13 @@ def check_common(wdir: str) -> None:
                          "to unpickle it (tampered or foreign checkpoint)") from err
 
 
-def load_dist_weights(chunks: Sequence[torch.nn.Module], wdir: str, prefix: str) -> None:
+def load_dist_weights(chunks: Sequence[torch.nn.Module], wdir: str, prefix: str,
+                      select: Optional[Callable[[str], bool]] = None) -> None:
     """Load the model tensors of a torch_dist checkpoint ``wdir`` whose keys are the model's
     sharded keys under ``prefix`` (``model.`` in a .nemo, none in a training checkpoint) into
-    this rank's chunks, at any TP/PP layout, with the checks of this module (collective)."""
+    this rank's chunks, at any TP/PP layout, with the checks of this module (collective).
+    ``select``: which of the model's state-dict names to read (default: all of them; e.g. a
+    base .nemo into a model with LoRA adapters: all but the adapters)."""
     from megatron.core import dist_checkpointing
 
     stored = read_checkpoint_metadata(wdir).state_dict_metadata
@@ -122,6 +128,10 @@ def load_dist_weights(chunks: Sequence[torch.nn.Module], wdir: str, prefix: str)
     modules = [_unwrap(c) for c in chunks]
     request = chunks_sharded_state_dict(modules, prefix)
     subs = [request] if len(modules) == 1 else [request[f"model_{i}"] for i in range(len(modules))]
+    if select is not None:
+        for sub in subs:
+            for name in [n for n in sub if not select(n[len(prefix):])]:
+                del sub[name]
     vocab_keys = tuple(prefix + n for n in VOCAB_NAMES)
     repad = [_prepare_request(sub, stored, wdir, vocab_keys) for sub in subs]
     wanted = [set(sub) for sub in subs]
@@ -146,7 +156,8 @@ def load_dist_weights(chunks: Sequence[torch.nn.Module], wdir: str, prefix: str)
                     target.zero_()
                     target[:take].copy_(value[start:start + take])
             del value
-        missing = sorted(k for k in targets if not k.endswith("_extra_state"))
+        missing = sorted(k for k in targets if not k.endswith("_extra_state")
+                         and (select is None or select(k)))
         if missing:
             raise ValueError(f"{wdir}: model parameters not in the request: {missing}")
 

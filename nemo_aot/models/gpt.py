@@ -9,19 +9,28 @@ from megatron.core import parallel_state
 
 from nemo_aot.models.config import GPTModelConfig
 from nemo_aot.models.layer_specs import decoder_block_spec, local_layer_spec, te_layer_spec
+from nemo_aot.models.lora import apply_to_layer_spec, init_adapters
+from nemo_aot.models.options import PeftConfig
 
 
 def build_model_chunks(model_cfg: GPTModelConfig, transformer_config,
-                       transformer_impl: str = "local") -> list[torch.nn.Module]:
-    """One GPTModel per virtual pipeline stage held by this rank (one without interleaving)."""
+                       transformer_impl: str = "local", peft: Optional[PeftConfig] = None,
+                       seed: int = 1234) -> list[torch.nn.Module]:
+    """One GPTModel per virtual pipeline stage held by this rank (one without interleaving).
+    With ``peft`` (scheme lora) the targeted linear layers carry fresh LoRA adapters, drawn
+    from ``seed`` the same way at every layout (``nemo_aot.models.lora``)."""
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = range(vpp) if vpp else [None]
-    return [build_gpt_model(model_cfg, transformer_config, transformer_impl, vp_stage=s)
-            for s in stages]
+    chunks = [build_gpt_model(model_cfg, transformer_config, transformer_impl, vp_stage=s,
+                              peft=peft) for s in stages]
+    if peft is not None and peft.enabled:
+        init_adapters(chunks, seed)
+    return chunks
 
 
 def build_gpt_model(model_cfg: GPTModelConfig, transformer_config,
-                    transformer_impl: str = "local", vp_stage: Optional[int] = None):
+                    transformer_impl: str = "local", vp_stage: Optional[int] = None,
+                    peft: Optional[PeftConfig] = None):
     from megatron.core.models.gpt import GPTModel
 
     if transformer_impl == "local":
@@ -31,6 +40,8 @@ def build_gpt_model(model_cfg: GPTModelConfig, transformer_config,
     else:
         raise ValueError(f"model.transformer_impl must be 'local' or 'transformer_engine', "
                          f"got {transformer_impl!r}")
+    if peft is not None:
+        layer_spec = apply_to_layer_spec(layer_spec, peft)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)

@@ -176,9 +176,10 @@ def _read_member(path: str, name: str) -> bytes:
 
 
 # ----------------------------------------------------------------------------- writing
-def nemo_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict:
+def nemo_sharded_state_dict(chunks: Sequence[torch.nn.Module],
+                            metadata: Optional[dict] = None) -> dict:
     """NeMo's layout: ``model.``-prefixed keys; ``model_{i}`` per virtual pipeline chunk."""
-    return chunks_sharded_state_dict(chunks, KEY_PREFIX)
+    return chunks_sharded_state_dict(chunks, KEY_PREFIX, metadata)
 
 
 def save_nemo(path: str, model_cfg: GPTModelConfig, weights, tokenizer_dir: Optional[str],
@@ -500,9 +501,11 @@ def checkpoint_dtype(extracted_dir: str) -> torch.dtype:
     return entry.properties.dtype
 
 
-def load_nemo_weights(chunks: Sequence[torch.nn.Module], extracted_dir: str) -> None:
-    """Load model_weights/ into this rank's chunks (any TP/PP layout; collective)."""
-    load_dist_weights(chunks, weights_dir(extracted_dir), KEY_PREFIX)
+def load_nemo_weights(chunks: Sequence[torch.nn.Module], extracted_dir: str,
+                      select=None) -> None:
+    """Load model_weights/ into this rank's chunks (any TP/PP layout; collective); ``select``
+    as in ``load_dist_weights``."""
+    load_dist_weights(chunks, weights_dir(extracted_dir), KEY_PREFIX, select)
 
 
 def nemo_artifact(extracted_dir: str, ref: Optional[str]) -> Optional[str]:

@@ -7,7 +7,7 @@ its user-facing help.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 FP8_FORMATS = ("e4m3", "hybrid")
@@ -89,3 +89,64 @@ def check_fp8_device(recipe: str, capability: tuple, prefix: str = "precision") 
            else f"set {prefix}.fp8=null (no FP8 on this GPU)")
     raise ValueError(f"{prefix}.fp8_recipe={recipe} needs compute capability >= "
                      f"{need[0]}.{need[1]}; this GPU is {have[0]}.{have[1]}: {fix}")
+
+
+PEFT_SCHEMES = ("none", "lora")
+# megatron-core's names of a GPT layer's linear layers, in layer order: the attention's fused
+# QKV (column-parallel) and output projection (row-parallel), the MLP's fused gate/up
+# (column-parallel) and down projection (row-parallel).
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning: LoRA adapters on the frozen policy (``peft=lora``)."""
+
+    scheme: str = "none"
+    """none (train every weight) or lora (train low-rank adapters only; the base weights stay
+    frozen, and the optimizer, its state and the checkpoints hold the adapters only)."""
+    rank: int = 16
+    """LoRA rank r: each adapted weight W [out, in] gets B [out, r] @ A [r, in]."""
+    alpha: float = 32.0
+    """LoRA alpha: the adapter's output is scaled by alpha / rank (Hugging Face PEFT's rule)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input while training (the base path has none)."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Which linear layers of every transformer layer get an adapter: any of linear_qkv
+    (q/k/v_proj in Hugging Face), linear_proj (o_proj), linear_fc1 (gate/up_proj), linear_fc2
+    (down_proj)."""
+    adapter_from: Optional[str] = None
+    """Start the adapters from a Hugging Face PEFT adapter folder (adapter_config.json +
+    adapter_model.safetensors, e.g. one this package exported) or from a LoRA training
+    checkpoint folder (a run's step_N); the base weights come from init_from. null = fresh
+    adapters (B = 0: the policy starts as the base model)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.scheme == "lora"
+
+    def validate(self, prefix: str = "peft") -> None:
+        if self.scheme not in PEFT_SCHEMES:
+            raise ValueError(f"{prefix}.scheme must be one of {list(PEFT_SCHEMES)}, got "
+                             f"{self.scheme!r}")
+        if not self.enabled:
+            if self.adapter_from is not None:
+                raise ValueError(f"{prefix}.adapter_from needs {prefix}.scheme=lora (use "
+                                 "peft=lora)")
+            return
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"{prefix}.rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"{prefix}.alpha must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"{prefix}.dropout must be in [0, 1), got {self.dropout!r}")
+        targets = list(self.target_modules or [])
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets:
+            raise ValueError(f"{prefix}.target_modules must be a non-empty subset of "
+                             f"{list(LORA_TARGETS)}, got {targets!r}"
+                             + (f" (unknown: {unknown})" if unknown else ""))
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"{prefix}.target_modules lists a module twice: {targets!r}")
+        if self.adapter_from is not None and not str(self.adapter_from).strip():
+            raise ValueError(f"{prefix}.adapter_from is empty; set it to a folder or to null")

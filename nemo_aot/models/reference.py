@@ -1,6 +1,7 @@
-"""Reference policy log-probs: cached from one scoring pass, or by swapping weights on the CPU.
+"""Reference policy log-probs: cached from one scoring pass, by swapping weights on the CPU, or
+by switching LoRA adapters off.
 
-Both run the *same* forward code as the policy (``AOTStep.score``), so at step 0 - before any
+All three run the *same* forward code as the policy (``AOTStep.score``), so at step 0 - before any
 update - the policy and reference log-probs of a batch are bitwise equal and every reward is
 exactly 0 (a failure seen elsewhere when the reference runs a different code path).
 
@@ -11,6 +12,9 @@ exactly 0 (a failure seen elsewhere when the reference runs a different code pat
 * ``cpu_swap``: reference weights live in CPU memory; each global batch swaps them into the
   model, scores the batch, and swaps the policy back. Costs one forward and two weight copies
   per step, needs no scoring pass and no disk.
+* ``adapters_off`` (LoRA): the reference is the frozen base, i.e. the same model with every
+  adapter switched off; each global batch is scored that way. One forward per step, no copy,
+  no cache. Fresh adapters start with B = 0, so step 0 is exact as with the others.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from megatron.core import parallel_state
 
 from nemo_aot.distributed.parallel import compute_device
 from nemo_aot.distributed.ranks import StopRequested, any_ranks, from_rank0, rank
+from nemo_aot.models.lora import adapters_disabled
 from nemo_aot.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -202,24 +207,39 @@ class CpuSwapReference:
 
     def score_step(self, step, micro_batches: list[dict]) -> ReferenceTable:
         """Reference log-probs of this global batch's responses (all ranks)."""
-        sizes = [0, 0]
-        for mb in micro_batches:
-            for side, mask in ((0, mb["label"]), (1, ~mb["label"])):
-                if (mb["sample_index"][mask] >= 0).any():
-                    sizes[side] = max(sizes[side], int(mb["sample_index"][mask].max()) + 1)
-        sizes = self._global_sizes(sizes)
+        sizes = batch_table_sizes(micro_batches)
         self._load_reference()
         try:
-            return score_into_table(step, [micro_batches], tuple(sizes))
+            return score_into_table(step, [micro_batches], sizes)
         finally:
             self._restore_policy()
 
-    @staticmethod
-    def _global_sizes(sizes: list[int]) -> list[int]:
-        t = torch.tensor(sizes, device=compute_device())
-        if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.tolist()
+
+class AdaptersOffReference:
+    """The base model under LoRA: each global batch scored with every adapter switched off."""
+
+    def __init__(self, chunks: list):
+        self.chunks = chunks
+
+    def score_step(self, step, micro_batches: list[dict]) -> ReferenceTable:
+        """Reference log-probs of this global batch's responses (all ranks)."""
+        sizes = batch_table_sizes(micro_batches)
+        with adapters_disabled(self.chunks):
+            return score_into_table(step, [micro_batches], sizes)
+
+
+def batch_table_sizes(micro_batches: list[dict]) -> tuple[int, int]:
+    """(chosen, rejected) table sizes covering one global batch's sample indices, the same on
+    every rank (one all-reduce)."""
+    sizes = [0, 0]
+    for mb in micro_batches:
+        for side, mask in ((0, mb["label"]), (1, ~mb["label"])):
+            if (mb["sample_index"][mask] >= 0).any():
+                sizes[side] = max(sizes[side], int(mb["sample_index"][mask].max()) + 1)
+    t = torch.tensor(sizes, device=compute_device())
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(t.tolist())
 
 
 def attach_reference(micro_batches: list[dict], table: ReferenceTable,
@@ -229,5 +249,6 @@ def attach_reference(micro_batches: list[dict], table: ReferenceTable,
     return micro_batches
 
 
-__all__ = ["ReferenceTable", "CpuSwapReference", "cached_reference", "attach_reference",
+__all__ = ["ReferenceTable", "CpuSwapReference", "AdaptersOffReference", "cached_reference",
+           "attach_reference", "batch_table_sizes",
            "fingerprint", "score_into_table"]

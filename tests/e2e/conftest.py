@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -102,3 +103,23 @@ CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "fsd_violation", "gr
 
 def curve(records, keys=CURVE_KEYS):
     return [(r["step"], *(r.get(k) for k in keys)) for r in records]
+
+
+def start_cli(args):
+    """``nemo-aot ARGS`` in the background (stdout and stderr merged), e.g. to kill it."""
+    return subprocess.Popen([sys.executable, "-m", "nemo_aot.cli", *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, proc, timeout=300):
+    """Poll ``predicate`` until true; fail if ``proc`` ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}):\n"
+                                 f"{proc.stdout.read()[-4000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("timed out waiting for the run")

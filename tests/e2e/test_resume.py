@@ -2,40 +2,19 @@
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
-from conftest import ROOT, curve, env, history, run_cli, train_args
+from conftest import curve, history, run_cli, start_cli, train_args, wait_for
 
 STEPS = ["trainer.max_steps=16", "checkpoint.save_interval=4", "trainer.val_check_interval=8"]
-
-
-def _start(args):
-    return subprocess.Popen([sys.executable, "-m", "nemo_aot.cli", *args], cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for(predicate, proc, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early ({proc.returncode}):\n"
-                                 f"{proc.stdout.read()[-4000:]}")
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError("timed out waiting for the run")
 
 
 def test_kill_9_then_resume_matches_uninterrupted_run(small_data, init_nemo, tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     run_cli(["train", *train_args(small_data, ref_dir, f"init_from={init_nemo}", *STEPS)])
     args = ["train", *train_args(small_data, run_dir, f"init_from={init_nemo}", *STEPS)]
-    proc = _start(args)
+    proc = start_cli(args)
     marker = run_dir / "checkpoints" / "step_00000004" / "COMPLETE.json"
-    _wait_for(marker.exists, proc)
+    wait_for(marker.exists, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert not (run_dir / "checkpoints" / "step_00000016").exists(), "run finished before the kill"
@@ -51,9 +30,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(small_data, init_nemo, tmp_path)
     args = ["train", *train_args(small_data, tmp_path, f"init_from={init_nemo}",
                                  "trainer.max_steps=500", "checkpoint.save_interval=1000",
                                  "checkpoint.export_nemo_at_end=false")]
-    proc = _start(args)
+    proc = start_cli(args)
     metrics = tmp_path / "metrics.jsonl"
-    _wait_for(lambda: metrics.exists() and len(history(tmp_path)) >= 2, proc)
+    wait_for(lambda: metrics.exists() and len(history(tmp_path)) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-4000:]
