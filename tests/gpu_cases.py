@@ -20,6 +20,7 @@ SCOPES = ("micro", "data_parallel", "global")
 VOCAB, PADDED_VOCAB = 250, 256
 N_POS, N_NEG = 2, 3  # unpaired micro-batches with n != m
 BETA = 1.0           # rewards of O(1): the surrogate's curvature separates the sort scopes
+SFT_WEIGHT = 0.1     # the SFT term on the device too (its token count is exchanged per step)
 
 
 def build(precision: str, model_cfg=mu.TINY, seed: int = 1234, distributed_optimizer=False):
@@ -74,7 +75,8 @@ def step_runner(ddp, config, scope: str):
 
     return AOTStep([ddp], config, vocab_size=VOCAB, padded_vocab_size=PADDED_VOCAB,
                    alignment=AlignmentConfig(loss_type="aot_unpaired", sort_scope=scope,
-                                             beta=BETA, logprob_chunk_size=7))
+                                             beta=BETA, logprob_chunk_size=7,
+                                             sft_loss_weight=SFT_WEIGHT))
 
 
 def grads(ddp) -> dict:
@@ -229,7 +231,7 @@ def check_scope(got: dict, ref: dict, loss_tol: float, metric_tol: float, grad_t
     assert got["metrics"]["loss"] == pytest.approx(ref["metrics"]["loss"], abs=loss_tol)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert got["metrics"][key] == pytest.approx(ref["metrics"][key], abs=metric_tol), key
-    for key in ("logps/chosen", "logps/rejected"):
+    for key in ("logps/chosen", "logps/rejected", "nll_loss"):
         assert got["metrics"][key] == pytest.approx(ref["metrics"][key], rel=metric_tol), key
     error = relative_error(got["grads"], ref["grads"])
     assert error < grad_tol, f"relative gradient error {error:.2e}"

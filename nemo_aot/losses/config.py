@@ -11,6 +11,7 @@ from typing import Optional
 
 from .api import check_options
 from .registry import LOSS_SPECS
+from .sft import check_sft_loss_weight
 
 SORT_SCOPES = ("micro", "data_parallel", "global")
 REFERENCE_POLICIES = ("cached", "cpu_swap", "adapters_off")
@@ -36,6 +37,12 @@ class AlignmentConfig:
     one extra no-grad forward per step)."""
     length_normalize: bool = False
     """Average response log-probs over tokens instead of summing them."""
+    sft_loss_weight: float = 0.0
+    """Weight w >= 0 of the SFT term: loss = preference loss + w * NLL of the chosen (positive)
+    responses, a per-token mean over every chosen response token of the global batch (TRL's
+    rpo_alpha / loss_type "sft"; nemo_aot/losses/sft.py). Added outside the sort, so the same
+    for every loss type and sort scope; logged as nll_loss. Counters chosen log-probs falling
+    with the rejected ones."""
     reference_policy: str = "cached"
     """cached: one scoring pass writes reference log-probs, reused across steps, epochs, runs;
     cpu_swap: reference weights kept in CPU memory and swapped in once per global batch;
@@ -58,5 +65,9 @@ class AlignmentConfig:
             check_options(self.loss_type, self.beta, self.label_smoothing, self.surrogate)
         except ValueError as err:
             raise ValueError(f"{prefix}: {err}") from None
+        try:
+            check_sft_loss_weight(self.sft_loss_weight)
+        except ValueError as err:
+            raise ValueError(f"{prefix}.{err} (0 turns the SFT term off)") from None
         if self.logprob_chunk_size < 1:
             raise ValueError(f"{prefix}.logprob_chunk_size must be >= 1")

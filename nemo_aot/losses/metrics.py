@@ -32,6 +32,14 @@ TRL does. Beside them, the AOT diagnostics:
                                      dominance fails
   fsd_violation/margins              paired losses only: the same for policy vs reference margins
 
+With the SFT term (``alignment.sft_loss_weight`` > 0, ``sft.py``), pieces from
+``nll_metric_sums`` add (the name is TRL's, from its ``rpo_alpha`` days):
+
+  nll_loss                           the chosen responses' NLL, a per-token mean over every chosen
+                                     response token seen
+  loss                               then the total: mean preference loss over calls plus
+                                     sft_loss_weight * nll_loss
+
 Every piece is *additive*: sums, sums of squares, counts, and per-call statistics summed with
 ``calls`` counting the calls. To report a training step, sum each entry over micro-batches and
 over data-parallel ranks (e.g. ``all_reduce(torch.stack(list(sums.values())))``), then call
@@ -128,6 +136,16 @@ def logit_metric_sums(chosen_logit_sums: torch.Tensor, chosen_tokens: torch.Tens
 
 
 @torch.no_grad()
+def nll_metric_sums(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor,
+                    sft_loss_weight: float) -> dict[str, torch.Tensor]:
+    """Additive pieces of ``nll_loss`` and of the SFT term in ``loss``: per chosen response (1-D,
+    one entry each) its log-prob summed over its tokens, and its token count."""
+    nll = -chosen_logps.detach().float().sum()
+    return {"nll_sum": nll, "nll_tokens": chosen_tokens.detach().float().sum(),
+            "sft_loss_sum": float(sft_loss_weight) * nll}
+
+
+@torch.no_grad()
 def finalize_metrics(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Turn (reduced) additive pieces into the logged values listed in the module docstring."""
     calls = sums["calls"]
@@ -151,4 +169,8 @@ def finalize_metrics(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out["fsd_violation"] = sums["fsd_violation_sum"] / calls
     if "margin_fsd_violation_sum" in sums:
         out["fsd_violation/margins"] = sums["margin_fsd_violation_sum"] / calls
+    if "nll_sum" in sums:  # the SFT term; no chosen token: no NLL (as sft.chosen_nll)
+        tokens = sums["nll_tokens"].clamp_min(1.0)
+        out["nll_loss"] = sums["nll_sum"] / tokens
+        out["loss"] = out["loss"] + sums["sft_loss_sum"] / tokens
     return out

@@ -17,6 +17,13 @@ and hands the four log-prob vectors to ``nemo_aot.losses.preference_loss``:
                     the full-batch loss in value and gradient. The grad pass must reproduce the
                     first pass's values (``alignment.reproduce_atol``) or the step fails loudly.
 
+The SFT term (``alignment.sft_loss_weight`` w > 0, ``nemo_aot.losses.sft``) is added outside the
+sort, in every scope alike: each micro-batch adds ``w * chosen_nll(its chosen rows' summed
+log-probs, N) * num_microbatches * dp``, where N is the step's count of chosen response tokens
+over all micro-batches and DP ranks (known on the host, exchanged once per step). Megatron's
+division by ``num_microbatches`` and DDP's average over dp leave exactly ``w`` times the NLL of
+the whole global batch, a per-token mean over its chosen tokens, in value and gradient.
+
 Metrics are additive sums (``nemo_aot.losses.metrics``, TRL's names) reduced once per step over
 micro-batches, DP ranks, and from the last pipeline stage to every rank. The loss's pieces come
 from the batch it sorts; ``logits/*`` pieces from this rank's rows of each micro-batch whose loss
@@ -42,10 +49,12 @@ from nemo_aot.distributed.collectives import (
 from nemo_aot.distributed.parallel import compute_device
 from nemo_aot.distributed.ranks import any_rank
 from nemo_aot.losses import (
+    chosen_nll,
     finalize_metrics,
     get_loss_spec,
     logit_metric_sums,
     matched_partner_loss,
+    nll_metric_sums,
     plan_global_sort,
     preference_loss,
     reproduction_error,
@@ -114,29 +123,34 @@ class AOTStep:
         self.padded_vocab_size = padded_vocab_size
         self.alignment = alignment
         self.paired = get_loss_spec(alignment.loss_type).paired
+        self.sft_weight = float(alignment.sft_loss_weight)
         # The metric names depend only on the loss type: learn them once from a dummy call, so
         # ranks without real samples (validation filler) still join the reductions.
         dummy = torch.zeros(2)
         _, names = preference_loss(dummy, dummy, dummy, dummy, loss_type=alignment.loss_type,
                                    **self._loss_kwargs())
-        self.metric_keys = sorted([*names, *logit_metric_sums(dummy, dummy, dummy, dummy)])
+        names = [*names, *logit_metric_sums(dummy, dummy, dummy, dummy)]
+        if self.sft_weight:
+            names += list(nll_metric_sums(dummy, dummy, self.sft_weight))
+        self.metric_keys = sorted(names)
 
     # ----------------------------------------------------------------- last-stage pieces
-    def _sequence_logps(self, logits: torch.Tensor, mb: MicroBatch, with_logits: bool = False,
-                        normalize: Optional[bool] = None):
-        """Per row: (log-prob, token count, sum over the response tokens of the mean logit over
-        the vocabulary, or None without ``with_logits``). Log-probs are token means when
-        ``normalize`` (default: ``alignment.length_normalize``), else sums."""
-        normalize = self.alignment.length_normalize if normalize is None else normalize
+    def _sequence_logps(self, logits: torch.Tensor, mb: MicroBatch, with_logits: bool = False):
+        """Per row: (log-prob summed over the response tokens, token count, sum over the response
+        tokens of the mean logit over the vocabulary, or None without ``with_logits``)."""
         start, group = tp_vocab_range(self.padded_vocab_size)
         out = vocab_parallel_logprobs(
             logits, mb["labels"], vocab_size=self.vocab_size, vocab_start=start, group=group,
             chunk_tokens=self.alignment.logprob_chunk_size, mean_logits=with_logits)
         token_logps, mean_logits = out if with_logits else (out, None)
-        logps, counts = sequence_logprobs(token_logps, mb["loss_mask"], normalize)
+        logps, counts = sequence_logprobs(token_logps, mb["loss_mask"])
         logit_sums = None if mean_logits is None else \
             (mean_logits * mb["loss_mask"].to(mean_logits.dtype)).sum(-1)
         return logps, counts, logit_sums
+
+    def _loss_logps(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """What the loss sees: token means under ``alignment.length_normalize``, else sums."""
+        return sums / counts.clamp(min=1) if self.alignment.length_normalize else sums
 
     def _lengths(self, mb: MicroBatch, counts: torch.Tensor):
         """(chosen, rejected) token counts, which the loss needs only for averaged log-probs."""
@@ -146,6 +160,15 @@ class AOTStep:
         (sc, sr), (nc, nr) = (split_sides(mb, x.detach(), self.paired)
                               for x in (logit_sums, counts))
         return logit_metric_sums(sc, nc, sr, nr)
+
+    def _sft_share(self, mb: MicroBatch, sums: torch.Tensor, counts: torch.Tensor,
+                   sft_tokens: int, scale: int):
+        """This micro-batch's share of ``sft_loss_weight * NLL`` times ``scale``
+        (``num_microbatches * dp``: megatron's averagings leave the share itself), and its metric
+        pieces; ``sums``: per-row summed log-probs, ``sft_tokens``: the step's chosen tokens."""
+        (chosen, _), (tokens, _) = (split_sides(mb, x, self.paired) for x in (sums, counts))
+        term = chosen_nll(chosen, sft_tokens) * (self.sft_weight * scale)
+        return term, nll_metric_sums(chosen, tokens, self.sft_weight)
 
     def _loss_kwargs(self) -> dict[str, Any]:
         a = self.alignment
@@ -214,18 +237,30 @@ class AOTStep:
             staged.append(mb)
         return staged
 
-    def _data_parallel_rows(self, micro_batches: list[MicroBatch]) -> Optional[list]:
-        """Every DP rank's (chosen, rejected) real-row counts per micro-batch, from one exchange
-        per step (the data_parallel scope's gathers then need no size exchange or host sync),
-        on the last pipeline stage; None where nothing is gathered."""
-        if self.alignment.sort_scope != "data_parallel" or \
-                parallel_state.get_data_parallel_world_size() == 1 or \
-                not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            return None
-        local = [int(mb[k].numel()) for mb in micro_batches for k in ROW_KEYS]
-        every = exchange_row_counts(local, parallel_state.get_data_parallel_group())
-        return [[(counts[2 * i], counts[2 * i + 1]) for counts in every]
-                for i in range(len(micro_batches))]
+    def _step_counts(self, micro_batches: list[MicroBatch]) -> tuple[Optional[list], int]:
+        """What the loss needs from every DP rank, from at most one exchange per step, on the
+        last pipeline stage (elsewhere: (None, 0)):
+
+        * under the data_parallel scope, every DP rank's (chosen, rejected) real-row counts per
+          micro-batch (the gathers then need no size exchange or host sync), else None;
+        * with the SFT term, the step's count of chosen response tokens over all micro-batches
+          and DP ranks (from the host loss masks), else 0.
+        """
+        dp = parallel_state.get_data_parallel_world_size()
+        gather_rows = self.alignment.sort_scope == "data_parallel" and dp > 1
+        if not parallel_state.is_pipeline_last_stage(ignore_virtual=True) or \
+                not (gather_rows or self.sft_weight):
+            return None, 0
+        local = [int(mb[k].numel()) for mb in micro_batches for k in ROW_KEYS] \
+            if gather_rows else []
+        if self.sft_weight:  # loss masks are host tensors in training: no copy
+            local.append(sum(int(mb["loss_mask"].cpu().index_select(0, mb[ROW_KEYS[0]]).sum())
+                             for mb in micro_batches))
+        every = exchange_row_counts(local, parallel_state.get_data_parallel_group()) \
+            if dp > 1 else [local]
+        rows = [[(counts[2 * i], counts[2 * i + 1]) for counts in every]
+                for i in range(len(micro_batches))] if gather_rows else None
+        return rows, sum(counts[-1] for counts in every) if self.sft_weight else 0
 
     def step(self, micro_batches: list[MicroBatch], forward_only: bool = False,
              collect_rewards: bool = False) -> StepResult:
@@ -234,22 +269,28 @@ class AOTStep:
         too, gathered over DP ranks (one host copy per micro-batch)."""
         rewards = [] if collect_rewards else None
         micro_batches = self._stage(micro_batches)
+        dp_rows, sft_tokens = self._step_counts(micro_batches)
         if self.alignment.sort_scope == "global":
-            return self._global_step(micro_batches, forward_only, rewards)
-        dp_rows = self._data_parallel_rows(micro_batches)
+            return self._global_step(micro_batches, forward_only, rewards, sft_tokens)
+        scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
 
         def loss_for(index, mb, logits):
-            logps, counts, logit_sums = self._sequence_logps(logits, mb, with_logits=True)
-            rows = split_rows(mb, logps, self.paired)
+            sums, counts, logit_sums = self._sequence_logps(logits, mb, with_logits=True)
+            rows = split_rows(mb, self._loss_logps(sums, counts), self.paired)
             if rewards is not None:
                 rewards.append(self._sample_rewards(rows))
-            loss, sums = self._scoped_loss(*rows, lengths=self._lengths(mb, counts),
-                                           dp_rows=None if dp_rows is None else dp_rows[index])
-            if sums is not None:
-                sums.update(self._logit_pieces(mb, counts, logit_sums))
+            loss, pieces = self._scoped_loss(*rows, lengths=self._lengths(mb, counts),
+                                             dp_rows=None if dp_rows is None else dp_rows[index])
+            if pieces is not None:
+                pieces.update(self._logit_pieces(mb, counts, logit_sums))
+            if self.sft_weight:  # outside the sort: this rank's own chosen rows
+                term, nll_pieces = self._sft_share(mb, sums, counts, sft_tokens, scale)
+                loss = loss + term
+                pieces = {**(pieces or {}), **nll_pieces}
+            if pieces is not None:
                 # megatron divides the returned loss in place; the pieces must not share it
-                sums = {k: v.detach().clone() for k, v in sums.items()}
-            return loss, {"sums": sums}
+                pieces = {k: v.detach().clone() for k, v in pieces.items()}
+            return loss, {"sums": pieces}
 
         stats = self._run(micro_batches, loss_for, forward_only)
         return self._reduce_metrics([s["sums"] for s in stats], rewards)
@@ -263,7 +304,7 @@ class AOTStep:
         (always token sums: a reference cache is normalized where it is used)."""
 
         def loss_for(index, mb, logits):
-            logps, counts, _ = self._sequence_logps(logits, mb, normalize=False)
+            logps, counts, _ = self._sequence_logps(logits, mb)
             return logps.sum() * 0, {"scores": (mb["label"], mb["sample_index"], logps.detach(),
                                                 counts)}
 
@@ -272,18 +313,21 @@ class AOTStep:
         return [s["scores"] for s in stats]
 
     # ----------------------------------------------------------------- global scope
-    def _global_step(self, micro_batches, forward_only, rewards: Optional[list]):
+    def _global_step(self, micro_batches, forward_only, rewards: Optional[list], sft_tokens: int):
         a = self.alignment
         captured: list[tuple] = []
+        scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
 
         def first_pass(index, mb, logits):
-            logps, counts, logit_sums = self._sequence_logps(logits, mb, with_logits=True)
-            rows = split_rows(mb, logps.detach(), self.paired)
-            captured.append((rows, self._lengths(mb, counts),
-                             self._logit_pieces(mb, counts, logit_sums)))
+            sums, counts, logit_sums = self._sequence_logps(logits, mb, with_logits=True)
+            rows = split_rows(mb, self._loss_logps(sums, counts).detach(), self.paired)
+            pieces = self._logit_pieces(mb, counts, logit_sums)
+            if self.sft_weight:  # this rank's own pieces, like logits/*
+                pieces.update(self._sft_share(mb, sums.detach(), counts, sft_tokens, scale)[1])
+            captured.append((rows, self._lengths(mb, counts), pieces))
             if rewards is not None:
                 rewards.append(self._sample_rewards(rows))
-            return logps.sum() * 0, {}
+            return sums.sum() * 0, {}
 
         with torch.no_grad():
             self._run(micro_batches, first_pass, forward_only=True)
@@ -294,13 +338,16 @@ class AOTStep:
             plan, offsets, sums = self._plan(captured)
         if forward_only:
             return self._reduce_metrics(sums, rewards)
-        scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
         errors = []
 
         def grad_pass(index, mb, logits):
-            logps, _, _ = self._sequence_logps(logits, mb)
+            sums, counts, _ = self._sequence_logps(logits, mb)
+            loss = sums.sum() * 0
+            if self.sft_weight:  # outside the sort, as in the other scopes
+                loss = loss + self._sft_share(mb, sums, counts, sft_tokens, scale)[0]
             if plan is None:
-                return logps.sum() * 0, {}
+                return loss, {}
+            logps = self._loss_logps(sums, counts)
             u, v = transport_inputs(a.loss_type, *split_rows(mb, logps, self.paired))
             (u0, v0) = offsets[index]
             u_index = torch.arange(u0, u0 + u.numel(), device=u.device)
@@ -308,7 +355,7 @@ class AOTStep:
             errors.append(reproduction_error(u, v, u_index, v_index, plan))
             term = matched_partner_loss(u, v, u_index, v_index, plan, reproduce_atol=None,
                                         **self._loss_kwargs())
-            return term * scale, {}
+            return loss + term * scale, {}
 
         self._run(micro_batches, grad_pass, forward_only=False)
         self._check_reproduced(errors)
@@ -379,9 +426,12 @@ class AOTStep:
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             # Accumulate on the device and copy to the host once per step (no per-value syncs).
             vec = torch.zeros(len(keys), dtype=torch.float64, device=compute_device())
+            zero = vec.new_zeros(())
             for s in sums:
                 if s is not None:  # None: an all-filler micro-batch contributes nothing
-                    vec += torch.stack([s[k].detach().double() for k in keys]).to(vec.device)
+                    # a micro-batch with nothing to sort may still hold the SFT term's pieces
+                    vec += torch.stack([s[k].detach().double().to(vec.device) if k in s else zero
+                                        for k in keys])
             dp_group = parallel_state.get_data_parallel_group()
             if parallel_state.get_data_parallel_world_size() > 1:
                 dist.all_reduce(vec, group=dp_group)

@@ -140,3 +140,112 @@ def test_one_sided_batches_add_nothing(scope):
     metrics, grad = result
     assert metrics == [{}, {}, {}]
     assert grad == 0.0
+
+
+# ---------------------------------------------------------------- the SFT term
+# loss = preference loss + w * NLL of the chosen responses, one token mean over the step's chosen
+# tokens. Reference: one process, the sort groups as micro-batches with the term off, plus w
+# times the gradient of a brute-force NLL (full log_softmax) over every chosen row of the step.
+# Every loss type under every sort scope at DP2 (two micro-batches per rank); at TP2 (one DP
+# rank, two micro-batches) every loss type under micro, and global.
+SFT_WEIGHT = 0.5
+LOSS_TYPES = ("aot_unpaired", "aot_paired", "dpo", "ipo")
+SFT_LAYOUTS = {  # name -> (tp, dp) on two ranks, [(scope, loss type)]
+    "tp2": (2, 1, [("micro", t) for t in LOSS_TYPES] + [("global", "aot_paired")]),
+    "dp2": (1, 2, [(scope, t) for scope in ("micro", "data_parallel") for t in LOSS_TYPES]
+            + [("global", "aot_unpaired"), ("global", "aot_paired")]),
+}
+
+
+def _sft_data(loss_type, dp):
+    """Every DP rank's micro-batches (ipo: per-token references under length_normalize)."""
+    paired = loss_type != "aot_unpaired"
+    return [_micro_batches(2, 10 * r, paired=paired, length_normalize=loss_type == "ipo")
+            for r in range(dp)]
+
+
+def _sort_groups(scope, ranks):
+    if scope == "micro":
+        return [mb for rank in ranks for mb in rank]
+    if scope == "data_parallel":
+        return [mu.merge_rows(list(group)) for group in zip(*ranks)]
+    return [mu.merge_rows([mb for rank in ranks for mb in rank])]
+
+
+def _sft_step(chunks, config, scope, loss_type, weight, micro_batches):
+    from nemo_aot.losses.config import AlignmentConfig
+    from nemo_aot.models.aot_step import AOTStep
+
+    alignment = AlignmentConfig(loss_type=loss_type, sort_scope=scope, beta=0.1,
+                                logprob_chunk_size=7, length_normalize=loss_type == "ipo",
+                                sft_loss_weight=weight)
+    step = AOTStep(chunks, config, vocab_size=250, padded_vocab_size=256, alignment=alignment)
+    return step.step(micro_batches).metrics
+
+
+def _brute_force_nll(chunk, micro_batches):
+    """NLL of the chosen rows, log_softmax over the true vocabulary, token mean over all of them."""
+    chosen = mu.merge_rows(micro_batches)
+    chosen = {k: v[chosen["label"]] for k, v in chosen.items()}
+    logits = chunk(chosen["input_ids"], chosen["position_ids"], None)[..., :250].float()
+    token = torch.log_softmax(logits, -1).gather(-1, chosen["labels"].unsqueeze(-1)).squeeze(-1)
+    return -(token * chosen["loss_mask"]).sum() / chosen["loss_mask"].sum()
+
+
+def _sft_reference(init_dir, out_dir):
+    chunks, config = mu.setup(per_token_loss=False)
+    mu.save(chunks, init_dir)
+    metrics = {}
+    for layout, (_, dp, cases) in SFT_LAYOUTS.items():
+        for scope, loss_type in cases:
+            mu.load(chunks, init_dir)
+            ranks = _sft_data(loss_type, dp)
+            m = _sft_step(chunks, config, scope, loss_type, 0.0, _sort_groups(scope, ranks))
+            nll = _brute_force_nll(chunks[0], [mb for rank in ranks for mb in rank])
+            (SFT_WEIGHT * nll).backward()   # the DDP hooks add it to the step's main_grad
+            metrics[layout, scope, loss_type] = {**m, "nll_loss": nll.item(),
+                                                 "loss": m["loss"] + SFT_WEIGHT * nll.item()}
+            mu.grads_into_params(chunks)
+            mu.save(chunks, f"{out_dir}/{layout}_{scope}_{loss_type}")
+    return metrics
+
+
+def _sft_layout(layout, init_dir, out_dir):
+    from megatron.core import parallel_state
+
+    tp, dp, cases = SFT_LAYOUTS[layout]
+    chunks, config = mu.setup(tp, per_token_loss=False)
+    metrics = {}
+    for scope, loss_type in cases:
+        mu.load(chunks, init_dir)
+        mine = _sft_data(loss_type, dp)[parallel_state.get_data_parallel_rank()]
+        metrics[layout, scope, loss_type] = _sft_step(chunks, config, scope, loss_type,
+                                                      SFT_WEIGHT, mine)
+        mu.grads_into_params(chunks)
+        mu.save(chunks, f"{out_dir}/{layout}_{scope}_{loss_type}")
+    return metrics
+
+
+def _full_states(directories):
+    return {d: mu.full_state(d) for d in directories}
+
+
+def test_sft_term_every_loss_type_and_scope_equals_one_process(tmp_path):
+    init, ref_dir, run_dir = (str(tmp_path / n) for n in ("init", "ref", "run"))
+    (ref,) = run_multirank(_sft_reference, 1, args=(init, ref_dir), timeout=300)
+    for layout in SFT_LAYOUTS:
+        for got in run_multirank(_sft_layout, 2, args=(layout, init, run_dir), timeout=300):
+            for case, metrics in got.items():
+                assert metrics.keys() == ref[case].keys(), case
+                for key, value in ref[case].items():
+                    assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5,
+                                                         nan_ok=True), (case, key)
+    names = [f"{layout}_{scope}_{loss_type}" for layout, (_, _, cases) in SFT_LAYOUTS.items()
+             for scope, loss_type in cases]
+    (states,) = run_multirank(_full_states, 1, args=([f"{d}/{n}" for d in (ref_dir, run_dir)
+                                                      for n in names],), timeout=300)
+    for name in names:
+        a, b = states[f"{ref_dir}/{name}"], states[f"{run_dir}/{name}"]
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=2e-4, atol=2e-6,
+                                       msg=lambda m, k=key, n=name: f"{n} {k}: {m}")

@@ -24,7 +24,7 @@ def _passes_through(filename: str) -> bool:
     return "/torch/" in filename or filename.endswith("nemo_aot/distributed/cpu_support.py")
 
 
-def _count_syncs(scope, loss_type):
+def _count_syncs(scope, loss_type, sft_loss_weight):
     import sys
 
     from torch.overrides import TorchFunctionMode
@@ -52,7 +52,8 @@ def _count_syncs(scope, loss_type):
 
     chunks, config = mu.setup(per_token_loss=False)
     step = AOTStep(chunks, config, vocab_size=250, padded_vocab_size=256,
-                   alignment=AlignmentConfig(loss_type=loss_type, sort_scope=scope, beta=0.1))
+                   alignment=AlignmentConfig(loss_type=loss_type, sort_scope=scope, beta=0.1,
+                                             sft_loss_weight=sft_loss_weight))
     paired = loss_type != "aot_unpaired"
     rank = torch.distributed.get_rank()
     mbs = [mu.preference_rows(2, 2 if paired else 3, seed=10 * rank + i, paired=paired)
@@ -69,11 +70,13 @@ def _count_syncs(scope, loss_type):
     return [s for m in modes for s in m.seen], result.metrics["loss"]
 
 
-@pytest.mark.parametrize("scope, loss_type, ranks", [
-    ("micro", "aot_unpaired", 1), ("data_parallel", "aot_unpaired", 2),
-    ("data_parallel", "aot_paired", 2), ("global", "aot_unpaired", 2)])
-def test_no_host_sync_inside_the_schedule(scope, loss_type, ranks):
-    results = run_multirank(_count_syncs, ranks, args=(scope, loss_type), timeout=240)
+@pytest.mark.parametrize("scope, loss_type, ranks, sft_loss_weight", [
+    ("micro", "aot_unpaired", 1, 0.0), ("data_parallel", "aot_unpaired", 2, 0.0),
+    ("data_parallel", "aot_paired", 2, 1.0), ("global", "aot_unpaired", 2, 1.0)])
+def test_no_host_sync_inside_the_schedule(scope, loss_type, ranks, sft_loss_weight):
+    """With the SFT term too: its token count comes from the host, exchanged before the step."""
+    results = run_multirank(_count_syncs, ranks, args=(scope, loss_type, sft_loss_weight),
+                            timeout=240)
     for seen, loss in results:
         assert seen == [], seen
         assert loss == loss  # a real step ran (not NaN)

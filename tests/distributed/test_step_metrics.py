@@ -3,8 +3,9 @@
 ``logps/*`` is the summed policy log-prob of the responses (log_softmax over the true vocabulary
 of the full logits), ``rewards/*`` TRL's beta-scaled implicit rewards of summed log-probs (also
 when the loss is given length-averaged ones), ``logits/*`` the mean logit over the vocabulary,
-averaged over every response token of a side. TP2 is checked against TP1 for every metric in
-test_aot_step_invariance.py; here one rank and two micro-batches.
+averaged over every response token of a side, and ``nll_loss`` (with the SFT term) minus the
+summed chosen log-probs over the chosen response tokens. TP2 is checked against TP1 for every
+metric in test_aot_step_invariance.py; here one rank and two micro-batches.
 """
 
 import pytest
@@ -37,7 +38,7 @@ def _brute_force(chunk, mbs, paired):
     return {side: [torch.cat(x) for x in cols] for side, cols in out.items()}
 
 
-def _run(loss_type, length_normalize):
+def _run(loss_type, length_normalize, sft_loss_weight):
     from nemo_aot.losses.config import AlignmentConfig
     from nemo_aot.models.aot_step import AOTStep
 
@@ -52,17 +53,19 @@ def _run(loss_type, length_normalize):
     step = AOTStep(chunks, config, vocab_size=VOCAB, padded_vocab_size=PADDED,
                    alignment=AlignmentConfig(loss_type=loss_type, beta=BETA, sort_scope="micro",
                                              length_normalize=length_normalize,
-                                             logprob_chunk_size=5))
+                                             logprob_chunk_size=5,
+                                             sft_loss_weight=sft_loss_weight))
     for c in chunks:
         c.eval()
     metrics = step.step(mbs, forward_only=True).metrics
     return metrics, _brute_force(chunks[0], mbs, paired)
 
 
-@pytest.mark.parametrize("loss_type,length_normalize", [("dpo", False), ("aot_unpaired", False),
-                                                        ("ipo", True)])
-def test_trl_metrics_equal_brute_force(loss_type, length_normalize):
-    ((metrics, ref),) = run_multirank(_run, 1, args=(loss_type, length_normalize), timeout=240)
+@pytest.mark.parametrize("loss_type,length_normalize,sft_loss_weight", [
+    ("dpo", False, 0.0), ("aot_unpaired", False, 0.0), ("ipo", True, 0.5)])
+def test_trl_metrics_equal_brute_force(loss_type, length_normalize, sft_loss_weight):
+    ((metrics, ref),) = run_multirank(_run, 1, args=(loss_type, length_normalize,
+                                                     sft_loss_weight), timeout=240)
     assert set(TRL_NAMES) <= set(metrics)
     (pc, rc, lc, nc), (pr, rr, lr, nr) = ref["chosen"], ref["rejected"]
     chosen, rejected = BETA * (pc - rc), BETA * (pr - rr)
@@ -72,5 +75,8 @@ def test_trl_metrics_equal_brute_force(loss_type, length_normalize):
                 "logits/chosen": lc.sum() / nc.sum(), "logits/rejected": lr.sum() / nr.sum()}
     if loss_type != "aot_unpaired":
         expected["rewards/accuracies"] = (chosen > rejected).double().mean()
+    assert ("nll_loss" in metrics) == bool(sft_loss_weight)
+    if sft_loss_weight:  # token sums, also when the loss averages over tokens
+        expected["nll_loss"] = -pc.sum() / nc.sum()
     for name, value in expected.items():
         assert metrics[name] == pytest.approx(value.item(), rel=1e-4, abs=1e-5), name

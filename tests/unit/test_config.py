@@ -191,6 +191,7 @@ def test_world_size_comes_from_the_launcher(monkeypatch):
     (["checkpoint.resume=maybe"], None, "checkpoint.resume"),
     (["logging.wandb_mode=cloud"], None, "logging.wandb_mode"),
     (["alignment.beta=0"], None, "alignment"),
+    (["alignment.sft_loss_weight=-0.5"], None, r"alignment\.sft_loss_weight must be .* >= 0"),
     (["data.length_policy=cut"], None, "data.length_policy"),
 ])
 def test_cross_field_rules(overrides, world_size, match):
@@ -201,6 +202,7 @@ def test_cross_field_rules(overrides, world_size, match):
 def test_valid_variants_pass():
     compose("parallel=tp2_pp2", world_size=8)  # DP 2
     compose("alignment.loss_type=dpo", "alignment.sort_scope=micro")
+    assert compose("alignment.sft_loss_weight=1").alignment.sft_loss_weight == 1.0
     compose("alignment.sort_scope=data_parallel", "trainer.micro_batch_size=1",
                                "trainer.global_batch_size=4", world_size=4)
 

@@ -184,3 +184,93 @@ def test_logged_metrics_equal_trl_dpo_trainer(trl_type):
     assert 0 < trl["rewards/accuracies"] < 1
     for name in names:
         assert ours[name].item() == pytest.approx(trl[name], rel=1e-5, abs=1e-6), name
+
+
+# ---------------------------------------------------------------- the SFT term (TRL's "sft")
+def _token_batch(n, seed):
+    """Per-token log-probs of n chosen then n rejected responses (0 off the response, as TRL's
+    model output is), the response mask, and the reference log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(2 * n, 9, dtype=torch.long)
+    for i, length in enumerate(torch.randint(1, 10, (2 * n,), generator=g).tolist()):
+        start = int(torch.randint(0, 10 - length, (1,), generator=g))
+        mask[i, start:start + length] = 1
+    per_token = -torch.rand(2 * n, 9, generator=g, dtype=torch.float64) * 4 * mask
+    refs = [per_token[:n].sum(1) + torch.randn(n, generator=g, dtype=torch.float64),
+            per_token[n:].sum(1) + torch.randn(n, generator=g, dtype=torch.float64)]
+    return per_token, mask, refs
+
+
+def _trl_token_run(trainer_cls, loss_types, weights, per_token, mask, rc, rr, beta):
+    """TRL's loss on per-token log-probs we choose; ``mask`` marks the response tokens of
+    ``per_token`` (TRL's completion mask, shifted by one position)."""
+    completion = torch.cat([torch.zeros_like(mask[:, :1]), mask], dim=1)
+    accel = types.SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x,
+                                  gather_for_metrics=lambda x: x)
+    model = _StandInModel(per_token)
+    fake = types.SimpleNamespace(
+        model=model, accelerator=accel, aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=loss_types,
+        loss_weights=weights, beta=beta, label_smoothing=0.0, use_weighting=False, _tp_size=1,
+        _total_train_tokens=0,
+        _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)})
+    inputs = {"input_ids": torch.ones_like(completion), "attention_mask": completion,
+              "completion_mask": completion, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
+    return trainer_cls._compute_loss(fake, model, inputs, False)
+
+
+def _ours_with_sft(trl_type, per_token, mask, rc, rr, beta, weight):
+    """(total loss, NLL, finalized metrics) from the summed log-probs and the token counts."""
+    from nemo_aot.losses import chosen_nll, nll_metric_sums
+
+    n = rc.shape[0]
+    sums, counts = (per_token * mask).sum(1), mask.sum(1).double()
+    pc, pr = sums[:n], sums[n:]
+    inputs, extra = (pc, pr, rc, rr), {}
+    if trl_type == "ipo":   # TRL's IPO divides each log-ratio by its completion length
+        lc, lr = counts[:n], counts[n:]
+        inputs, extra = (pc / lc, pr / lr, rc / lc, rr / lr), {"lengths": (lc, lr)}
+    loss, pieces = preference_loss(*inputs, loss_type=OURS[trl_type], beta=beta, **extra)
+    nll = chosen_nll(pc, int(counts[:n].sum()))
+    pieces.update(nll_metric_sums(pc, counts[:n], weight))
+    return loss + weight * nll, nll, finalize_metrics(pieces)
+
+
+@pytest.mark.parametrize("trl_type", ["aot", "aot_unpaired", "sigmoid", "ipo"])
+@pytest.mark.parametrize("n", [1, 5])
+def test_sft_term_matches_trl_dpo_trainer(trl_type, n):
+    """loss_type=[<loss>, "sft"], loss_weights=[1, w] (TRL's rpo_alpha = w): same total loss and
+    gradients; loss_type=["sft"] alone: the same NLL, a token mean over the batch's chosen
+    tokens (responses of different lengths, so a mean of per-sequence means would differ)."""
+    trainer_cls = _trl_trainer_cls()
+    per_token, mask, (rc, rr) = _token_batch(n, seed=n)
+    beta, weight = 0.1, 0.7
+    grads = []
+    for run in (lambda x: _trl_token_run(trainer_cls, [trl_type, "sft"], [1.0, weight], x,
+                                         mask, rc, rr, beta),
+                lambda x: _ours_with_sft(trl_type, x, mask, rc, rr, beta, weight)[0]):
+        x = per_token.clone().requires_grad_()
+        total = run(x * mask)   # a model's log-probs are 0 off the response (labels -100)
+        total.backward()
+        grads.append((total.detach(), x.grad))
+    (trl_total, trl_grad), (our_total, our_grad) = grads
+    torch.testing.assert_close(our_total, trl_total, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(our_grad, trl_grad, rtol=1e-12, atol=1e-15)
+    trl_nll = _trl_token_run(trainer_cls, ["sft"], [1.0], per_token, mask, rc, rr, beta)
+    total, nll, metrics = _ours_with_sft(trl_type, per_token, mask, rc, rr, beta, weight)
+    torch.testing.assert_close(nll, trl_nll, rtol=1e-12, atol=1e-15)
+    assert metrics["nll_loss"].item() == pytest.approx(trl_nll.item(), rel=1e-6)
+    assert metrics["loss"].item() == pytest.approx(trl_total.item(), rel=1e-6)
+    if n > 1:
+        per_sequence = -((per_token * mask).sum(1) / mask.sum(1))[:n].mean()
+        assert abs(per_sequence - trl_nll) > 1e-3   # the test tells the two reductions apart
+
+
+def test_sft_term_matches_transcribed_trl():
+    """Without TRL installed: its "sft" term, -per_token_logps[chosen_mask].mean(), re-typed."""
+    from nemo_aot.losses import chosen_nll
+
+    per_token, mask, _ = _token_batch(6, seed=3)
+    expected = -per_token[:6][mask[:6].bool()].mean()
+    got = chosen_nll((per_token * mask).sum(1)[:6], int(mask[:6].sum()))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
