@@ -99,6 +99,8 @@ def _demo(args) -> int:
         return 0
     print("\nnemo-aot demo: done", f"after {result.final_step} steps ({result.stop_reason})")
     print(f"  aligned policy  {result.nemo_path}")
+    if result.adapter_path:
+        print(f"  LoRA adapter    {result.adapter_path} (Hugging Face PEFT layout)")
     print(f"  metrics         {result.metrics_path}")
     for plot in result.plots:
         print(f"  plot            {plot}")
