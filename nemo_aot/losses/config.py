@@ -15,6 +15,7 @@ from .sft import check_sft_loss_weight
 
 SORT_SCOPES = ("micro", "data_parallel", "global")
 REFERENCE_POLICIES = ("cached", "cpu_swap", "adapters_off")
+LOGPROBS_FROM = ("hidden_states", "logits")
 
 
 @dataclass
@@ -52,12 +53,17 @@ class AlignmentConfig:
     """Where cached reference log-probs live (default: <output_dir>/reference_cache)."""
     logprob_chunk_size: int = 1024
     """Sequence positions per chunk of the vocab-parallel log-softmax (bounds fp32 memory)."""
+    logprobs_from: str = "hidden_states"
+    """hidden_states: log-probs from the final hidden states and the output weight, one chunk
+    of logits at a time, so no [b, s, V] logits tensor exists (nemo_aot/models/logprobs.py);
+    logits: from the model's own logits (megatron's output layer), as a reference."""
     reproduce_atol: float = 1e-3
     """global scope: the grad pass must reproduce the no-grad pass's rewards within this."""
 
     def validate(self, prefix: str = "alignment") -> None:
         for key, allowed in (("loss_type", tuple(LOSS_SPECS)), ("sort_scope", SORT_SCOPES),
-                             ("reference_policy", REFERENCE_POLICIES)):
+                             ("reference_policy", REFERENCE_POLICIES),
+                             ("logprobs_from", LOGPROBS_FROM)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{prefix}.{key} must be one of {list(allowed)}, got "
                                  f"{getattr(self, key)!r}")

@@ -61,7 +61,13 @@ from nemo_aot.losses import (
     transport_inputs,
 )
 from nemo_aot.losses.config import AlignmentConfig
-from nemo_aot.models.logprobs import sequence_logprobs, tp_vocab_range, vocab_parallel_logprobs
+from nemo_aot.models.gpt import emit_hidden_states, output_weight
+from nemo_aot.models.logprobs import (
+    hidden_state_logprobs,
+    sequence_logprobs,
+    tp_vocab_range,
+    vocab_parallel_logprobs,
+)
 
 MicroBatch = dict[str, torch.Tensor]
 ROW_KEYS = ("chosen_rows", "rejected_rows")  # added to each micro-batch by AOTStep (host)
@@ -124,6 +130,7 @@ class AOTStep:
         self.alignment = alignment
         self.paired = get_loss_spec(alignment.loss_type).paired
         self.sft_weight = float(alignment.sft_loss_weight)
+        self.from_hidden = alignment.logprobs_from == "hidden_states"
         # The metric names depend only on the loss type: learn them once from a dummy call, so
         # ranks without real samples (validation filler) still join the reductions.
         dummy = torch.zeros(2)
@@ -135,13 +142,19 @@ class AOTStep:
         self.metric_keys = sorted(names)
 
     # ----------------------------------------------------------------- last-stage pieces
-    def _sequence_logps(self, logits: torch.Tensor, mb: MicroBatch, with_logits: bool = False):
+    def _sequence_logps(self, output: torch.Tensor, mb: MicroBatch, with_logits: bool = False):
         """Per row: (log-prob summed over the response tokens, token count, sum over the response
-        tokens of the mean logit over the vocabulary, or None without ``with_logits``)."""
+        tokens of the mean logit over the vocabulary, or None without ``with_logits``).
+        ``output``: the last stage's final hidden states (``alignment.logprobs_from=
+        hidden_states``) or its vocab-parallel logits."""
         start, group = tp_vocab_range(self.padded_vocab_size)
-        out = vocab_parallel_logprobs(
-            logits, mb["labels"], vocab_size=self.vocab_size, vocab_start=start, group=group,
-            chunk_tokens=self.alignment.logprob_chunk_size, mean_logits=with_logits)
+        kwargs = dict(vocab_size=self.vocab_size, vocab_start=start, group=group,
+                      chunk_tokens=self.alignment.logprob_chunk_size, mean_logits=with_logits)
+        if self.from_hidden:
+            out = hidden_state_logprobs(output, output_weight(self.chunks[-1]), mb["labels"],
+                                        **kwargs)
+        else:
+            out = vocab_parallel_logprobs(output, mb["labels"], **kwargs)
         token_logps, mean_logits = out if with_logits else (out, None)
         logps, counts = sequence_logprobs(token_logps, mb["loss_mask"])
         logit_sums = None if mean_logits is None else \
@@ -204,7 +217,8 @@ class AOTStep:
             index, mb = next(data_iterator)
             mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                   for k, v in mb.items()}
-            output = model(mb["input_ids"], mb["position_ids"], None)
+            with emit_hidden_states(model, on=self.from_hidden):
+                output = model(mb["input_ids"], mb["position_ids"], None)
             return output, lambda logits: loss_for(index, mb, logits)
 
         def iterator():

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 
 from nemo_aot.models.config import GPTModelConfig
 from nemo_aot.models.layer_specs import decoder_block_spec, local_layer_spec, te_layer_spec
@@ -60,6 +66,10 @@ def build_gpt_model(model_cfg: GPTModelConfig, transformer_config,
         rotary_base=model_cfg.rotary_base,
         vp_stage=vp_stage,
     )
+    if post:
+        # megatron builds its own ColumnParallelLinear; this instance gets the subclass that can
+        # hand back its input instead of logits (same parameters and state-dict keys).
+        model.output_layer.__class__ = HiddenStatesOutputLayer
     if scaling is not None:
         rope = model.rotary_pos_emb
         # megatron's own Llama-3.1 scaling, with every parameter from the config (its GPTModel
@@ -69,3 +79,68 @@ def build_gpt_model(model_cfg: GPTModelConfig, transformer_config,
             high_freq_factor=scaling.high_freq_factor,
             original_max_position_embeddings=scaling.original_max_position_embeddings)
     return model
+
+
+class HiddenStatesOutputLayer(ColumnParallelLinear):
+    """megatron's output layer, which under ``emit_hidden_states`` returns the final hidden
+    states instead of logits: its input made whole over the TP group as the layer itself makes
+    it (sequence-parallel all-gather, or the copy to the TP region whose backward sums the
+    input gradient over TP), so that ``hidden_state_logprobs`` computes this rank's vocabulary
+    slice of the log-probs from them and the weight without a [s, b, V] logits tensor."""
+
+    emit_hidden_states = False
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        if not self.emit_hidden_states:
+            return super().forward(input_, weight, runtime_gather_output)
+        if self.sequence_parallel:
+            whole = gather_from_sequence_parallel_region(input_, group=self.tp_group)
+        else:
+            whole = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        return _ContiguousGrad.apply(whole), None
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous. GPTModel returns its output
+    transposed to [b, s, ...], so the gradient reaching the output layer is a transposed view,
+    and megatron's TP all-reduce (``_reduce``) reduces ``grad.contiguous()``, a copy, for a
+    non-contiguous gradient: the sum would be lost (its linear layers never hand it one)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def gpt_of(chunk: torch.nn.Module):
+    """The GPTModel inside a (DDP-)wrapped model chunk."""
+    while not hasattr(chunk, "output_layer") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def output_weight(chunk: torch.nn.Module) -> torch.Tensor:
+    """This rank's rows of the weight the output layer multiplies by (the tied embedding's
+    when input and output embeddings are shared), on the last pipeline stage's chunk."""
+    gpt = gpt_of(chunk)
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+@contextlib.contextmanager
+def emit_hidden_states(chunk: torch.nn.Module, on: bool = True) -> Iterator[None]:
+    """Within the block, a forward of ``chunk`` returns [b, s, H] final hidden states in place
+    of [b, s, V_r] logits (a no-op for chunks without the output layer, or with ``on`` false)."""
+    layer = getattr(gpt_of(chunk), "output_layer", None)
+    if not on or not isinstance(layer, HiddenStatesOutputLayer):
+        yield
+        return
+    layer.emit_hidden_states = True
+    try:
+        yield
+    finally:
+        layer.emit_hidden_states = False

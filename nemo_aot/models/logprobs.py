@@ -15,6 +15,12 @@ backward (recomputed from the saved low-precision logits plus the per-token logs
 On request the same pass also returns each position's mean logit over the true vocabulary,
 (1/V) sum_r sum_{v in V_r} z_v (TRL's ``logits/*`` metrics): one more reduction over the chunk
 already in fp32 and one more row in the existing all-reduce, no further collective.
+
+``hidden_state_logprobs`` goes one step further (the default, ``alignment.logprobs_from=
+hidden_states``): it takes the final hidden states and the output weight instead of logits, so
+no [b, s, V] tensor exists in any precision, not even the model's own bf16 logits; each chunk's
+logits are one GEMM, recomputed in backward, where the chunk also gives its share of the hidden
+states' and the output weight's gradients.
 """
 
 from __future__ import annotations
@@ -30,15 +36,21 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_stats(logits, target, vocab_start, vocab_size, group, with_sum):
+def _mask_padding(z: torch.Tensor, vocab_start: int, vocab_size: int) -> torch.Tensor:
+    """-inf in place at the padded columns (ids >= vocab_size) of a chunk [n, V_r]."""
+    pad_from = vocab_size - vocab_start
+    if pad_from < z.shape[-1]:
+        z[:, max(pad_from, 0):] = float("-inf")
+    return z
+
+
+def _chunk_stats(z, target, vocab_start, vocab_size, group, with_sum):
     """fp32 (target logit, lse, sum of the true-vocabulary logits or None) for one chunk;
-    logits [n, V_r], target [n]."""
-    z = logits.to(_acc(logits.dtype), copy=True)  # a chunk; masked in place below
+    z [n, V_r] a fresh fp32 (or fp64) tensor this function may overwrite, target [n]."""
     local_vocab = z.shape[-1]
     pad_from = vocab_size - vocab_start
     zsum = z[:, :min(max(pad_from, 0), local_vocab)].sum(-1) if with_sum else None
-    if pad_from < local_vocab:
-        z[:, max(pad_from, 0):] = float("-inf")
+    _mask_padding(z, vocab_start, vocab_size)
     m = z.max(dim=-1).values
     if group is not None:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
@@ -55,50 +67,108 @@ def _chunk_stats(logits, target, vocab_start, vocab_size, group, with_sum):
     return picked, m + torch.log(sumexp), zsum
 
 
+def _chunk_grad(z, target, lse, g, vocab_start, vocab_size):
+    """d(g * log p(target)) / dz for one chunk, in place in z (fresh fp32 [n, V_r]):
+    g * (1[v = target] - softmax_v), the target column only on the rank that holds it."""
+    local_vocab = z.shape[-1]
+    _mask_padding(z, vocab_start, vocab_size)
+    gs = g.unsqueeze(-1)
+    z.sub_(lse.unsqueeze(-1)).exp_().mul_(-gs)  # -softmax * g, in place
+    t = target - vocab_start
+    mine = ((t >= 0) & (t < local_vocab)).unsqueeze(-1)
+    # + g at the target column on the rank that holds it (no host sync)
+    z.scatter_add_(-1, t.clamp(0, local_vocab - 1).unsqueeze(-1),
+                   torch.where(mine, gs, torch.zeros_like(gs)))
+    return z
+
+
+def _forward_chunks(logits_of, n, target, vocab_start, vocab_size, group, chunk, with_means,
+                    like):
+    """Per-position (log-prob, lse, mean logit or empty) over chunks of positions; ``logits_of``
+    gives the fresh fp32 logits [c, V_r] of positions [i, i + c)."""
+    out = torch.empty(target.shape, dtype=like, device=target.device)
+    lse = torch.empty_like(out)
+    means = torch.empty_like(out) if with_means else out.new_empty(0)
+    for i in range(0, n, chunk):
+        picked, lse[i:i + chunk], zsum = _chunk_stats(
+            logits_of(i, chunk), target[i:i + chunk], vocab_start, vocab_size, group, with_means)
+        out[i:i + chunk] = picked - lse[i:i + chunk]
+        if with_means:
+            means[i:i + chunk] = zsum / vocab_size
+    return out, lse, means
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, vocab_size, group, chunk, with_means):
         flat = logits.reshape(-1, logits.shape[-1])
-        tgt = target.reshape(-1)
-        out = torch.empty(tgt.shape, dtype=_acc(logits.dtype), device=logits.device)
-        lse = torch.empty_like(out)
-        mean_logits = torch.empty_like(out) if with_means else out.new_empty(0)
-        for i in range(0, flat.shape[0], chunk):
-            picked, lse[i:i + chunk], zsum = _chunk_stats(
-                flat[i:i + chunk], tgt[i:i + chunk], vocab_start, vocab_size, group, with_means)
-            out[i:i + chunk] = picked - lse[i:i + chunk]
-            if with_means:
-                mean_logits[i:i + chunk] = zsum / vocab_size
+        acc = _acc(logits.dtype)
+        out, lse, means = _forward_chunks(
+            lambda i, c: flat[i:i + c].to(acc, copy=True), flat.shape[0], target.reshape(-1),
+            vocab_start, vocab_size, group, chunk, with_means, acc)
         ctx.save_for_backward(logits, target, lse)
         ctx.vocab_start, ctx.vocab_size, ctx.chunk = vocab_start, vocab_size, chunk
-        if with_means:
-            mean_logits = mean_logits.view(target.shape)
-        ctx.mark_non_differentiable(mean_logits)
-        return out.view(target.shape), mean_logits
+        means = means.view(target.shape) if with_means else means
+        ctx.mark_non_differentiable(means)
+        return out.view(target.shape), means
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean_logits):
         logits, target, lse = ctx.saved_tensors
         flat = logits.reshape(-1, logits.shape[-1])
-        tgt = target.reshape(-1) - ctx.vocab_start
+        tgt = target.reshape(-1)
         g = grad_out.reshape(-1).to(_acc(flat.dtype))
         grad = torch.empty_like(flat)
-        local_vocab = flat.shape[-1]
-        pad_from = ctx.vocab_size - ctx.vocab_start
         for i in range(0, flat.shape[0], ctx.chunk):
             sl = slice(i, i + ctx.chunk)
             z = flat[sl].to(_acc(flat.dtype), copy=True)
-            if pad_from < local_vocab:
-                z[:, max(pad_from, 0):] = float("-inf")
-            gs = g[sl].unsqueeze(-1)
-            z.sub_(lse[sl].unsqueeze(-1)).exp_().mul_(-gs)  # -softmax * g, in place
-            t = tgt[sl]
-            mine = ((t >= 0) & (t < local_vocab)).unsqueeze(-1)
-            # + g at the target column on the rank that holds it (no host sync)
-            z.scatter_add_(-1, t.clamp(0, local_vocab - 1).unsqueeze(-1),
-                           torch.where(mine, gs, torch.zeros_like(gs)))
-            grad[sl] = z.to(grad.dtype)
+            grad[sl] = _chunk_grad(z, tgt[sl], lse[sl], g[sl], ctx.vocab_start,
+                                   ctx.vocab_size).to(grad.dtype)
         return grad.view_as(logits), None, None, None, None, None, None
+
+
+class _HiddenStateLogProbs(torch.autograd.Function):
+    """The same log-probs from the final hidden states h [n, H] and this rank's slice of the
+    output weight W [V_r, H]: each chunk's logits ``h_c W^T`` exist only inside the loop, in
+    forward and again in backward, where they give ``dh_c = dz_c W`` and ``dW += dz_c^T h_c``
+    (W's gradient summed over chunks in fp32, then handed to autograd once)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, vocab_start, vocab_size, group, chunk, with_means):
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        acc = _acc(hidden.dtype)
+        out, lse, means = _forward_chunks(
+            lambda i, c: (flat[i:i + c] @ weight.t()).to(acc), flat.shape[0],
+            target.reshape(-1), vocab_start, vocab_size, group, chunk, with_means, acc)
+        ctx.save_for_backward(hidden, weight, target, lse)
+        ctx.vocab_start, ctx.vocab_size, ctx.chunk = vocab_start, vocab_size, chunk
+        means = means.view(target.shape) if with_means else means
+        ctx.mark_non_differentiable(means)
+        return out.view(target.shape), means
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean_logits):
+        hidden, weight, target, lse = ctx.saved_tensors
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        tgt = target.reshape(-1)
+        acc = _acc(flat.dtype)
+        g = grad_out.reshape(-1).to(acc)
+        want_h, want_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(flat) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        for i in range(0, flat.shape[0], ctx.chunk):
+            sl = slice(i, i + ctx.chunk)
+            h = flat[sl]
+            z = (h @ weight.t()).to(acc)
+            dz = _chunk_grad(z, tgt[sl], lse[sl], g[sl], ctx.vocab_start,
+                             ctx.vocab_size).to(weight.dtype)
+            if want_h:
+                grad_h[sl] = dz @ weight
+            if want_w:
+                grad_w += (dz.t() @ h).to(acc)
+        grad_h = grad_h.view_as(hidden) if want_h else None
+        grad_w = grad_w.to(weight.dtype) if want_w else None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, target: torch.Tensor, *, vocab_size: int,
@@ -120,6 +190,29 @@ def vocab_parallel_logprobs(logits: torch.Tensor, target: torch.Tensor, *, vocab
         group = None
     logps, means = _VocabParallelLogProbs.apply(logits, target, int(vocab_start), int(vocab_size),
                                                 group, int(chunk_tokens), bool(mean_logits))
+    return (logps, means) if mean_logits else logps
+
+
+def hidden_state_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
+                          vocab_size: int, vocab_start: int = 0,
+                          group: Optional[dist.ProcessGroup] = None, chunk_tokens: int = 1024,
+                          mean_logits: bool = False):
+    """``vocab_parallel_logprobs`` of the logits ``hidden @ weight.T`` without ever holding
+    them: [..., V_r] logits exist one chunk of ``chunk_tokens`` positions at a time.
+
+    Args:
+        hidden: [..., H] final hidden states (after the final norm), the whole sequence on every
+            TP rank (megatron's output layer input after its sequence-parallel gather / copy to
+            the TP region, which also sums this function's input gradient over TP).
+        weight: [V_r, H] this rank's rows of the output layer (or the tied embedding).
+        target, vocab_size, vocab_start, group, chunk_tokens, mean_logits: as
+            ``vocab_parallel_logprobs``.
+    """
+    if group is not None and dist.get_world_size(group) == 1:
+        group = None
+    logps, means = _HiddenStateLogProbs.apply(hidden, weight, target, int(vocab_start),
+                                              int(vocab_size), group, int(chunk_tokens),
+                                              bool(mean_logits))
     return (logps, means) if mean_logits else logps
 
 
