@@ -14,7 +14,8 @@ from .bench import LR, Bench, Unavailable, Variant, load_state
 
 
 # ---------------------------------------------------------------------------- nemo_aot
-def build_nemo(bench: Bench, reference_forward: bool) -> Variant:
+def build_nemo(bench: Bench, reference_forward: bool,
+               logprobs_from: str = "hidden_states") -> Variant:
     """MegatronGPTAOTModel + AOTTrainer.train_single_step (the model places its chunks on this
     rank's device before megatron DDP allocates its buffers)."""
     from nemo_aot.algorithms.config import AOTConfig, OptimConfig, TrainerConfig
@@ -26,7 +27,8 @@ def build_nemo(bench: Bench, reference_forward: bool) -> Variant:
 
     a = bench.args
     precision = PrecisionConfig(precision=bench.precision)
-    alignment = AlignmentConfig(loss_type="aot_unpaired", beta=a.beta, sort_scope="micro")
+    alignment = AlignmentConfig(loss_type="aot_unpaired", beta=a.beta, sort_scope="micro",
+                                logprobs_from=logprobs_from)
     if a.logprob_chunk_size:
         alignment.logprob_chunk_size = a.logprob_chunk_size
     model = MegatronGPTAOTModel(model_cfg_node(bench.model_cfg, precision, ParallelConfig(),
@@ -199,6 +201,8 @@ HF_PATCHES = {"plain": None, "trl_fused": trl_fused_head, "liger": liger_patch}
 BUILDERS = {
     "nemo_aot_cached": lambda b: build_nemo(b, reference_forward=False),
     "nemo_aot_ref": lambda b: build_nemo(b, reference_forward=True),
+    # the step before log-probs came from the hidden states: the model's logits, then the kernel
+    "nemo_aot_logits": lambda b: build_nemo(b, reference_forward=False, logprobs_from="logits"),
     "hf": lambda b: build_hf(b, "plain"),
     "hf_trl_fused": lambda b: build_hf(b, "trl_fused"),
     "hf_liger": lambda b: build_hf(b, "liger"),
