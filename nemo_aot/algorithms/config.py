@@ -114,6 +114,11 @@ class OptimConfig:
     constant (lr after warmup)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state and fp32 main weights over the data-parallel group (ZeRO-1)."""
+    fused_adam: Optional[bool] = None
+    """torch's AdamW (megatron-core's optimizer where neither TransformerEngine nor apex is
+    importable) with its fused kernel: null = on a CUDA GPU, true = also on CPU, false =
+    torch's default (foreach on GPU). TE's/apex's FusedAdam, when megatron uses one, is fused
+    already and this key changes nothing."""
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -130,6 +135,9 @@ class OptimConfig:
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _choice("optim.lr_decay_style", self.lr_decay_style, ("cosine", "linear", "constant"))
+        if self.fused_adam is not None and not isinstance(self.fused_adam, bool):
+            raise ValueError(f"optim.fused_adam must be true, false or null (fused on a GPU), "
+                             f"got {self.fused_adam!r}")
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from nemo_aot.distributed.ranks import any_ranks
+from nemo_aot.distributed.ranks import any_ranks, is_rank_zero
 
 # megatron and models.aot_step (which imports it) are imported where used: run.py, and through
 # it the launcher and `nemo-aot --help`, import this module and must not load megatron.
@@ -55,6 +55,9 @@ def build_optimizer(cfg, model, steps_per_epoch: int):
         # fp16 only: a dynamic loss scale (bf16 and fp32 need none)
         initial_loss_scale=2.0 ** 16 if precision == "fp16" else None)
     optimizer = get_megatron_optimizer(opt_config, list(model.chunks))
+    if use_fused_adam(optimizer, o.fused_adam) and is_rank_zero():
+        logger.info("optimizer: torch's fused AdamW kernel (optim.fused_adam=%s)",
+                    str(o.fused_adam).lower() if o.fused_adam is not None else "null: GPU")
     gbs = cfg.trainer.global_batch_size
     # megatron counts samples; warmup then decay over the rest of the run
     scheduler = OptimizerParamScheduler(
@@ -64,6 +67,23 @@ def build_optimizer(cfg, model, steps_per_epoch: int):
         wd_incr_steps=total * gbs, wd_incr_style="constant")
     model.transformer_config.grad_scale_func = optimizer.scale_loss
     return optimizer, scheduler
+
+
+def use_fused_adam(optimizer, fused: Optional[bool]) -> list:
+    """Switch megatron's torch AdamW fallback to torch's fused kernel (``optim.fused_adam``:
+    null = where the parameters it updates are on a CUDA GPU). Returns the param groups
+    switched. TE's/apex's FusedAdam are left as they are."""
+    switched = []
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", part)  # megatron's wrappers hold torch's optimizer
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            on_gpu = all(p.is_cuda for p in group["params"])
+            if fused or (fused is None and on_gpu and group["params"]):
+                group["fused"], group["foreach"] = True, False
+                switched.append(group)
+    return switched
 
 
 def check_schedule(cfg, total: int, steps_per_epoch: int) -> None:
