@@ -201,7 +201,8 @@ def build_policy(cfg):
 
     model = MegatronGPTAOTModel(
         model_cfg_node(cfg.model, cfg.precision, cfg.parallel, cfg.alignment, cfg.peft),
-        use_distributed_optimizer=cfg.optim.use_distributed_optimizer, seed=cfg.trainer.seed)
+        use_distributed_optimizer=cfg.optim.use_distributed_optimizer, seed=cfg.trainer.seed,
+        performance=cfg.performance)
     if cfg.init_from:
         load_nemo_into(resolve_path(cfg.init_from), list(model.chunks))
     if cfg.peft.enabled and rank() == 0:
