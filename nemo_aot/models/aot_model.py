@@ -32,20 +32,15 @@ from nemo_aot.losses.config import AlignmentConfig
 from nemo_aot.models.aot_step import AOTStep, StepResult
 from nemo_aot.models.config import GPTModelConfig, to_transformer_config
 from nemo_aot.models.gpt import build_model_chunks
-<<<<<<< HEAD
 from nemo_aot.models.lora import MERGED, adapter_sharded_state_dict, freeze_base, is_adapter_name
 from nemo_aot.models.options import PeftConfig, PrecisionConfig
+from nemo_aot.models.performance import PerformanceConfig, transformer_overrides
 from nemo_aot.models.reference import (
     AdaptersOffReference,
     CpuSwapReference,
     ReferenceTable,
     attach_reference,
 )
-=======
-from nemo_aot.models.options import PrecisionConfig
-from nemo_aot.models.performance import PerformanceConfig, transformer_overrides
-from nemo_aot.models.reference import CpuSwapReference, ReferenceTable, attach_reference
->>>>>>> 827d50a (WIP performance knobs)
 
 logger = logging.getLogger(__name__)
 
