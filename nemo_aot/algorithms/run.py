@@ -292,6 +292,7 @@ def _run(cfg, preemption, started: float, scratch: str) -> RunResult:
     nemo_path = _export(cfg, model, trainer, data.tokenizer_dir)
     adapter_path = None
     if nemo_path is not None and cfg.peft.enabled:
+        model.sync_params()  # the adapters as the last optimizer step left them
         adapter_path = export_adapter(list(model.chunks), cfg,
                                       os.path.join(cfg.logging.output_dir, ADAPTER_DIR),
                                       base_model=cfg.init_from)

@@ -146,12 +146,20 @@ class MegatronGPTAOTModel(ModelPT):
             average_in_collective=False, **self.performance.ddp_kwargs(use_distributed_optimizer))
         wrapped = [DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0)
                    for i, c in enumerate(chunks)]
-        config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = ([c.no_sync for c in wrapped] if len(wrapped) > 1
-                               else wrapped[0].no_sync)
+        # As Megatron-LM's training.py: one function per chunk, or the function itself for one.
+        def per_chunk(name):
+            funcs = [getattr(c, name) for c in wrapped]
+            return funcs if len(funcs) > 1 else funcs[0]
+
+        config.finalize_model_grads_func = finalize_model_grads  # waits for the reductions
+        config.no_sync_func = per_chunk("no_sync")
+        if ddp_config.overlap_grad_reduce:
+            # the pipeline schedules start each chunk's reduction at aligned points of the
+            # schedule (Megatron-LM's default align_grad_reduce)
+            config.grad_sync_func = per_chunk("start_grad_sync")
         if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
             # the interleaved schedule starts each chunk's all-gather at aligned points
-            config.param_sync_func = [c.start_param_sync for c in wrapped]
+            config.param_sync_func = per_chunk("start_param_sync")
         return wrapped
 
     def sync_params(self) -> None:

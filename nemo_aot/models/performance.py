@@ -11,7 +11,8 @@ knob                           megatron-core
 =============================  ===============================================================
 recompute_granularity/method/  ``TransformerConfig.recompute_granularity``, ``recompute_method``,
 num_layers/modules             ``recompute_num_layers``, ``recompute_modules``
-overlap_grad_reduce,           ``DistributedDataParallelConfig.overlap_grad_reduce``,
+overlap_grad_reduce,           ``DistributedDataParallelConfig.overlap_grad_reduce`` (+
+                               ``config.grad_sync_func``, ``finalize_model_grads`` waits),
 overlap_param_gather,          ``overlap_param_gather`` (+ its forward pre-hooks, see
 align_param_gather,            ``MegatronGPTAOTModel.sync_params``), ``align_param_gather`` (+
 ddp_bucket_size                ``config.param_sync_func``), ``bucket_size``

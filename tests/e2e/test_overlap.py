@@ -24,6 +24,9 @@ LAYOUTS = {
     "dp2": (2, [], ["alignment.reference_policy=cpu_swap"]),
     # many buckets: each bucket's gather starts the next one's (megatron's prefetch chain)
     "dp2xtp2": (4, ["parallel.tensor_model_parallel_size=2"], ["performance.ddp_bucket_size=4000"]),
+    # LoRA: the frozen base is outside DDP's buckets (no hooks, never gathered), the adapters in
+    "dp2_lora": (2, ["peft=lora", "alignment.reference_policy=adapters_off"],
+                 ["performance.ddp_bucket_size=2000"]),
 }
 
 
