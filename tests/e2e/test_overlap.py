@@ -1,6 +1,6 @@
 """Communication overlap changes when gradients are reduced and parameters gathered, never what
-is computed: at DP2 and DP2 x TP2 the overlapped run follows the plain run's curve and writes
-the same weights, bit for bit.
+is computed: at DP2, DP2 x TP2 and DP2 under LoRA the overlapped run follows the plain run's
+curve and writes the same weights, bit for bit.
 
 The runs checkpoint after a step with no validation: no forward has run since the optimizer
 step, so with the parameter all-gather deferred to the next forward (overlap_param_gather) only
