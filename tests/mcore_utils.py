@@ -27,9 +27,10 @@ def global_batch(seed: int = 0, batch: int = GLOBAL_BATCH, seq: int = SEQ, vocab
 
 
 def setup(tp=1, pp=1, vpp=None, sp=False, model_cfg=TINY, seed=1234, attention_backend=None,
-          per_token_loss=True, peft=None, use_distributed_optimizer=False):
+          per_token_loss=True, peft=None, use_distributed_optimizer=False, config_overrides=None):
     """Initialize megatron parallel state and return DDP-wrapped model chunks for this rank;
-    with ``peft`` (a PeftConfig) the chunks carry LoRA adapters and a frozen base."""
+    with ``peft`` (a PeftConfig) the chunks carry LoRA adapters and a frozen base;
+    ``config_overrides``: more TransformerConfig fields, e.g. recomputation."""
     import dataclasses
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -43,7 +44,8 @@ def setup(tp=1, pp=1, vpp=None, sp=False, model_cfg=TINY, seed=1234, attention_b
         model_cfg = dataclasses.replace(model_cfg, attention_backend=attention_backend)
     parallel = ParallelConfig(tp, pp, vpp, sp)
     initialize_model_parallel(parallel, model_cfg, seed=seed)
-    config = to_transformer_config(model_cfg, parallel, calculate_per_token_loss=per_token_loss)
+    config = to_transformer_config(model_cfg, parallel, calculate_per_token_loss=per_token_loss,
+                                   **(config_overrides or {}))
     chunks = build_model_chunks(model_cfg, config, peft=peft, seed=seed)
     if peft is not None and peft.enabled:
         from nemo_aot.models.lora import freeze_base

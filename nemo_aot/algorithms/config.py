@@ -30,6 +30,7 @@ from nemo_aot.losses.config import AlignmentConfig
 from nemo_aot.models.config import GPTModelConfig, default_tiny
 from nemo_aot.models.nemo_format import read_nemo_config
 from nemo_aot.models.options import PeftConfig, PrecisionConfig
+from nemo_aot.models.performance import PerformanceConfig
 
 # hydra/omegaconf imported lazily: `nemo-aot --help` (which lists the recipes from here) must
 # not load them.
@@ -215,6 +216,8 @@ class AOTConfig:
     """The AOT/DPO objective, its sort scope and the reference policy."""
     peft: PeftConfig = field(default_factory=PeftConfig)
     """Full fine-tuning (scheme none) or LoRA adapters on the frozen policy (``peft=lora``)."""
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    """Activation recomputation, communication overlap, fused kernels (none changes results)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """Run length, batch sizes, validation, safety."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -264,6 +267,8 @@ class AOTConfig:
         _check_objective(self, None if world is None else self.parallel.data_parallel_size(world))
         _check_fp8(self)
         _check_peft(self)
+        self.performance.validate(self.model, self.parallel, self.precision,
+                                  self.optim.use_distributed_optimizer)
         return self
 
 

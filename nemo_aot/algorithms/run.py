@@ -201,7 +201,8 @@ def build_policy(cfg):
 
     model = MegatronGPTAOTModel(
         model_cfg_node(cfg.model, cfg.precision, cfg.parallel, cfg.alignment, cfg.peft),
-        use_distributed_optimizer=cfg.optim.use_distributed_optimizer, seed=cfg.trainer.seed)
+        use_distributed_optimizer=cfg.optim.use_distributed_optimizer, seed=cfg.trainer.seed,
+        performance=cfg.performance)
     if cfg.init_from:
         load_nemo_into(resolve_path(cfg.init_from), list(model.chunks))
     if cfg.peft.enabled and rank() == 0:
@@ -291,6 +292,7 @@ def _run(cfg, preemption, started: float, scratch: str) -> RunResult:
     nemo_path = _export(cfg, model, trainer, data.tokenizer_dir)
     adapter_path = None
     if nemo_path is not None and cfg.peft.enabled:
+        model.sync_params()  # the adapters as the last optimizer step left them
         adapter_path = export_adapter(list(model.chunks), cfg,
                                       os.path.join(cfg.logging.output_dir, ADAPTER_DIR),
                                       base_model=cfg.init_from)

@@ -34,6 +34,7 @@ from nemo_aot.models.config import GPTModelConfig, to_transformer_config
 from nemo_aot.models.gpt import build_model_chunks
 from nemo_aot.models.lora import MERGED, adapter_sharded_state_dict, freeze_base, is_adapter_name
 from nemo_aot.models.options import PeftConfig, PrecisionConfig
+from nemo_aot.models.performance import PerformanceConfig, transformer_overrides
 from nemo_aot.models.reference import (
     AdaptersOffReference,
     CpuSwapReference,
@@ -97,8 +98,9 @@ class MegatronGPTAOTModel(ModelPT):
     """A Llama-family GPT policy on megatron-core, aligned with AOT / DPO / IPO."""
 
     def __init__(self, cfg: DictConfig, trainer=None, *, use_distributed_optimizer: bool = False,
-                 seed: int = 1234):
+                 seed: int = 1234, performance: Optional[PerformanceConfig] = None):
         super().__init__(cfg=cfg, trainer=trainer)
+        self.performance = performance or PerformanceConfig()
         self.model_cfg = architecture_from_cfg(cfg)
         self.precision_cfg = PrecisionConfig(**OmegaConf.to_container(cfg.precision, resolve=True))
         self.parallel_cfg = ParallelConfig(**OmegaConf.to_container(cfg.parallel, resolve=True))
@@ -111,7 +113,9 @@ class MegatronGPTAOTModel(ModelPT):
         self.alignment.validate()
         self.transformer_config = to_transformer_config(
             self.model_cfg, self.parallel_cfg, self.precision_cfg.precision,
-            **fp8_overrides(self.precision_cfg))
+            **fp8_overrides(self.precision_cfg),
+            **transformer_overrides(self.performance, self.precision_cfg.transformer_impl,
+                                    self.model_cfg.attention_backend))
         chunks = build_model_chunks(self.model_cfg, self.transformer_config,
                                     self.precision_cfg.transformer_impl, peft=self.peft, seed=seed)
         if self.peft.enabled:  # before DDP: its buffers hold the trainable parameters only
@@ -138,14 +142,33 @@ class MegatronGPTAOTModel(ModelPT):
         # grad buffers where the parameters are, so move them first.
         chunks = [c.to(compute_device()) for c in chunks]
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=use_distributed_optimizer, average_in_collective=False)
+            grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
+            average_in_collective=False, **self.performance.ddp_kwargs(use_distributed_optimizer))
         wrapped = [DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0)
                    for i, c in enumerate(chunks)]
-        config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = ([c.no_sync for c in wrapped] if len(wrapped) > 1
-                               else wrapped[0].no_sync)
+        # As Megatron-LM's training.py: one function per chunk, or the function itself for one.
+        def per_chunk(name):
+            funcs = [getattr(c, name) for c in wrapped]
+            return funcs if len(funcs) > 1 else funcs[0]
+
+        config.finalize_model_grads_func = finalize_model_grads  # waits for the reductions
+        config.no_sync_func = per_chunk("no_sync")
+        if ddp_config.overlap_grad_reduce:
+            # the pipeline schedules start each chunk's reduction at aligned points of the
+            # schedule (Megatron-LM's default align_grad_reduce)
+            config.grad_sync_func = per_chunk("start_grad_sync")
+        if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
+            # the interleaved schedule starts each chunk's all-gather at aligned points
+            config.param_sync_func = per_chunk("start_param_sync")
         return wrapped
+
+    def sync_params(self) -> None:
+        """Finish the parameter all-gather that overlap_param_gather defers to the next forward
+        (collective). Code that reads the weights without a forward (checkpoint, export, the
+        cpu_swap reference) calls it first; a forward gathers through megatron's pre-hooks."""
+        for chunk in self.chunks:
+            if chunk.ddp_config.overlap_param_gather:
+                chunk.start_param_sync(force_sync=True)
 
     # ------------------------------------------------------------------ trainer interface
     def prepare_for_training_step(self) -> None:
@@ -171,6 +194,7 @@ class MegatronGPTAOTModel(ModelPT):
         if self.alignment.reference_policy == "cpu_swap":
             if self.cpu_swap is None:
                 raise RuntimeError("cpu_swap reference not set up: call enable_cpu_swap() first")
+            self.sync_params()  # the policy's weights are parked and restored as they are
             table = self.cpu_swap.score_step(self.step_runner, micro_batches)
         elif self.alignment.reference_policy == "adapters_off":
             table = self.adapters_off.score_step(self.step_runner, micro_batches)
@@ -192,6 +216,7 @@ class MegatronGPTAOTModel(ModelPT):
     def sharded_state_dict(self, prefix: str = "", **kwargs) -> dict:
         """The trained weights: every weight, or under LoRA the adapters only (the frozen base
         comes from init_from, so checkpoints hold what the optimizer changes)."""
+        self.sync_params()  # collective, as every caller (a checkpoint save or load) is
         if len(self.chunks) == 1:
             state = self.chunks[0].module.sharded_state_dict(prefix=prefix)
         else:
@@ -223,6 +248,7 @@ class MegatronGPTAOTModel(ModelPT):
         weights with ``(alpha / r) B A`` added, no adapter entries (the base is unchanged)."""
         from nemo_aot.models.nemo_format import nemo_sharded_state_dict
 
+        self.sync_params()  # collective, as every caller (save_to, export) is
         return nemo_sharded_state_dict(list(self.chunks),
                                        metadata={MERGED: True} if self.peft.enabled else None)
 

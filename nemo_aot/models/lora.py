@@ -101,7 +101,9 @@ class LoRAAdapter(torch.nn.Module):
             return F.dropout(x, p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = F.linear(self._dropout(x), self.linear_in.weight)
+        # Through the child modules, not their weights: megatron's DDP waits for a parameter's
+        # deferred all-gather (overlap_param_gather) in a forward pre-hook of its own module.
+        t = self.linear_in(self._dropout(x))
         group = self.tp_group
         if self.column:
             t = (mappings.gather_from_sequence_parallel_region(t, True, group=group)
@@ -111,7 +113,7 @@ class LoRAAdapter(torch.nn.Module):
             t = (mappings.reduce_scatter_to_sequence_parallel_region(t, group=group)
                  if self.sequence_parallel
                  else mappings.reduce_from_tensor_model_parallel_region(t, group=group))
-        return F.linear(t, self.linear_out.weight) * self.options.scale
+        return self.linear_out(t) * self.options.scale
 
     def delta(self) -> torch.Tensor:
         """This rank's shard of ``(alpha / r) B A`` in fp32: the TP shard of the base weight it
