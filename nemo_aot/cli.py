@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 from nemo_aot import __version__
 from nemo_aot.algorithms.config import compose_config, find_config_dir, to_yaml
 from nemo_aot.algorithms.export import register as register_export
+from nemo_aot.algorithms.memory_plan import format_plan
 from nemo_aot.algorithms.run import run_training
 from nemo_aot.algorithms.trainer import COMPLETE_REASONS
 from nemo_aot.conversion.cli import register as register_convert
@@ -67,6 +68,13 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config-dir", default=None, help="a conf/ directory of your own")
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved config and exit without training")
+    train.add_argument("--plan", action="store_true",
+                       help="print the per-GPU memory plan of the resolved recipe and layout "
+                            "(weights, gradients, optimizer, activations with and without "
+                            "recomputation, log-prob workspace) and the largest micro-batch that "
+                            "fits, then exit without training")
+    train.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                       help="GPU memory the plan fits the micro-batch to (default 80: H100)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="e.g. recipe=llama3_8b init_from=/ckpt/llama3_8b.nemo "
                             "data.train_path=prefs.jsonl")
@@ -120,6 +128,14 @@ def _train(args) -> int:
     cfg = compose_config(args.config_name, args.overrides, config_dir=args.config_dir)
     if args.print_config:
         print(to_yaml(cfg))
+        return 0
+    if args.plan:
+        world = cfg.world_size(int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ
+                               else None)
+        if world is None:
+            raise ValueError("--plan needs the world size: set trainer.devices (GPUs per node) "
+                             "and trainer.num_nodes")
+        print(format_plan(cfg, world, args.gpu_memory_gib))
         return 0
     result = run_training(cfg)
     if result.nemo_path:

@@ -1,0 +1,278 @@
+"""A memory plan before launch: per-GPU bytes of a resolved run, from its config alone.
+
+``nemo-aot train ... --plan [--gpu-memory-gib 80]`` prints, for the heaviest pipeline stage of the
+layout, what megatron-core will hold (counted as megatron's theoretical-memory report counts it,
+for this project's model and step):
+
+* weights: the stage's parameters (TP-sharded matrices / tp, replicated norms, the embedding on
+  the first stage, the output layer on the last, LoRA adapters) in the training dtype;
+* gradients: megatron DDP's fp32 buffer (``grad_reduce_in_fp32``) for the trained parameters;
+* optimizer: Adam's two fp32 moments, plus fp32 main weights for bf16/fp16 training, split over
+  the data-parallel ranks by the distributed optimizer;
+* activations of one micro-batch per layer, saved for backward (Llama layer: norms, QKV,
+  attention output and its fp32 log-sum-exp, SwiGLU input and output; SDPA's flash kernel keeps
+  no [s, s] scores), times the micro-batches a 1F1B pipeline keeps in flight on its first stage,
+  with and without the configured recomputation;
+* the log-prob workspace on the last stage: the final hidden states, a few fp32 [chunk, V/tp]
+  chunks and, from hidden states, the fp32 output-weight gradient buffer (with
+  ``alignment.logprobs_from=logits`` the model's [tokens, V/tp] logits instead).
+
+It then solves for the largest ``trainer.micro_batch_size`` whose total fits the given GPU
+memory after a reserve for the CUDA context, NCCL and allocator fragmentation. Estimates, not
+measurements: ``tests/unit/test_memory_plan.py`` holds them to measured peaks on CPU (25%).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+GIB = 2 ** 30
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+RESERVE_GIB = 4.0
+"""Set aside on a GPU: CUDA context, NCCL buffers, cuBLAS workspaces, fragmentation."""
+WORKSPACE_CHUNKS = 3
+"""fp32 [chunk, V/tp] temporaries alive at once in the log-prob kernel (logits, exp, grad)."""
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """Bytes per GPU on the heaviest pipeline stage."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    """Saved for backward, all micro-batches in flight, with the configured recomputation."""
+    recompute_workspace: int
+    """Full recomputation: one recomputed group's activations during its backward."""
+    activations_no_recompute: int
+    activations_full_recompute: int
+    """With full recomputation of every layer (each layer's input kept, one layer's
+    activations rebuilt at a time): kept + rebuilt."""
+    logprob_workspace: int
+    """Alive at the start of backward, before any layer is recomputed."""
+    trained_params: int
+    stage_params: int
+    per_micro_batch: int
+    """What one more sample per micro-batch adds (activations and workspace)."""
+
+    @property
+    def static(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.static + self.activations + max(self.logprob_workspace,
+                                                    self.recompute_workspace)
+
+
+def _layer_params(m, tp: int) -> tuple[int, int]:
+    """(sharded, replicated) parameters of one transformer layer on one TP rank."""
+    d, nq = m.head_dim, m.num_attention_heads
+    nkv = m.num_query_groups or nq
+    h, f = m.hidden_size, m.ffn_hidden_size
+    qkv = h * (nq + 2 * nkv) * d + ((nq + 2 * nkv) * d if m.qkv_bias or m.bias else 0)
+    sharded = qkv + nq * d * h + h * 2 * f + f * h
+    return sharded // tp, 2 * h
+
+
+def _adapter_params(m, peft, tp: int) -> int:
+    """LoRA parameters of one layer on one TP rank (column base: B sharded, row base: A)."""
+    if peft is None or not peft.enabled:
+        return 0
+    d, nq, h, f, r = m.head_dim, m.num_attention_heads, m.hidden_size, m.ffn_hidden_size, \
+        peft.rank
+    nkv = m.num_query_groups or nq
+    shapes = {"linear_qkv": (h, (nq + 2 * nkv) * d, "column"), "linear_fc1": (h, 2 * f, "column"),
+              "linear_proj": (nq * d, h, "row"), "linear_fc2": (f, h, "row")}
+    total = 0
+    for target in peft.target_modules:
+        fan_in, fan_out, kind = shapes[target]
+        total += r * fan_in + r * fan_out // tp if kind == "column" else \
+            r * fan_in // tp + r * fan_out
+    return total
+
+
+def stage_params(cfg) -> tuple[int, int]:
+    """(all parameters, trained parameters) of the heaviest pipeline stage on one rank."""
+    m, p = cfg.model, cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    sharded, replicated = _layer_params(m, tp)
+    adapters = _adapter_params(m, cfg.peft, tp)
+    layers = -(-m.num_layers // pp)
+    vocab = m.padded_vocab_size(tp) // tp * m.hidden_size
+    first = vocab
+    last = m.hidden_size + (0 if m.share_embeddings_and_output_weights and pp == 1 else vocab)
+    ends = first + last if pp == 1 else max(first, last)
+    base = layers * (sharded + replicated) + ends
+    lora = layers * adapters
+    trained = lora if cfg.peft.enabled else base
+    return base + lora, trained
+
+
+def _rows(cfg, micro_batch_size: int) -> int:
+    """Sequences per micro-batch: a pair is two (paired data), an unpaired sample one. With
+    ``data.format=auto`` pairs are assumed (the larger of the two)."""
+    unpaired = cfg.data.format in ("trl_unpaired", "unpaired_files")
+    return micro_batch_size * (1 if unpaired else 2)
+
+
+def layer_activation_bytes(cfg, tokens: int) -> int:
+    """Bytes one transformer layer saves for backward over ``tokens`` tokens on one TP rank.
+
+    Counted from the tensors autograd saves in this project's layer (local spec, SDPA, torch
+    RMSNorm and SwiGLU; ``tests/unit/test_memory_plan.py`` holds the count to a
+    ``saved_tensors_hooks`` measurement): per token, 6 hidden-sized tensors outside the TP
+    region (the two norms' inputs and outputs and the residual stream; split by sequence
+    parallelism), and inside it the QKV output and SDPA's copy of it, the rotated queries and the
+    attention output, the attention log-sum-exp (fp32), and five ffn-sized SwiGLU tensors (the
+    fc1 output is two of them). TE's fused layers save less; this is the upper estimate there."""
+    m, p = cfg.model, cfg.parallel
+    tp, act = p.tensor_model_parallel_size, DTYPE_BYTES[cfg.precision.precision]
+    sp = tp if p.sequence_parallel else 1
+    d, nq, h, f = m.head_dim, m.num_attention_heads, m.hidden_size, m.ffn_hidden_size
+    nkv = m.num_query_groups or nq
+    replicated = 6 * h * act
+    attention = (2 * nq * d) * act + nq * 4
+    sharded = (2 * (nq + 2 * nkv) * d + 5 * f) * act + attention
+    perf = cfg.performance
+    if perf.recompute_granularity == "selective":
+        if "core_attn" in perf.recompute_modules:
+            sharded -= attention  # only its inputs stay: the QKV output
+        if "mlp" in perf.recompute_modules:
+            sharded -= 5 * f * act
+            replicated -= h * act
+    return tokens * (replicated // sp + sharded // tp)
+
+
+def _in_flight(cfg, num_microbatches: int) -> float:
+    """Micro-batches whose activations the first pipeline stage holds at once (1F1B), scaled
+    for the interleaved schedule as megatron's report scales it."""
+    p = cfg.parallel
+    pp, vpp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    if pp == 1:
+        return 1.0
+    flight = min(pp, num_microbatches)
+    return flight * (1 + (pp - 1) / (pp * vpp)) if vpp else flight
+
+
+def activation_bytes(cfg, micro_batch_size: int, num_microbatches: int,
+                     recompute: Optional[str] = "configured") -> tuple[int, int]:
+    """(kept, transient) activation bytes of the first pipeline stage: kept for backward over
+    all micro-batches in flight, and, under full recomputation, one recomputed group's
+    activations during its backward (0 otherwise). ``recompute``: "configured"
+    (cfg.performance), None (none) or "full" (every layer, uniform, 1 per group)."""
+    m, p, perf = cfg.model, cfg.parallel, cfg.performance
+    tokens = _rows(cfg, micro_batch_size) * cfg.data.max_seq_length
+    layers = -(-m.num_layers // p.pipeline_model_parallel_size)
+    sp = p.tensor_model_parallel_size if p.sequence_parallel else 1
+    layer_input = tokens * m.hidden_size * DTYPE_BYTES[cfg.precision.precision] // sp
+    if recompute == "configured":
+        mode, method, group = (perf.recompute_granularity, perf.recompute_method,
+                               perf.recompute_num_layers or 1)
+    else:
+        mode, method, group = recompute, "uniform", 1
+    plain = dataclasses.replace(cfg, performance=dataclasses.replace(
+        perf, recompute_granularity=None))
+    whole_layer = layer_activation_bytes(cfg if mode == "selective" else plain, tokens)
+    if mode == "full":
+        if method == "block":
+            stored = min(group, layers) * layer_input + max(layers - group, 0) * whole_layer
+        else:
+            stored = -(-layers // group) * layer_input
+        transient = min(group, layers) * whole_layer  # a recomputed group, again in backward
+    else:
+        stored, transient = layers * whole_layer + layer_input, 0
+    return int(stored * _in_flight(cfg, num_microbatches)), int(transient)
+
+
+def logprob_workspace_bytes(cfg, micro_batch_size: int) -> int:
+    """The last stage's log-prob working set for one micro-batch (see the module docstring)."""
+    m, p, a = cfg.model, cfg.parallel, cfg.alignment
+    tp = p.tensor_model_parallel_size
+    tokens = _rows(cfg, micro_batch_size) * cfg.data.max_seq_length
+    local_vocab = m.padded_vocab_size(tp) // tp
+    act = DTYPE_BYTES[cfg.precision.precision]
+    chunks = WORKSPACE_CHUNKS * min(a.logprob_chunk_size, tokens) * local_vocab * 4
+    if a.logprobs_from == "logits":
+        return tokens * local_vocab * act + chunks
+    hidden = tokens * m.hidden_size * act
+    trained_head = not cfg.peft.enabled
+    return hidden + chunks + (local_vocab * m.hidden_size * 4 if trained_head else 0)
+
+
+def memory_plan(cfg, world_size: int, micro_batch_size: Optional[int] = None) -> MemoryPlan:
+    """The plan for ``cfg`` at ``world_size`` ranks (micro-batch: cfg's unless given)."""
+    mbs = micro_batch_size or cfg.trainer.micro_batch_size
+    dp = cfg.parallel.data_parallel_size(world_size)
+    num_microbatches = max(cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * dp), 1)
+    params, trained = stage_params(cfg)
+    precision = cfg.precision.precision
+    weights = params * DTYPE_BYTES[precision]
+    gradients = trained * 4
+    optimizer = trained * (8 + (0 if precision == "fp32" else 4))
+    if cfg.optim.use_distributed_optimizer:
+        optimizer //= dp
+    activations, rebuilt = activation_bytes(cfg, mbs, num_microbatches)
+    plain = sum(activation_bytes(cfg, mbs, num_microbatches, recompute=None))
+    full = sum(activation_bytes(cfg, mbs, num_microbatches, recompute="full"))
+    workspace = logprob_workspace_bytes(cfg, mbs)
+    plan = MemoryPlan(weights, gradients, optimizer, activations, rebuilt, plain, full,
+                      workspace, trained, params, 0)
+    if micro_batch_size is None:
+        plan.per_micro_batch = memory_plan(cfg, world_size, mbs + 1).total - plan.total
+    return plan
+
+
+def largest_micro_batch(cfg, world_size: int, gpu_bytes: float,
+                        reserve_bytes: float = RESERVE_GIB * GIB, limit: int = 4096) -> int:
+    """The largest micro_batch_size whose plan fits ``gpu_bytes - reserve_bytes`` (0: none)."""
+    budget = gpu_bytes - reserve_bytes
+    best, low, high = 0, 1, limit
+    while low <= high:
+        mid = (low + high) // 2
+        if memory_plan(cfg, world_size, mid).total <= budget:
+            best, low = mid, mid + 1
+        else:
+            high = mid - 1
+    return best
+
+
+def format_plan(cfg, world_size: int, gpu_memory_gib: float) -> str:
+    """The table ``nemo-aot train --plan`` prints."""
+    plan = memory_plan(cfg, world_size)
+    p = cfg.parallel
+    dp = p.data_parallel_size(world_size)
+    fits = largest_micro_batch(cfg, world_size, gpu_memory_gib * GIB)
+    recompute = cfg.performance.recompute_granularity or "off"
+    rows = [
+        ("weights", plan.weights, f"{plan.stage_params:,} parameters on the heaviest stage, "
+                                  f"{cfg.precision.precision}"),
+        ("gradients", plan.gradients, f"fp32 DDP buffer, {plan.trained_params:,} trained"),
+        ("optimizer", plan.optimizer, "Adam moments" + (
+            "" if cfg.precision.precision == "fp32" else " + fp32 main weights") + (
+            f", / {dp} (distributed optimizer)" if cfg.optim.use_distributed_optimizer else "")),
+        ("activations", plan.activations, f"recomputation {recompute}; micro-batch "
+                                          f"{cfg.trainer.micro_batch_size} samples = "
+                                          f"{_rows(cfg, cfg.trainer.micro_batch_size)} x "
+                                          f"{cfg.data.max_seq_length} tokens"),
+        ("  without recompute", plan.activations_no_recompute, ""),
+        ("  full recompute", plan.activations_full_recompute,
+         "every layer's input kept, one layer rebuilt at a time"),
+        ("recompute workspace", plan.recompute_workspace,
+         "one recomputed group, during its backward"),
+        ("log-prob workspace", plan.logprob_workspace,
+         f"last stage, logprobs_from={cfg.alignment.logprobs_from}"),
+        ("total", plan.total, f"static + activations + the larger workspace; + ~{RESERVE_GIB:g} "
+                              "GiB CUDA context / NCCL / fragmentation"),
+    ]
+    lines = [f"memory plan per GPU: TP{p.tensor_model_parallel_size} x "
+             f"PP{p.pipeline_model_parallel_size} x DP{dp} ({world_size} GPUs), "
+             f"{cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
+             f"vocab {cfg.model.vocab_size}"]
+    lines += [f"  {name:<20} {value / GIB:9.2f} GiB  {note}" for name, value, note in rows]
+    lines.append(f"  one more sample per micro-batch adds {plan.per_micro_batch / GIB:.2f} GiB; "
+                 f"largest trainer.micro_batch_size that fits {gpu_memory_gib:g} GiB: "
+                 f"{fits if fits else 'none (change the layout or turn on recomputation)'}")
+    return "\n".join(lines)
