@@ -83,6 +83,8 @@ class Mode:
     dev: int = 200
     positive_fraction: float = 0.25  # unpaired micro-batches: 1 positive per 3 negatives
     reference: Optional[str] = None  # default of --reference ("bundled": the packaged policy)
+    overrides: tuple = ()       # extra KEY=VALUE trainer overrides for every run (e.g.
+    #                             alignment.sft_loss_weight=1.0); part of the plan like the rest
 
     def groups(self) -> dict:
         """{"loss": [Run], "scope": [Run]}; a run in both groups (the same settings) runs once."""
@@ -319,10 +321,15 @@ def _load_plan(out: str):
     return plan, mode, runs
 
 
-def train_overrides(run: Run, mode: Mode, out: str, reference: str, run_dir: str) -> list:
-    kind = "paired" if run.paired else "unpaired"
+def train_overrides(run: Run, mode: Mode, out: str, reference: str, run_dir: str,
+                    paired: Optional[bool] = None) -> list:
+    """The trainer overrides of one run. ``paired`` picks the data set (default: the paired set
+    for every loss but aot_unpaired); aot_unpaired on the paired set sorts the chosen and the
+    rejected answers of the pairs apart, as TRL's ``aot_unpaired`` does."""
+    paired = run.paired if paired is None else paired
+    kind = "paired" if paired else "unpaired"
     data = os.path.join(out, "data")
-    batch = mode.sequences // 2 if run.paired else mode.sequences
+    batch = mode.sequences // 2 if paired else mode.sequences
     return [
         "recipe=demo", f"init_from={reference}", f"data.format=trl_{kind}",
         f"data.train_path={data}/train_{kind}.jsonl",
@@ -343,89 +350,114 @@ def train_overrides(run: Run, mode: Mode, out: str, reference: str, run_dir: str
         "checkpoint.save_interval=0", "checkpoint.keep_last=1", "checkpoint.resume=never",
         f"logging.output_dir={run_dir}", "logging.progress_bar=false",
         "logging.tensorboard=false", "logging.plot_every_validation=false",
+        *mode.overrides,
     ]
 
 
 def train_worker(out: str, names: list) -> None:
+    common.quiet_warnings()
+    plan, mode, runs = _load_plan(out)
+    for name in names:
+        run = runs[name]
+        run_dir = os.path.join(out, "runs", name)
+        train_run(run_dir, train_overrides(run, mode, out, plan["reference"], run_dir),
+                  mode.steps, {"run": dataclasses.asdict(run)})
+
+
+def train_run(run_dir: str, overrides: list, steps: int, meta: dict) -> None:
+    """One training through ``run_training`` into ``run_dir/policy.nemo`` (skipped when that
+    exists; an interrupted attempt is started over), with ``train.json`` beside it."""
     import torch
 
     from nemo_aot.algorithms.config import compose_config
     from nemo_aot.algorithms.run import run_training
 
-    common.quiet_warnings()
-    plan, mode, runs = _load_plan(out)
+    name = os.path.basename(run_dir)
     rank = int(os.environ.get("RANK", "0"))
-    for name in names:
-        run = runs[name]
-        run_dir = os.path.join(out, "runs", name)
-        if os.path.exists(os.path.join(run_dir, "policy.nemo")):
-            continue
-        if rank == 0 and os.path.isdir(run_dir):
-            shutil.rmtree(run_dir)  # an interrupted attempt: start over
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        cfg = compose_config("gpt_aot", train_overrides(run, mode, out, plan["reference"], run_dir))
-        started = time.monotonic()
-        result = run_training(cfg)
-        seconds = time.monotonic() - started
-        if result.stop_reason != "max_steps" or result.final_step != mode.steps:
-            # e.g. SIGTERM: the trainer saved and returned early. Leave no policy behind, so
-            # the next invocation reruns this run from the start.
-            raise SystemExit(f"[train] {name}: stopped at step {result.final_step} "
-                             f"({result.stop_reason}); rerun the study to redo it")
-        if rank == 0:
-            shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
-            shutil.rmtree(os.path.join(run_dir, "reference_cache"), ignore_errors=True)
-            common.write_json(os.path.join(run_dir, "train.json"),
-                              {"seconds": seconds, "steps": result.final_step,
-                               "stop_reason": result.stop_reason, "run": dataclasses.asdict(run)})
-            os.replace(result.nemo_path, os.path.join(run_dir, "policy.nemo"))
-            print(f"[train] {name}: {result.final_step} steps in {seconds:.1f} s", flush=True)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+    if os.path.exists(os.path.join(run_dir, "policy.nemo")):
+        return
+    if rank == 0 and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)  # an interrupted attempt: start over
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    cfg = compose_config("gpt_aot", overrides)
+    started = time.monotonic()
+    result = run_training(cfg)
+    seconds = time.monotonic() - started
+    if result.stop_reason != "max_steps" or result.final_step != steps:
+        # e.g. SIGTERM: the trainer saved and returned early. Leave no policy behind, so
+        # the next invocation reruns this run from the start.
+        raise SystemExit(f"[train] {name}: stopped at step {result.final_step} "
+                         f"({result.stop_reason}); rerun the study to redo it")
+    if rank == 0:
+        shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+        shutil.rmtree(os.path.join(run_dir, "reference_cache"), ignore_errors=True)
+        common.write_json(os.path.join(run_dir, "train.json"),
+                          {"seconds": seconds, "steps": result.final_step,
+                           "stop_reason": result.stop_reason, **meta})
+        os.replace(result.nemo_path, os.path.join(run_dir, "policy.nemo"))
+        print(f"[train] {name}: {result.final_step} steps in {seconds:.1f} s", flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def eval_worker(out: str, names: list) -> None:
-    from nemo_aot.losses.transport import dominance_violation
-
     common.quiet_warnings()
     plan, mode, _ = _load_plan(out)
-    data = os.path.join(out, "data")
-    with open(os.path.join(data, "heldout.json")) as f:
-        heldout = json.load(f)
-    questions = heldout["questions"][:mode.heldout]
-    baseline = heldout["reference_greedy"][:mode.heldout]
-    dev = [q for q, *_ in common.task_splits()["dev"][:mode.dev]]
-    pairs = common.read_jsonl(os.path.join(data, "heldout_paired.jsonl"))
-    pair_q = [p["prompt"][0]["content"] for p in pairs]
-    chosen = [p["chosen"][0]["content"] for p in pairs]
-    rejected = [p["rejected"][0]["content"] for p in pairs]
-    reference = common.HFPolicy.from_nemo(plan["reference"])
-    ref_c = reference.sequence_logps(pair_q, chosen)
-    ref_r = reference.sequence_logps(pair_q, rejected)
+    evaluator = Evaluator(os.path.join(out, "data"), plan["reference"], mode.heldout, mode.dev)
     for name in names:
+        policy = evaluator.reference if name == "reference" else common.HFPolicy.from_nemo(
+            os.path.join(out, "runs", name, "policy.nemo"))
+        evaluator.write(os.path.join(out, "runs", name, "eval.json"), name, policy)
+
+
+class Evaluator:
+    """The study's held-out evaluation of a policy (``common.HFPolicy``) against the reference:
+    greedy accuracy (held-out, dev), win rate vs the reference's greedy answers, and the rewards
+    of the held-out preference pairs (FSD violation, reward accuracy)."""
+
+    def __init__(self, data: str, reference: str, heldout: int, dev: int):
+        with open(os.path.join(data, "heldout.json")) as f:
+            stored = json.load(f)
+        self.questions = stored["questions"][:heldout]
+        self.baseline = stored["reference_greedy"][:heldout]
+        self.dev = [q for q, *_ in common.task_splits()["dev"][:dev]]
+        pairs = common.read_jsonl(os.path.join(data, "heldout_paired.jsonl"))
+        self.pair_q = [p["prompt"][0]["content"] for p in pairs]
+        self.chosen = [p["chosen"][0]["content"] for p in pairs]
+        self.rejected = [p["rejected"][0]["content"] for p in pairs]
+        self.reference = common.HFPolicy.from_nemo(reference)
+        self.ref_c = self.reference.sequence_logps(self.pair_q, self.chosen)
+        self.ref_r = self.reference.sequence_logps(self.pair_q, self.rejected)
+
+    def record(self, name: str, policy) -> dict:
+        from nemo_aot.losses.transport import dominance_violation
+
         started = time.monotonic()
-        path = plan["reference"] if name == "reference" else os.path.join(
-            out, "runs", name, "policy.nemo")
-        policy = reference if name == "reference" else common.HFPolicy.from_nemo(path)
-        accuracy, answers = common.greedy_accuracy(policy, questions)
-        dev_accuracy, _ = common.greedy_accuracy(policy, dev)
-        wins = [common.win_score(q, a, b) for q, a, b in zip(questions, answers, baseline)]
-        rc = policy.sequence_logps(pair_q, chosen) - ref_c
-        rr = policy.sequence_logps(pair_q, rejected) - ref_r
-        record = {
+        accuracy, answers = common.greedy_accuracy(policy, self.questions)
+        dev_accuracy, _ = common.greedy_accuracy(policy, self.dev)
+        wins = [common.win_score(q, a, b) for q, a, b in zip(self.questions, answers,
+                                                              self.baseline)]
+        rc = policy.sequence_logps(self.pair_q, self.chosen) - self.ref_c
+        rr = policy.sequence_logps(self.pair_q, self.rejected) - self.ref_r
+        pairs = len(self.pair_q)
+        return {
             "name": name, "heldout_accuracy": accuracy, "dev_accuracy": dev_accuracy,
             "win_rate": sum(wins) / len(wins),
-            "fsd_violation": float(dominance_violation(rc, rr)) if len(pairs) else None,
+            "fsd_violation": float(dominance_violation(rc, rr)) if pairs else None,
             # ties count half: the reference itself (all rewards 0) scores 0.5
             "reward_accuracy": float((rc > rr).double().mean() + 0.5 * (rc == rr).double().mean())
-            if len(pairs) else None,
-            "reward_margin": float((rc - rr).mean()) if len(pairs) else None,
+            if pairs else None,
+            "reward_margin": float((rc - rr).mean()) if pairs else None,
             "rewards_chosen": rc.tolist(), "rewards_rejected": rr.tolist(),
             "heldout_answers": answers, "seconds": time.monotonic() - started}
-        common.write_json(os.path.join(out, "runs", name, "eval.json"), record)
-        print(f"[eval] {name}: held-out accuracy {accuracy:.3f}, win rate "
+
+    def write(self, path: str, name: str, policy) -> dict:
+        record = self.record(name, policy)
+        common.write_json(path, record)
+        print(f"[eval] {name}: held-out accuracy {record['heldout_accuracy']:.3f}, win rate "
               f"{record['win_rate']:.3f}, fsd violation {record['fsd_violation']}", flush=True)
+        return record
 
 
 # ----------------------------------------------------------------------------- entry
