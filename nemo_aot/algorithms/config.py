@@ -363,6 +363,12 @@ def _check_sequences(cfg: AOTConfig) -> None:
     if p.pipeline_model_parallel_size > 1 and not data.uniform_step_length:
         raise ValueError("data.uniform_step_length must be true with pipeline parallelism (stages "
                          "exchange activations of one fixed shape per step)")
+    if data.pack_sequences and (cfg.precision.transformer_impl != "local"
+                                or cfg.model.attention_backend != "sdpa"):
+        raise ValueError("data.pack_sequences needs precision.transformer_impl=local and "
+                         "model.attention_backend=sdpa (the per-document attention mask goes "
+                         "through SDPA; TransformerEngine's THD packing is not wired up yet); "
+                         "set data.pack_sequences=false for this model")
 
 
 def _check_objective(cfg: AOTConfig, dp: Optional[int]) -> None:

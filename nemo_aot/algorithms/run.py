@@ -40,6 +40,7 @@ from nemo_aot.algorithms.trainer import (
     total_steps,
 )
 from nemo_aot.data import load_preference_data, load_tokenizer, make_batches
+from nemo_aot.data.collate import slot_efficiency
 from nemo_aot.data.config import resolve_path
 from nemo_aot.distributed.parallel import initialize_model_parallel
 from nemo_aot.distributed.ranks import StopRequested, rank, stop_point
@@ -152,7 +153,14 @@ def build_data(cfg, scratch: str, dp_rank: int, dp_size: int) -> RunData:
         return make_batches(data, cfg.data, t.global_batch_size, t.micro_batch_size,
                             dp_rank, dp_size, train=train_order)
 
-    return RunData(tokenizer, tokenizer_dir, train, val, batches(train, True),
+    train_batches = batches(train, True)
+    if rank() == 0:
+        share = slot_efficiency(train, train_batches.sampler.epoch_steps(0),
+                                cfg.data.max_seq_length, cfg.data.pad_to_multiple_of)
+        logger.info("train split: real tokens per token slot, epoch 0 on this rank: padded %.1f%%, "
+                    "packed %.1f%% (data.pack_sequences=%s)", 100 * share["padded"],
+                    100 * share["packed"], str(cfg.data.pack_sequences).lower())
+    return RunData(tokenizer, tokenizer_dir, train, val, train_batches,
                    batches(val, False) if val is not None else [],
                    batches(train, False))
 

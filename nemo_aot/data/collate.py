@@ -22,6 +22,14 @@ A micro-batch dict (B rows, L = padded length):
   reward         float32 [B]     per-response reward from the data (nemo_dpo), NaN when absent
 Row order: paired = all chosen rows, then all rejected rows (same pair order); unpaired = the
 positives, then the negatives.
+
+Packed micro-batches (``data.pack_sequences``): the per-row vectors above stay one entry per
+sequence ("document", D of them, same order), while the token tensors hold R <= D packed rows:
+each row concatenates whole documents (first-fit decreasing up to ``max_seq_length`` tokens)
+and one more tensor says which document each token belongs to:
+  doc_ids        int64   [R, L]  the document (0..D-1) of each token, -1 for padding
+position_ids restart at 0 in every document, labels and loss_mask never cross a document's end,
+and attention is causal within a document only (``document_attention_mask``).
 """
 
 from __future__ import annotations
@@ -107,11 +115,105 @@ def collate_micro_batch(data, indices: MicroBatchIndices, pad_to_multiple_of: in
     }
 
 
+def pack_documents(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: document indices into rows of at most ``capacity`` tokens (a
+    longer document gets a row of its own); within a row, documents keep their order."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return [sorted(r) for r in rows]
+
+
+def _packed_layout(data, indices: MicroBatchIndices, capacity: int):
+    rows = _rows(data, indices)
+    lengths = [_length(ex, slot) for ex, slot, *_ in rows]
+    return rows, lengths, pack_documents(lengths, capacity)
+
+
+def packed_shape(data, indices: MicroBatchIndices, capacity: int) -> tuple[int, int]:
+    """(packed rows, longest packed row) of a micro-batch."""
+    _, lengths, packing = _packed_layout(data, indices, capacity)
+    return len(packing), max(sum(lengths[i] for i in row) for row in packing)
+
+
+def collate_packed_micro_batch(data, indices: MicroBatchIndices, capacity: int,
+                               pad_to_multiple_of: int = 1, length: Optional[int] = None,
+                               num_rows: Optional[int] = None) -> dict:
+    """One micro-batch with its sequences packed into rows of at most ``capacity`` tokens (see
+    the module docstring); ``length``/``num_rows`` pad it to a step-wide shape."""
+    batch = collate_micro_batch(data, indices)  # the per-document vectors and token rows
+    _, lengths, packing = _packed_layout(data, indices, capacity)
+    longest = max(sum(lengths[i] for i in row) for row in packing)
+    target = longest if length is None else length
+    assert target >= longest, f"requested length {length} is shorter than the longest row {longest}"
+    width = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+    count = len(packing) if num_rows is None else num_rows
+    assert count >= len(packing), f"{num_rows} rows cannot hold {len(packing)} packed rows"
+    out = {"input_ids": torch.full((count, width), data.pad_id, dtype=torch.int64),
+           "labels": torch.full((count, width), data.pad_id, dtype=torch.int64),
+           "loss_mask": torch.zeros(count, width, dtype=torch.float32),
+           "position_ids": torch.zeros(count, width, dtype=torch.int64),
+           "doc_ids": torch.full((count, width), -1, dtype=torch.int64)}
+    for r, row in enumerate(packing):
+        start = 0
+        for doc in row:
+            n = lengths[doc]
+            span = slice(start, start + n)
+            for key in ("input_ids", "labels", "loss_mask"):
+                out[key][r, span] = batch[key][doc, :n]
+            out["position_ids"][r, span] = torch.arange(n)
+            out["doc_ids"][r, span] = doc
+            start += n
+    batch.update(out)
+    return batch
+
+
 def collate_step(data, step: Sequence[MicroBatchIndices], pad_to_multiple_of: int = 1,
-                 uniform_length: bool = False) -> list[dict]:
-    """Collate one step's micro-batches; ``uniform_length`` pads them all to the step's longest."""
-    length = max(micro_batch_length(data, m) for m in step) if uniform_length else None
-    return [collate_micro_batch(data, m, pad_to_multiple_of, length) for m in step]
+                 uniform_length: bool = False, pack_capacity: Optional[int] = None) -> list[dict]:
+    """Collate one step's micro-batches; ``uniform_length`` pads them all to the step's longest
+    (packed: and to the step's largest row count); ``pack_capacity`` packs them."""
+    if pack_capacity is None:
+        length = max(micro_batch_length(data, m) for m in step) if uniform_length else None
+        return [collate_micro_batch(data, m, pad_to_multiple_of, length) for m in step]
+    length = num_rows = None
+    if uniform_length:
+        shapes = [packed_shape(data, m, pack_capacity) for m in step]
+        num_rows, length = max(r for r, _ in shapes), max(w for _, w in shapes)
+    return [collate_packed_micro_batch(data, m, pack_capacity, pad_to_multiple_of, length,
+                                       num_rows) for m in step]
+
+
+def slot_efficiency(data, steps, capacity: int, pad_to_multiple_of: int = 1) -> dict:
+    """Share of the token slots that hold real tokens over ``steps`` (lists of micro-batch
+    indices), padded (every sequence to its micro-batch's longest) and packed (rows of up to
+    ``capacity``), each micro-batch rounded up to ``pad_to_multiple_of``; from lengths alone."""
+    def rounded(n):
+        return -(-n // pad_to_multiple_of) * pad_to_multiple_of
+
+    real = padded = packed = 0
+    for step in steps:
+        for indices in step:
+            rows, lengths, packing = _packed_layout(data, indices, capacity)
+            real += sum(n for n, (ex, *_) in zip(lengths, rows) if ex is not None)
+            padded += len(lengths) * rounded(max(lengths))
+            packed += len(packing) * rounded(max(sum(lengths[i] for i in r) for r in packing))
+    return {"padded": real / max(padded, 1), "packed": real / max(packed, 1)}
+
+
+def token_slots(micro_batches: Sequence[dict]) -> tuple[int, int]:
+    """(real tokens, token slots) of collated micro-batches: real / slots is the share of the
+    computed positions that hold data (padding and filler rows are the rest)."""
+    real = sum(int(mb["seq_lengths"][mb["sample_weight"] > 0].sum()) for mb in micro_batches)
+    return real, sum(int(mb["input_ids"].numel()) for mb in micro_batches)
 
 
 class PreferenceBatches:
@@ -119,13 +221,15 @@ class PreferenceBatches:
     state."""
 
     def __init__(self, data, sampler, pad_to_multiple_of: int = 1,
-                 uniform_step_length: bool = False):
+                 uniform_step_length: bool = False, pack_capacity: Optional[int] = None):
         self.data, self.sampler = data, sampler
         self.pad_to_multiple_of, self.uniform_step_length = pad_to_multiple_of, uniform_step_length
+        self.pack_capacity = pack_capacity
 
     def __iter__(self):
         for step in self.sampler:
-            yield collate_step(self.data, step, self.pad_to_multiple_of, self.uniform_step_length)
+            yield collate_step(self.data, step, self.pad_to_multiple_of, self.uniform_step_length,
+                               self.pack_capacity)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -143,4 +247,5 @@ def make_batches(data, config, global_batch_size: int, micro_batch_size: int, dp
     sampler = make_batch_sampler(data, global_batch_size, micro_batch_size, dp_rank, dp_size,
                                  train=train, seed=config.seed, shuffle=config.shuffle,
                                  positive_fraction=config.unpaired_positive_fraction)
-    return PreferenceBatches(data, sampler, config.pad_to_multiple_of, config.uniform_step_length)
+    return PreferenceBatches(data, sampler, config.pad_to_multiple_of, config.uniform_step_length,
+                             config.max_seq_length if config.pack_sequences else None)

@@ -103,6 +103,12 @@ class DataConfig:
     """Pad all micro-batches of one step (on one rank) to the same length; needed by pipeline
     parallelism unless the model accepts variable sequence lengths."""
 
+    pack_sequences: bool = False
+    """Pack each micro-batch's sequences into rows of up to max_seq_length tokens (first-fit
+    decreasing), attention causal within each sequence, instead of padding every sequence to the
+    micro-batch's longest: the same log-probs, sort groups and loss with fewer padded positions.
+    Local layer spec with SDPA attention only (nemo_aot/data/collate.py)."""
+
     seed: int = 1234
     """Seed of the per-epoch shuffles (the same seed and epoch give the same order)."""
 

@@ -94,6 +94,10 @@ class TrainBatchSampler:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
+    def epoch_steps(self, epoch: int = 0) -> Iterator[list[MicroBatchIndices]]:
+        """Every step of ``epoch`` without moving the sampler (for statistics)."""
+        return (self._step(epoch, step) for step in range(self.steps_per_epoch))
+
     def _step(self, epoch: int, step: int) -> list[MicroBatchIndices]:
         orders = self._epoch_orders(epoch)
         slices = [order[step * q:(step + 1) * q] for order, q in zip(orders, self.layout.per_step)]

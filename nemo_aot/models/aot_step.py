@@ -62,7 +62,9 @@ from nemo_aot.losses import (
 )
 from nemo_aot.losses.config import AlignmentConfig
 from nemo_aot.models.gpt import emit_hidden_states, output_weight
+from nemo_aot.models.layer_specs import document_attention_mask
 from nemo_aot.models.logprobs import (
+    document_sums,
     hidden_state_logprobs,
     sequence_logprobs,
     tp_vocab_range,
@@ -100,6 +102,13 @@ def side_rows(mb: MicroBatch, paired: bool) -> tuple[torch.Tensor, torch.Tensor]
         return keep, keep + half
     label = mb["label"].cpu()
     return torch.nonzero(label & real).flatten(), torch.nonzero(~label & real).flatten()
+
+
+def response_tokens(mb: MicroBatch) -> torch.Tensor:
+    """Response tokens per sequence, on the host (packed rows: per document)."""
+    mask = mb["loss_mask"].cpu()  # host tensors in training: no copy
+    doc_ids = mb.get("doc_ids")
+    return document_sums(mask, None if doc_ids is None else doc_ids.cpu(), mb["label"].shape[0])
 
 
 def split_sides(mb: MicroBatch, values: torch.Tensor, paired: bool):
@@ -156,9 +165,10 @@ class AOTStep:
         else:
             out = vocab_parallel_logprobs(output, mb["labels"], **kwargs)
         token_logps, mean_logits = out if with_logits else (out, None)
-        logps, counts = sequence_logprobs(token_logps, mb["loss_mask"])
+        docs = dict(doc_ids=mb.get("doc_ids"), num_docs=mb["label"].shape[0])
+        logps, counts = sequence_logprobs(token_logps, mb["loss_mask"], **docs)
         logit_sums = None if mean_logits is None else \
-            (mean_logits * mb["loss_mask"].to(mean_logits.dtype)).sum(-1)
+            document_sums(mean_logits * mb["loss_mask"].to(mean_logits.dtype), **docs)
         return logps, counts, logit_sums
 
     def _loss_logps(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -217,8 +227,9 @@ class AOTStep:
             index, mb = next(data_iterator)
             mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                   for k, v in mb.items()}
+            mask = document_attention_mask(mb["doc_ids"]) if "doc_ids" in mb else None
             with emit_hidden_states(model, on=self.from_hidden):
-                output = model(mb["input_ids"], mb["position_ids"], None)
+                output = model(mb["input_ids"], mb["position_ids"], mask)
             return output, lambda logits: loss_for(index, mb, logits)
 
         def iterator():
@@ -268,7 +279,7 @@ class AOTStep:
         local = [int(mb[k].numel()) for mb in micro_batches for k in ROW_KEYS] \
             if gather_rows else []
         if self.sft_weight:  # loss masks are host tensors in training: no copy
-            local.append(sum(int(mb["loss_mask"].cpu().index_select(0, mb[ROW_KEYS[0]]).sum())
+            local.append(sum(int(response_tokens(mb).index_select(0, mb[ROW_KEYS[0]]).sum())
                              for mb in micro_batches))
         every = exchange_row_counts(local, parallel_state.get_data_parallel_group()) \
             if dp > 1 else [local]

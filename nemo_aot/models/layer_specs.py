@@ -81,6 +81,17 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
+def document_attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """The attention mask of packed rows, megatron's convention (True = masked out), bool
+    [rows, 1, L, L]: a token attends to the tokens of its own document at or before it. Padding
+    (-1) attends to the padding before it, so no softmax row is empty (no NaN); its outputs are
+    never read."""
+    same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
+    length = doc_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=doc_ids.device).tril()
+    return ~(same & causal).unsqueeze(1)
+
+
 def _maybe_fork_rng(active: bool):
     import contextlib
 

@@ -226,12 +226,24 @@ def tp_vocab_range(padded_vocab: int) -> tuple[int, Optional[dist.ProcessGroup]]
     return rank * (padded_vocab // tp), group
 
 
+def document_sums(values: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
+                  num_docs: Optional[int] = None) -> torch.Tensor:
+    """Per-sequence sums of a [rows, positions] tensor: over each row, or, for packed rows,
+    over each document's positions (``doc_ids``: document per position, -1 for padding)."""
+    if doc_ids is None:
+        return values.sum(-1)
+    slot = torch.where(doc_ids >= 0, doc_ids, num_docs).flatten()  # padding -> a spare slot
+    return values.new_zeros(num_docs + 1).index_add(0, slot, values.flatten())[:num_docs]
+
+
 def sequence_logprobs(token_logps: torch.Tensor, loss_mask: torch.Tensor,
-                      length_normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked sum (or mean) of per-token log-probs per row -> ([b] log-probs, [b] token counts)."""
+                      length_normalize: bool = False, doc_ids: Optional[torch.Tensor] = None,
+                      num_docs: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked sum (or mean) of per-token log-probs per sequence -> ([n] log-probs, [n] token
+    counts); n = rows, or ``num_docs`` for packed rows (``document_sums``)."""
     mask = loss_mask.to(token_logps.dtype)
-    total = (token_logps * mask).sum(-1)
-    count = mask.sum(-1)
+    total = document_sums(token_logps * mask, doc_ids, num_docs)
+    count = document_sums(mask, doc_ids, num_docs)
     if length_normalize:
         total = total / count.clamp(min=1)
     return total, count

@@ -69,3 +69,20 @@ def test_bench_tiny_smoke(tmp_path):
     assert result["loss_check"]["against"] == "hf"
     assert max(result["loss_check"]["after_first_update"].values()) < 1e-4
     assert max(diffs.values()) < 1e-4, diffs
+
+
+def test_packing_bench_smoke(tmp_path):
+    """python -m benchmarks.packing (README's command, scaled down): runs, both variants train
+    the same trajectory, and packing fills more of the token slots."""
+    out = tmp_path / "packing.json"
+    cmd = [sys.executable, "-W", "ignore", "-m", "benchmarks.packing", "--steps", "1",
+           "--pairs", "4", "--seq", "1024", "--out", str(out)]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["max_loss_difference"] < 1e-4
+    share = result["real_tokens_per_slot"]
+    assert share["packed"] > share["padded"]
+    assert result["slots_per_step"]["packed"] < result["slots_per_step"]["padded"]
+    assert all(v > 0 for v in result["real_tokens_per_s"].values())
