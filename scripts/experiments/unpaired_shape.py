@@ -19,6 +19,9 @@ distinct judged answer, about 1 positive per 4 negatives). From those samples:
   only negatives or only positives give no pair: their samples are what pairing loses.
 * ``dpo`` on *one pair per prompt*: the study's paired set (``train_paired.jsonl``: a random
   positive against a random negative of each prompt that has both), for reference.
+* ``aot_unpaired`` as above but sorting 4 answers at a time (8 micro-batches of 4 per step;
+  ``sort_scope=micro``), the sort size that did best in the study's sort-batch sweep. At 4 the
+  data's share of positives rounds to 1 positive per 3 negatives.
 
 Equal compute: every run forwards the same number of sequences per step (``sequences``: 32 =
 32 single answers or 16 pairs) for the same number of steps, with the study's optimizer and
@@ -39,7 +42,7 @@ from . import common, report, run_study
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    label: str          # aot_unpaired-natural, dpo-allpairs, dpo-onepair
+    label: str          # a key of CELLS
     beta: float
     seed: int
 
@@ -52,10 +55,11 @@ class Cell:
         return self.label.split("-")[0]
 
 
-# label -> (training file under data/, paired)
-CELLS = {"aot_unpaired-natural": ("train_unpaired.jsonl", False),
-         "dpo-allpairs": ("train_allpairs.jsonl", True),
-         "dpo-onepair": ("train_paired.jsonl", True)}
+# label -> (training file under data/, paired, sequences per sort: None = the whole step)
+CELLS = {"aot_unpaired-natural": ("train_unpaired.jsonl", False, None),
+         "aot_unpaired-natural-sort4": ("train_unpaired.jsonl", False, 4),
+         "dpo-allpairs": ("train_allpairs.jsonl", True, None),
+         "dpo-onepair": ("train_paired.jsonl", True, None)}
 
 
 @dataclasses.dataclass
@@ -190,11 +194,11 @@ def _load(out: str):
 
 def overrides(cell: Cell, mode: Mode, out: str, reference: str, run_dir: str) -> list:
     """run_study's overrides of the cell's loss, with its own training file and micro-batch
-    (one micro-batch per step: the whole step is one sort for aot_unpaired) and, for unpaired
-    data, the data's own share of positives."""
-    train_file, paired = CELLS[cell.label]
+    (one micro-batch per step, so the whole step is one sort, unless the cell sorts fewer
+    sequences) and, for unpaired data, the data's own share of positives."""
+    train_file, paired, sort = CELLS[cell.label]
     per_step = mode.sequences // 2 if paired else mode.sequences
-    run = run_study.Run(cell.loss_type, cell.beta, "micro", per_step, 1, cell.seed)
+    run = run_study.Run(cell.loss_type, cell.beta, "micro", sort or per_step, 1, cell.seed)
     base = run_study.train_overrides(run, mode.study_mode(), out, reference, run_dir,
                                      paired=paired)
     mine = {"data.train_path": os.path.join(out, "data", train_file),
@@ -257,7 +261,8 @@ def write_report(out: str, mode: Mode, runs: list, timings: dict) -> dict:
              f"(every negative of those prompts once, {shape['positives_in_pairs']} positives) "
              f"or {shape['one_pair_per_prompt']} with one pair per prompt.", "",
              f"Every run: {mode.steps} steps of {mode.sequences} sequences (aot_unpaired: "
-             f"{mode.sequences} answers; dpo: {mode.sequences // 2} pairs), one sort per step.",
+             f"{mode.sequences} answers; dpo: {mode.sequences // 2} pairs), one sort per step "
+             "(sort4: 4 answers per sort).",
              "", "| cell | beta | " + " | ".join(t for _, t in COLUMNS) + " | train s | seeds |",
              "|---" * (len(COLUMNS) + 4) + "|",
              f"| reference | - | {ref['heldout_accuracy']:.3f} | {ref['win_rate']:.3f} | - | "

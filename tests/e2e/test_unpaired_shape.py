@@ -1,7 +1,8 @@
 """Smoke test of the unpaired-shape study (python -m scripts.experiments.unpaired_shape --mode
 smoke): from the packaged reference, preference data, the formable pairs, aot_unpaired on the
-unpaired set at its own share of positives and dpo on all formable pairs and on one pair per
-prompt (4 steps each), the study's evaluation and the report. Numbers are not asserted."""
+unpaired set at its own share of positives (one sort per step, and 4 answers per sort), dpo on
+all formable pairs and on one pair per prompt (4 steps each), the study's evaluation and the
+report. Numbers are not asserted."""
 
 import json
 import subprocess
@@ -21,8 +22,8 @@ def test_unpaired_shape_smoke(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     results = json.loads((out / "results.json").read_text())
-    assert {r["label"] for r in results["rows"]} == {"aot_unpaired-natural", "dpo-allpairs",
-                                                     "dpo-onepair"}
+    assert {r["label"] for r in results["rows"]} == {
+        "aot_unpaired-natural", "aot_unpaired-natural-sort4", "dpo-allpairs", "dpo-onepair"}
     shape = results["shape"]
     # every negative of a prompt with a positive enters exactly one pair
     assert shape["pairs"] == shape["negatives_in_pairs"] >= shape["one_pair_per_prompt"]
