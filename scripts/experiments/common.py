@@ -10,6 +10,7 @@ distinct expressions, and no expression appears in two splits.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -239,3 +240,24 @@ def quiet_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|TransformerEngine).*")
     warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def comparison_main(doc: str, modes, train_worker, eval_worker, orchestrate, argv=None) -> int:
+    """The command line of a comparison built on the study's stages (trl_crosscheck,
+    unpaired_shape): ``--mode``, ``--out``, ``--reference``, ``--jobs``; worker processes come
+    back through ``--worker train|eval NAMES``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--mode", choices=sorted(modes), default="quick")
+    parser.add_argument("--out", required=True, help="output folder (resumable)")
+    parser.add_argument("--reference", default=None,
+                        help="a reference .nemo, or 'bundled'; default: SFT one (run_study's "
+                             "stage 1)")
+    parser.add_argument("--jobs", type=int, default=2, help="concurrent worker processes")
+    parser.add_argument("--worker", choices=("train", "eval"), help=argparse.SUPPRESS)
+    parser.add_argument("names", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        {"train": train_worker, "eval": eval_worker}[args.worker](os.path.abspath(args.out),
+                                                                  args.names)
+        return 0
+    return orchestrate(args)

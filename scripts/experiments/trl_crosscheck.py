@@ -32,7 +32,6 @@ each run pair and ``results.md`` compare them.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -309,21 +308,7 @@ def mean_std(values: list) -> tuple:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=sorted(MODES), default="quick")
-    parser.add_argument("--out", required=True, help="output folder (resumable)")
-    parser.add_argument("--reference", default=None,
-                        help="a reference .nemo, or 'bundled'; default: SFT one (run_study's "
-                             "stage 1)")
-    parser.add_argument("--jobs", type=int, default=2, help="concurrent worker processes")
-    parser.add_argument("--worker", choices=("train", "eval"), help=argparse.SUPPRESS)
-    parser.add_argument("names", nargs="*", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        {"train": train_worker, "eval": eval_worker}[args.worker](os.path.abspath(args.out),
-                                                                  args.names)
-        return 0
-    return orchestrate(args)
+    return common.comparison_main(__doc__, MODES, train_worker, eval_worker, orchestrate, argv)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ rest are ``run_study``'s (its ``train_overrides``, ``train_run`` and ``Evaluator
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -285,21 +284,7 @@ def write_report(out: str, mode: Mode, runs: list, timings: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=sorted(MODES), default="quick")
-    parser.add_argument("--out", required=True, help="output folder (resumable)")
-    parser.add_argument("--reference", default=None,
-                        help="a reference .nemo, or 'bundled'; default: SFT one (run_study's "
-                             "stage 1)")
-    parser.add_argument("--jobs", type=int, default=2, help="concurrent worker processes")
-    parser.add_argument("--worker", choices=("train", "eval"), help=argparse.SUPPRESS)
-    parser.add_argument("names", nargs="*", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        {"train": train_worker, "eval": eval_worker}[args.worker](os.path.abspath(args.out),
-                                                                  args.names)
-        return 0
-    return orchestrate(args)
+    return common.comparison_main(__doc__, MODES, train_worker, eval_worker, orchestrate, argv)
 
 
 if __name__ == "__main__":
