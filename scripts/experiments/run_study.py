@@ -230,7 +230,7 @@ def orchestrate(args) -> int:
     if os.path.exists(timings_path):
         with open(timings_path) as f:
             timings = json.load(f)
-    reference = _reference_path(args, out)
+    reference = reference_path(args.reference or MODES[args.mode].reference, out)
 
     def make_reference():
         if not os.path.exists(reference):
@@ -296,8 +296,51 @@ def _write_plan(out: str, mode_name: str, mode, reference: str, runs: list, grou
     common.write_json(path, plan)
 
 
-def _reference_path(args, out: str) -> str:
-    choice = args.reference or MODES[args.mode].reference
+def comparison_stages(module: str, args, out: str, reference: str, mode, runs: list,
+                      trained: str, report, more_data=None) -> None:
+    """The stages of a comparison built on this study's machinery (trl_crosscheck,
+    unpaired_shape), each skipped when its outputs exist: the reference (SFT'd when missing), the
+    preference data (build_preferences, then ``more_data(data_dir)``), ``module``'s train and
+    eval workers (a run counts as trained once ``runs/<name>/<trained>`` exists), then
+    ``report(out, mode, runs, timings)``."""
+    logs, data = os.path.join(out, "logs"), os.path.join(out, "data")
+    timings: dict = {}
+
+    def make_reference():
+        if not os.path.exists(reference):
+            _run_all([_python("sft_reference", ["--out", os.path.dirname(reference)])], logs,
+                     "reference")
+
+    def make_data():
+        if not os.path.exists(os.path.join(data, "summary.json")):
+            _run_all([_python("build_preferences", ["--reference", reference, "--out", data,
+                                                    *mode.data])], logs, "data")
+        if more_data is not None:
+            more_data(data)
+
+    def workers(kind: str, names: list):
+        if names:
+            _run_all([_python(module, ["--worker", kind, "--out", out, *part])
+                      for part in _split(names, args.jobs)], logs, kind)
+
+    def train():
+        workers("train", [r.name for r in runs
+                          if not os.path.exists(os.path.join(out, "runs", r.name, trained))])
+
+    def evaluate():
+        workers("eval", [n for n in ["reference"] + [r.name for r in runs]
+                         if not os.path.exists(os.path.join(out, "runs", n, "eval.json"))])
+
+    for name, fn in (("reference", make_reference), ("data", make_data), ("train", train),
+                     ("eval", evaluate)):
+        _stage(name, timings, fn)
+    _stage("report", timings, lambda: report(out, mode, runs, timings))
+    print(f"[{module}] results: {os.path.join(out, 'results.md')}")
+
+
+def reference_path(choice, out: str) -> str:
+    """The reference .nemo a study starts from: --reference (or the mode's), 'bundled' for the
+    packaged tiny SFT policy, else the one stage 1 SFTs into ``out``."""
     if choice == "bundled":
         if not os.path.exists(BUNDLED_REFERENCE):
             raise SystemExit(f"--reference bundled: {BUNDLED_REFERENCE} does not exist; run "

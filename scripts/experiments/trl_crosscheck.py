@@ -104,51 +104,17 @@ MODES = {
 
 
 def orchestrate(args) -> int:
+    from .trl_report import write_report
+
     mode = MODES[args.mode]
     out = os.path.abspath(args.out)
-    logs = os.path.join(out, "logs")
-    choice = args.reference or mode.reference
-    reference = (run_study.BUNDLED_REFERENCE if choice == "bundled" else os.path.abspath(choice)
-                 if choice else os.path.join(out, "reference", "reference.nemo"))
+    reference = run_study.reference_path(args.reference or mode.reference, out)
     os.makedirs(out, exist_ok=True)
     common.write_json(os.path.join(out, "plan.json"),
                       {"mode": args.mode, "reference": reference,
                        "mode_config": dataclasses.asdict(mode)})
-    timings: dict = {}
-    runs = mode.runs()
-
-    def make_reference():
-        if not os.path.exists(reference):
-            run_study._run_all([run_study._python("sft_reference",
-                                                  ["--out", os.path.dirname(reference)])],
-                               logs, "reference")
-
-    def make_data():
-        if not os.path.exists(os.path.join(out, "data", "summary.json")):
-            run_study._run_all([run_study._python(
-                "build_preferences", ["--reference", reference, "--out",
-                                      os.path.join(out, "data"), *mode.data])], logs, "data")
-
-    def workers(kind: str, names: list):
-        if names:
-            run_study._run_all([run_study._python("trl_crosscheck", ["--worker", kind, "--out",
-                                                                     out, *part])
-                                for part in run_study._split(names, args.jobs)], logs, kind)
-
-    def train():
-        workers("train", [r.name for r in runs if not os.path.exists(_done(out, r.name))])
-
-    def evaluate():
-        workers("eval", [n for n in ["reference"] + [r.name for r in runs]
-                         if not os.path.exists(os.path.join(out, "runs", n, "eval.json"))])
-
-    for name, fn in (("reference", make_reference), ("data", make_data), ("train", train),
-                     ("eval", evaluate)):
-        run_study._stage(name, timings, fn)
-    from .trl_report import write_report
-
-    run_study._stage("report", timings, lambda: write_report(out, mode, runs, timings))
-    print(f"[trl_crosscheck] results: {os.path.join(out, 'results.md')}")
+    run_study.comparison_stages("trl_crosscheck", args, out, reference, mode, mode.runs(),
+                                "steps.json", write_report)
     return 0
 
 

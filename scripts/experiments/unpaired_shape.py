@@ -124,11 +124,7 @@ def all_pairs(unpaired: list) -> tuple:
 def orchestrate(args) -> int:
     mode = MODES[args.mode]
     out = os.path.abspath(args.out)
-    logs = os.path.join(out, "logs")
-    data = os.path.join(out, "data")
-    choice = args.reference or mode.reference
-    reference = (run_study.BUNDLED_REFERENCE if choice == "bundled" else os.path.abspath(choice)
-                 if choice else os.path.join(out, "reference", "reference.nemo"))
+    reference = run_study.reference_path(args.reference or mode.reference, out)
     os.makedirs(out, exist_ok=True)
     plan = {"mode": args.mode, "reference": reference, "mode_config": dataclasses.asdict(mode)}
     plan_path = os.path.join(out, "plan.json")
@@ -137,48 +133,20 @@ def orchestrate(args) -> int:
             if json.load(f) != json.loads(json.dumps(plan)):
                 raise SystemExit(f"{out} holds runs of another configuration; use a new --out")
     common.write_json(plan_path, plan)
-    timings: dict = {}
-    runs = mode.runs()
-
-    def make_reference():
-        if not os.path.exists(reference):
-            run_study._run_all([run_study._python("sft_reference",
-                                                  ["--out", os.path.dirname(reference)])],
-                               logs, "reference")
-
-    def make_data():
-        if not os.path.exists(os.path.join(data, "summary.json")):
-            run_study._run_all([run_study._python(
-                "build_preferences", ["--reference", reference, "--out", data, *mode.data])],
-                logs, "data")
-        if not os.path.exists(os.path.join(data, "train_allpairs.jsonl")):
-            records, counts = all_pairs(common.read_jsonl(
-                os.path.join(data, "train_unpaired.jsonl")))
-            common.write_jsonl(os.path.join(data, "train_allpairs.jsonl"), records)
-            counts["one_pair_per_prompt"] = len(common.read_jsonl(
-                os.path.join(data, "train_paired.jsonl")))
-            common.write_json(os.path.join(data, "shape.json"), counts)
-
-    def workers(kind: str, names: list):
-        if names:
-            run_study._run_all([run_study._python("unpaired_shape", ["--worker", kind, "--out",
-                                                                     out, *part])
-                                for part in run_study._split(names, args.jobs)], logs, kind)
-
-    def train():
-        workers("train", [r.name for r in runs
-                          if not os.path.exists(os.path.join(out, "runs", r.name, "policy.nemo"))])
-
-    def evaluate():
-        workers("eval", [n for n in ["reference"] + [r.name for r in runs]
-                         if not os.path.exists(os.path.join(out, "runs", n, "eval.json"))])
-
-    for name, fn in (("reference", make_reference), ("data", make_data), ("train", train),
-                     ("eval", evaluate)):
-        run_study._stage(name, timings, fn)
-    run_study._stage("report", timings, lambda: write_report(out, mode, runs, timings))
-    print(f"[unpaired_shape] results: {os.path.join(out, 'results.md')}")
+    run_study.comparison_stages("unpaired_shape", args, out, reference, mode, mode.runs(),
+                                "policy.nemo", write_report, more_data=_all_pairs_file)
     return 0
+
+
+def _all_pairs_file(data: str) -> None:
+    """Every formable pair of the unpaired set, beside the study's one-pair-per-prompt set."""
+    if os.path.exists(os.path.join(data, "train_allpairs.jsonl")):
+        return
+    records, counts = all_pairs(common.read_jsonl(os.path.join(data, "train_unpaired.jsonl")))
+    common.write_jsonl(os.path.join(data, "train_allpairs.jsonl"), records)
+    counts["one_pair_per_prompt"] = len(common.read_jsonl(
+        os.path.join(data, "train_paired.jsonl")))
+    common.write_json(os.path.join(data, "shape.json"), counts)
 
 
 # ----------------------------------------------------------------------------- workers
