@@ -98,6 +98,16 @@ def _forward_chunks(logits_of, n, target, vocab_start, vocab_size, group, chunk,
     return out, lse, means
 
 
+def _forward_result(ctx, target, out, means, with_means, vocab_start, vocab_size, chunk):
+    """Both log-prob functions' forward tail: keep what backward needs, shape the outputs like
+    ``target`` (``means`` empty unless asked for) and mark the means non-differentiable."""
+    ctx.vocab_start, ctx.vocab_size, ctx.chunk = vocab_start, vocab_size, chunk
+    if with_means:
+        means = means.view(target.shape)
+    ctx.mark_non_differentiable(means)
+    return out.view(target.shape), means
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, vocab_size, group, chunk, with_means):
@@ -107,10 +117,8 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             lambda i, c: flat[i:i + c].to(acc, copy=True), flat.shape[0], target.reshape(-1),
             vocab_start, vocab_size, group, chunk, with_means, acc)
         ctx.save_for_backward(logits, target, lse)
-        ctx.vocab_start, ctx.vocab_size, ctx.chunk = vocab_start, vocab_size, chunk
-        means = means.view(target.shape) if with_means else means
-        ctx.mark_non_differentiable(means)
-        return out.view(target.shape), means
+        return _forward_result(ctx, target, out, means, with_means, vocab_start, vocab_size,
+                               chunk)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean_logits):
@@ -141,10 +149,8 @@ class _HiddenStateLogProbs(torch.autograd.Function):
             lambda i, c: (flat[i:i + c] @ weight.t()).to(acc), flat.shape[0],
             target.reshape(-1), vocab_start, vocab_size, group, chunk, with_means, acc)
         ctx.save_for_backward(hidden, weight, target, lse)
-        ctx.vocab_start, ctx.vocab_size, ctx.chunk = vocab_start, vocab_size, chunk
-        means = means.view(target.shape) if with_means else means
-        ctx.mark_non_differentiable(means)
-        return out.view(target.shape), means
+        return _forward_result(ctx, target, out, means, with_means, vocab_start, vocab_size,
+                               chunk)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean_logits):
