@@ -17,6 +17,7 @@ import os
 import shutil
 from typing import Optional
 
+from nemo_aot.algorithms.checkpointing import find_checkpoint
 from nemo_aot.conversion.peft_adapter import (
     adapter_config,
     is_peft_folder,
@@ -46,8 +47,6 @@ def load_adapter_from(chunks, cfg) -> str:
         adapters = read_peft_adapter(source, cfg.model, p.rank, p.alpha, list(p.target_modules))
         load_full_adapters(chunks, adapters, f"peft.adapter_from={source}")
         return source
-    from nemo_aot.algorithms.export import find_checkpoint
-
     folder = find_checkpoint(source)
     _check_lora_checkpoint(folder)
     # Training checkpoints store the model's sharded keys unprefixed; read the adapters only.

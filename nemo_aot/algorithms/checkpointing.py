@@ -193,6 +193,35 @@ def read_marker(path: str) -> Optional[dict]:
     return meta if isinstance(meta, dict) and isinstance(meta.get("step"), int) else None
 
 
+def find_checkpoint(path: str, step: Optional[int] = None) -> str:
+    """The checkpoint folder ``path`` names: itself if it is one (marker present), else the
+    complete checkpoint of ``step`` (default: the newest) under ``path`` or ``path/checkpoints``."""
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} does not exist or is not a folder")
+    marker = read_marker(path)
+    if marker is not None:
+        if step is not None and marker["step"] != step:
+            raise ValueError(f"{path} is the checkpoint of step {marker['step']}, not --step "
+                             f"{step}; pass its parent folder to choose a step")
+        return path
+    if os.path.exists(os.path.join(path, MARKER)):
+        raise ValueError(f"{path}: its {MARKER} is unreadable, so the checkpoint is incomplete")
+    for root in (path, os.path.join(path, "checkpoints")):
+        complete = CheckpointManager(root, keep_last=None).complete()  # read-only listing
+        if complete:
+            break
+    else:
+        raise ValueError(f"no complete checkpoint under {path} (a checkpoint folder holds "
+                         f"{MARKER}; pass a run's checkpoints/ folder or one step folder)")
+    if step is None:
+        return complete[-1].path
+    chosen = [c.path for c in complete if c.step == step]
+    if not chosen:
+        raise ValueError(f"no complete checkpoint of step {step} under {root}; complete steps: "
+                         f"{[c.step for c in complete]}")
+    return chosen[0]
+
+
 def _write_json_durably(path: str, payload: dict) -> None:
     partial = path + ".partial"
     with open(partial, "w") as f:
@@ -398,6 +427,7 @@ def sharded_rng_state(key: str = "rng_state"):
     return ShardedObject(key, capture_rng_state(), shape, offset, replica_id=0)
 
 
-__all__ = ["CheckpointManager", "RunCheckpointer", "SavedCheckpoint", "read_marker", "MARKER",
+__all__ = ["CheckpointManager", "RunCheckpointer", "SavedCheckpoint", "find_checkpoint",
+           "read_marker", "MARKER",
            "CONFIG_FILE", "TOKENIZER_COPY", "capture_rng_state", "restore_rng_state",
            "sharded_rng_state", "write_text"]

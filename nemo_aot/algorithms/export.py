@@ -32,13 +32,7 @@ from typing import Optional, Sequence
 import torch
 
 from nemo_aot.algorithms.adapters import export_adapter
-from nemo_aot.algorithms.checkpointing import (
-    CONFIG_FILE,
-    MARKER,
-    TOKENIZER_COPY,
-    CheckpointManager,
-    read_marker,
-)
+from nemo_aot.algorithms.checkpointing import CONFIG_FILE, TOKENIZER_COPY, find_checkpoint
 from nemo_aot.algorithms.config import to_aot_config
 from nemo_aot.data.config import resolve_path
 from nemo_aot.distributed.parallel import (
@@ -52,35 +46,6 @@ from nemo_aot.models.nemo_format import nemo_sharded_state_dict, save_nemo
 
 # omegaconf and models.gpt (megatron) imported lazily: `nemo-aot --help` registers this
 # command and must not load them.
-
-
-def find_checkpoint(path: str, step: Optional[int] = None) -> str:
-    """The checkpoint folder ``path`` names: itself if it is one (marker present), else the
-    complete checkpoint of ``step`` (default: the newest) under ``path`` or ``path/checkpoints``."""
-    if not os.path.isdir(path):
-        raise ValueError(f"checkpoint {path} does not exist or is not a folder")
-    marker = read_marker(path)
-    if marker is not None:
-        if step is not None and marker["step"] != step:
-            raise ValueError(f"{path} is the checkpoint of step {marker['step']}, not --step "
-                             f"{step}; pass its parent folder to choose a step")
-        return path
-    if os.path.exists(os.path.join(path, MARKER)):
-        raise ValueError(f"{path}: its {MARKER} is unreadable, so the checkpoint is incomplete")
-    for root in (path, os.path.join(path, "checkpoints")):
-        complete = CheckpointManager(root, keep_last=None).complete()  # read-only listing
-        if complete:
-            break
-    else:
-        raise ValueError(f"no complete checkpoint under {path} (a checkpoint folder holds "
-                         f"{MARKER}; pass a run's checkpoints/ folder or one step folder)")
-    if step is None:
-        return complete[-1].path
-    chosen = [c.path for c in complete if c.step == step]
-    if not chosen:
-        raise ValueError(f"no complete checkpoint of step {step} under {root}; complete steps: "
-                         f"{[c.step for c in complete]}")
-    return chosen[0]
 
 
 def checkpoint_config(folder: str, config_path: Optional[str] = None,
@@ -183,5 +148,5 @@ def _run(args) -> int:
     return 0
 
 
-__all__ = ["find_checkpoint", "checkpoint_config", "export_checkpoint", "register",
+__all__ = ["checkpoint_config", "export_checkpoint", "register",
            "CONFIG_FILE"]

@@ -237,10 +237,8 @@ class MegatronGPTAOTModel(ModelPT):
     # ------------------------------------------------------------------ .nemo
     def save_to(self, save_path: str, tokenizer_dir: Optional[str] = None) -> None:
         """Write a .nemo (collective: every rank calls it). See nemo_aot.models.nemo_format."""
-        from nemo_aot.data.tokenization import resolve_path
         from nemo_aot.models.nemo_format import save_nemo
 
-        tokenizer_dir = resolve_path(tokenizer_dir) if tokenizer_dir else None
         save_nemo(save_path, self.model_cfg, self.export_state_dict(), tokenizer_dir)
 
     def export_state_dict(self) -> dict:
