@@ -40,7 +40,6 @@ SCHEMA_NAME = "aot_schema"
 # keeps the schema default when merging ``???`` over it).
 REQUIRED_PREFIX = "${required:"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_UNPAIRED_FORMATS = ("trl_unpaired", "unpaired_files")
 FP8_PAD_MULTIPLE = 16
 
 
@@ -343,7 +342,7 @@ def _check_batches(cfg: AOTConfig, dp: Optional[int]) -> None:
     if t.max_steps is not None and cfg.optim.warmup_steps >= t.max_steps:
         raise ValueError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be smaller than "
                          f"trainer.max_steps={t.max_steps} (the LR schedule needs decay steps)")
-    if cfg.data.format in _UNPAIRED_FORMATS and t.micro_batch_size < 2:
+    if cfg.data.kind == "unpaired" and t.micro_batch_size < 2:
         raise ValueError("trainer.micro_batch_size must be >= 2 for unpaired data (one positive "
                          "and one negative per micro-batch)")
 
@@ -374,10 +373,8 @@ def _check_sequences(cfg: AOTConfig) -> None:
 def _check_objective(cfg: AOTConfig, dp: Optional[int]) -> None:
     a, t = cfg.alignment, cfg.trainer
     spec = get_loss_spec(a.loss_type)
-    if spec.paired and cfg.data.format in _UNPAIRED_FORMATS:
-        unpaired = "/".join(name for name, s in LOSS_SPECS.items() if not s.paired)
-        raise ValueError(f"alignment.loss_type={a.loss_type} needs paired data but data.format is "
-                         f"{cfg.data.format}; use loss_type={unpaired}")
+    if cfg.data.kind is not None:  # format=auto on one file: checked when the data are read
+        check_data_kind(a.loss_type, cfg.data.kind, cfg.data.kind_source())
     # A loss that never sorts gains nothing from a wider sort scope but communication.
     if not spec.sorts and a.sort_scope == "global":
         raise ValueError(f"alignment.sort_scope=global costs an extra forward pass per step but "
@@ -391,6 +388,18 @@ def _check_objective(cfg: AOTConfig, dp: Optional[int]) -> None:
             f"alignment.sort_scope={a.sort_scope} with trainer.micro_batch_size="
             f"{t.micro_batch_size} sorts a single sample, which makes {a.loss_type} exactly DPO; "
             "raise trainer.micro_batch_size or use sort_scope=data_parallel/global")
+
+
+def check_data_kind(loss_type: str, kind: str, source: str) -> None:
+    """Refuse data of a kind the objective does not train on, naming both keys and the losses
+    that fit (``source``: the keys or file that make the data that kind)."""
+    spec = get_loss_spec(loss_type)
+    if kind in spec.data_kinds:
+        return
+    fits = [name for name, s in LOSS_SPECS.items() if kind in s.data_kinds]
+    raise ValueError(f"alignment.loss_type={loss_type} trains on {' or '.join(spec.data_kinds)} "
+                     f"data, but {source} gives {kind} data; use alignment.loss_type="
+                     f"{' or '.join(fits)} for it (or give {spec.data_kinds[0]} data)")
 
 
 def _positive(section: str, obj: Any, *keys: str) -> None:
@@ -656,4 +665,5 @@ def _field_type(cls: Any, name: str) -> Any:
 __all__ = ["AOTConfig", "TrainerConfig", "OptimConfig", "CheckpointConfig", "LoggingConfig",
            "compose_config", "compose_raw", "to_aot_config", "load_config", "to_yaml",
            "config_hash", "find_config_dir", "register_schema", "required_keys", "unknown_keys",
-           "check_model_overrides", "adopt_checkpoint_architecture", "SCHEMA_NAME"]
+           "check_model_overrides", "adopt_checkpoint_architecture", "check_data_kind",
+           "SCHEMA_NAME"]

@@ -29,7 +29,12 @@ from nemo_aot.algorithms.checkpointing import (
     RunCheckpointer,
     write_text,
 )
-from nemo_aot.algorithms.config import adopt_checkpoint_architecture, config_hash, to_yaml
+from nemo_aot.algorithms.config import (
+    adopt_checkpoint_architecture,
+    check_data_kind,
+    config_hash,
+    to_yaml,
+)
 from nemo_aot.algorithms.reporting import RunReporter
 from nemo_aot.algorithms.signals import PreemptionHandler
 from nemo_aot.algorithms.trainer import (
@@ -148,6 +153,11 @@ def build_data(cfg, scratch: str, dp_rank: int, dp_size: int) -> RunData:
     train = load_preference_data(cfg.data, "train", tokenizer)
     val = (load_preference_data(cfg.data, "validation", tokenizer)
            if cfg.data.validation_path is not None else None)
+    for split in (train, val):  # format=auto: the kind each file's records have
+        if split is not None and cfg.data.kind is None:
+            check_data_kind(cfg.alignment.loss_type, split.kind,
+                            f"{split.source} ({split.summary.format} records, read with "
+                            "data.format=auto)")
 
     def batches(data, train_order: bool):
         return make_batches(data, cfg.data, t.global_batch_size, t.micro_batch_size,

@@ -13,8 +13,13 @@ from typing import Optional
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled")
 BUNDLED_PREFIX = "bundled:"
 
-FORMATS = ("auto", "nemo_dpo", "trl_paired", "trl_unpaired", "unpaired_files")
-PAIRED_FORMATS = ("nemo_dpo", "trl_paired")
+# The one vocabulary of data kinds: paired data (a chosen and a rejected response per prompt)
+# or unpaired data (responses labelled desirable or not, any counts). Each format is one kind;
+# ``auto`` on one file is decided by the first record, when the data are read.
+DATA_KINDS = ("paired", "unpaired")
+FORMAT_KINDS = {"nemo_dpo": "paired", "trl_paired": "paired", "trl_unpaired": "unpaired",
+                "unpaired_files": "unpaired"}
+FORMATS = ("auto", *FORMAT_KINDS)
 LENGTH_POLICIES = ("error", "drop", "truncate_prompt_left")
 CHAT_TEMPLATE_MODES = ("auto", "always", "never")
 # Canonical field names a user can remap with `columns`.
@@ -170,6 +175,19 @@ class DataConfig:
     def is_two_file_unpaired(self) -> bool:
         return self.format == "unpaired_files" or (
             self.format == "auto" and self.train_negatives_path is not None)
+
+    @property
+    def kind(self) -> Optional[str]:
+        """The data kind the config declares (``DATA_KINDS``), or None when ``format=auto``
+        leaves it to the first record of one file."""
+        return "unpaired" if self.is_two_file_unpaired else FORMAT_KINDS.get(self.format)
+
+    def kind_source(self) -> str:
+        """The keys that make the declared kind, for messages."""
+        if self.format == "auto" and self.train_negatives_path is not None:
+            return ("data.train_negatives_path (a positives file and a negatives file: "
+                    "data.format=auto reads them as unpaired_files)")
+        return f"data.format={self.format}"
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

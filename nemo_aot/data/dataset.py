@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from nemo_aot.data.config import PAIRED_FORMATS, DataConfig, resolve_path
+from nemo_aot.data.config import FORMAT_KINDS, DataConfig, resolve_path
 from nemo_aot.data.formats import PreferencePair, Record, detect_format, parse_record
 from nemo_aot.data.readers import RecordError, iter_rows
 from nemo_aot.data.tokenization import PromptResponseTokenizer, load_tokenizer
@@ -124,7 +124,7 @@ def load_preference_data(config: DataConfig, split: str = "train",
                           max_seq_length=config.max_seq_length)
     examples = _tokenize(records, encoder, config, summary, problems, f"tokenizing {split} split")
     problems.raise_if_any(source)
-    paired = fmt in PAIRED_FORMATS
+    paired = FORMAT_KINDS[fmt] == "paired"
     streams = _streams(records, examples, paired, source, config.length_policy)
     if not paired:
         summary.positives, summary.negatives = len(streams[0]), len(streams[1])

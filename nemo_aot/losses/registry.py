@@ -57,6 +57,13 @@ class LossSpec:
     """Takes the ``surrogate`` and ``label_smoothing`` options (False: a fixed form, as IPO)."""
 
     @property
+    def data_kinds(self) -> tuple[str, ...]:
+        """The data kinds it trains on (``nemo_aot.data.config.DATA_KINDS``): a paired loss
+        only on paired data; an unpaired one on both (paired data give it chosen and rejected
+        responses as two samples)."""
+        return ("paired",) if self.paired else ("paired", "unpaired")
+
+    @property
     def sorts(self) -> bool:
         """Its objective sorts, so a wider sort scope changes it: exactly the AOT variants, the
         losses with transport inputs (the only sort the plumbing knows how to widen)."""

@@ -172,7 +172,9 @@ def test_world_size_comes_from_the_launcher(monkeypatch):
     (["alignment.loss_type=aot_paired", "alignment.sort_scope=micro", "trainer.micro_batch_size=1"],
      None, "exactly DPO"),
     (["alignment.sort_scope=data_parallel", "trainer.micro_batch_size=1"], 1, "exactly DPO"),
-    (["data=bundled_unpaired", "alignment.loss_type=aot_paired"], None, "needs paired data"),
+    (["data=bundled_unpaired", "alignment.loss_type=aot_paired"], None,
+     r"alignment.loss_type=aot_paired trains on paired data, but data.format=trl_unpaired gives "
+     r"unpaired data; use alignment.loss_type=aot_unpaired"),
     (["data=bundled_unpaired", "trainer.micro_batch_size=1", "alignment.sort_scope=global"], None,
      "micro_batch_size must be >= 2"),
     (["parallel.pipeline_model_parallel_size=2"], None, "uniform_step_length"),
@@ -197,6 +199,35 @@ def test_world_size_comes_from_the_launcher(monkeypatch):
 def test_cross_field_rules(overrides, world_size, match):
     with pytest.raises(ValueError, match=match):
         compose(*overrides, world_size=world_size)
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "aot_paired"])
+def test_two_file_unpaired_data_refuse_a_paired_loss(loss_type):
+    """data.format=auto with a negatives file is unpaired data: a paired loss would treat rows
+    i and i + B/2 as pairs (it used to train, silently wrong)."""
+    with pytest.raises(ValueError, match=rf"alignment.loss_type={loss_type} trains on paired "
+                                         r"data, but data.train_negatives_path .* gives unpaired "
+                                         r"data; use alignment.loss_type=aot_unpaired"):
+        compose(f"alignment.loss_type={loss_type}", "alignment.sort_scope=micro",
+                "data.train_path=bundled:unpaired/train.jsonl", "data.validation_path=null",
+                "data.train_negatives_path=bundled:unpaired/train.jsonl")
+    compose("alignment.loss_type=aot_unpaired", "data.train_path=bundled:unpaired/train.jsonl",
+            "data.validation_path=null", "data.train_negatives_path=bundled:unpaired/train.jsonl")
+
+
+def test_auto_detected_unpaired_records_refuse_a_paired_loss_when_read(tmp_path):
+    """format=auto on one file: the first record decides the kind, checked where it is read,
+    before any model is built, with the same message."""
+    from nemo_aot.algorithms.run import build_data
+
+    cfg = compose("alignment.loss_type=dpo", "alignment.sort_scope=micro",
+                  "data.train_path=bundled:unpaired/train.jsonl", "data.validation_path=null",
+                  "data.tokenizer_path=bundled:tokenizer")
+    assert cfg.data.kind is None
+    with pytest.raises(ValueError, match=r"alignment.loss_type=dpo trains on paired data, but "
+                                         r".*unpaired/train.jsonl \(trl_unpaired records, read "
+                                         r"with data.format=auto\) gives unpaired data"):
+        build_data(cfg, str(tmp_path), 0, 1)
 
 
 def test_valid_variants_pass():
