@@ -90,7 +90,7 @@ def test_alignment_config_accepts_a_registered_loss(toys):
 @pytest.mark.parametrize("overrides, match", [
     (["alignment.loss_type=toy_slic", "alignment.sort_scope=global"], "toy_slic never sorts"),
     (["data=bundled_unpaired", "alignment.loss_type=toy_slic"],
-     "needs paired data.*aot_unpaired/toy_sorted"),
+     "trains on paired data.*use alignment.loss_type=aot_unpaired or toy_sorted"),
     (["alignment.loss_type=toy_sorted", "alignment.sort_scope=micro", "trainer.micro_batch_size=1"],
      "makes toy_sorted exactly DPO"),
 ])
