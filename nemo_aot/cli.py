@@ -20,9 +20,10 @@ import warnings
 from typing import Optional, Sequence
 
 from nemo_aot import __version__
-from nemo_aot.algorithms.config import compose_config, find_config_dir, to_yaml
+from nemo_aot.algorithms.config import find_config_dir
 from nemo_aot.algorithms.export import register as register_export
 from nemo_aot.algorithms.memory_plan import format_plan
+from nemo_aot.algorithms.resolve import World, resolve_run
 from nemo_aot.algorithms.run import run_training
 from nemo_aot.algorithms.trainer import COMPLETE_REASONS
 from nemo_aot.conversion.cli import register as register_convert
@@ -97,12 +98,13 @@ def _recipes() -> list:
 
 def _demo(args) -> int:
     overrides = ["recipe=demo", f"logging.output_dir={args.output_dir}", *args.overrides]
-    cfg = compose_config("gpt_aot", overrides)
+    run = resolve_run(overrides)
+    cfg = run.config
     print(f"nemo-aot demo: aligning a {cfg.model.num_layers}-layer Llama-style model "
           f"(hidden {cfg.model.hidden_size}) with {cfg.alignment.loss_type} "
           f"(sort scope {cfg.alignment.sort_scope}, beta {cfg.alignment.beta}) on the bundled "
-          f"arithmetic preference data, {_run_length(cfg.trainer)} on CPU", flush=True)
-    result = run_training(cfg)
+          f"arithmetic preference data, {run.schedule.describe()}, on CPU", flush=True)
+    result = run_training(run)
     if result.nemo_path is None:
         return 0
     print("\nnemo-aot demo: done", f"after {result.final_step} steps ({result.stop_reason})")
@@ -117,27 +119,21 @@ def _demo(args) -> int:
     return 0
 
 
-def _run_length(trainer) -> str:
-    if trainer.max_steps is None:
-        return f"{trainer.max_epochs} epoch(s)"
-    epochs = "" if trainer.max_epochs is None else f" (at most {trainer.max_epochs} epoch(s))"
-    return f"{trainer.max_steps} steps{epochs}"
-
-
 def _train(args) -> int:
-    cfg = compose_config(args.config_name, args.overrides, config_dir=args.config_dir)
+    # Printing resolves for the planned launch; training for this process's world.
+    printing = args.print_config or args.plan
+    run = resolve_run(args.overrides, config_name=args.config_name, config_dir=args.config_dir,
+                      world=World.planned() if printing else None)
     if args.print_config:
-        print(to_yaml(cfg))
+        print(run.describe())
         return 0
     if args.plan:
-        world = cfg.world_size(int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ
-                               else None)
-        if world is None:
+        if run.layout.world_size is None:
             raise ValueError("--plan needs the world size: set trainer.devices (GPUs per node) "
                              "and trainer.num_nodes")
-        print(format_plan(cfg, world, args.gpu_memory_gib))
+        print(format_plan(run.config, run.layout.world_size, args.gpu_memory_gib))
         return 0
-    result = run_training(cfg)
+    result = run_training(run)
     if result.nemo_path:
         print(f"nemo-aot train: {result.final_step} steps ({result.stop_reason}); "
               f"policy at {result.nemo_path}")

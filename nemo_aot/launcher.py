@@ -34,7 +34,7 @@ import subprocess
 import sys
 from typing import Callable, Mapping, Optional, Sequence
 
-from nemo_aot.algorithms.config import check_model_overrides, compose_raw, to_aot_config
+from nemo_aot.algorithms.resolve import World, resolve_run
 from nemo_aot.algorithms.run import run_training
 from nemo_aot.algorithms.trainer import COMPLETE_REASONS
 from nemo_aot.progress import configure_logging
@@ -238,18 +238,11 @@ def _gpus(env: Mapping[str, str]) -> Optional[int]:
 
 # ---------------------------------------------------------------- placement and layout
 def check_placement(cfg, launch: LaunchEnv, environ: Optional[Mapping[str, str]] = None) -> list:
-    """Placement rules only a launcher sees; returns warnings, raises ValueError on errors.
-    The world-size and TP/PP/DP rules are ``cfg.validate(launch.world_size)``'s."""
+    """Placement rules of the GPUs only a launcher sees; returns warnings, raises ValueError on
+    errors. The nodes x tasks, world-size and TP/PP/DP rules are the resolution's
+    (``resolve_run`` with the launched ``World``)."""
     env = os.environ if environ is None else environ
-    t, warnings = cfg.trainer, []
-    launched = (launch.num_nodes, launch.local_world_size)
-    if t.devices is not None and (t.num_nodes, t.devices) != launched:
-        raise ValueError(
-            f"trainer.num_nodes x trainer.devices = {t.num_nodes} x {t.devices}, but this job "
-            f"runs {_count(launch.num_nodes, 'node')} x {_count(launch.local_world_size, 'task')} "
-            "per node: pass "
-            f"trainer.num_nodes={launch.num_nodes} trainer.devices={launch.local_world_size} "
-            f"(or launch {_count(t.num_nodes, 'node')} x {_count(t.devices, 'task')} per node)")
+    warnings = []
     if launch.gpus_on_node is not None and launch.local_world_size > launch.gpus_on_node:
         raise ValueError(f"{launch.local_world_size} tasks per node but {launch.gpus_on_node} "
                          "GPUs per node (SLURM_GPUS_ON_NODE): request --gpus-per-node="
@@ -281,11 +274,11 @@ def rank_coordinates(rank: int, tp: int, pp: int, world_size: int) -> dict:
     return {"tp": rank % tp, "dp": (rank // tp) % dp, "pp": rank // (tp * dp)}
 
 
-def describe(cfg, launch: LaunchEnv, train_argv: Sequence[str], warnings: Sequence[str]) -> str:
-    """The dry-run report: full on rank 0, one line per other rank."""
+def describe(run, launch: LaunchEnv, train_argv: Sequence[str], warnings: Sequence[str]) -> str:
+    """The dry-run report of a ``ResolvedRun``: full on rank 0, one line per other rank."""
+    cfg, layout = run.config, run.layout
     p, t = cfg.parallel, cfg.trainer
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    dp = p.data_parallel_size(launch.world_size)
+    tp, pp, dp = layout.tensor, layout.pipeline, layout.data_parallel
     coords = rank_coordinates(launch.rank, tp, pp, launch.world_size)
     host = launch.hosts[launch.node_rank] if launch.hosts else "this host"
     where = (f"rank {launch.rank}/{launch.world_size} on node {launch.node_rank} ({host}) local "
@@ -312,7 +305,7 @@ def describe(cfg, launch: LaunchEnv, train_argv: Sequence[str], warnings: Sequen
         f"  batches      global {t.global_batch_size} = micro {t.micro_batch_size} x DP {dp} x "
         f"{accumulation} accumulation step(s)",
         f"  objective    {cfg.alignment.loss_type}, sort scope {cfg.alignment.sort_scope}",
-        f"  checkpoints  {cfg.checkpoint_dir()} (resume {cfg.checkpoint.resume}, save on "
+        f"  checkpoints  {run.checkpoint_dir} (resume {cfg.checkpoint.resume}, save on "
         f"SIGTERM/SIGUSR1 {'on' if cfg.checkpoint.save_on_signal else 'off'})",
         f"  outputs      {cfg.logging.output_dir}",
         *(f"  warning      {w}" for w in warnings),
@@ -354,15 +347,14 @@ def write_status(path: str, stop_reason: str, step: Optional[int], job_id: Optio
 def launch(args: argparse.Namespace) -> int:
     train = _parse_train_argv(args.train_argv)
     env = derive_env()
-    # Placement first (its message names nodes and tasks per node), then every training rule
-    # at the launched world size.
-    raw = compose_raw(train.config_name, train.overrides, train.config_dir)
-    cfg = to_aot_config(raw)
-    check_model_overrides(raw, cfg, train.overrides)
-    warnings = check_placement(cfg, env)
-    cfg.validate(env.world_size)
+    # One resolution at the launched world (nodes x tasks per node first, then every rule at
+    # the launched world size), then the GPU placement only a launcher sees.
+    run = resolve_run(train.overrides, config_name=train.config_name,
+                      config_dir=train.config_dir,
+                      world=World(env.world_size, env.num_nodes, env.local_world_size))
+    warnings = check_placement(run.config, env)
     if args.dry_run:
-        print(describe(cfg, env, train.argv, warnings), flush=True)
+        print(describe(run, env, train.argv, warnings), flush=True)
         return 0
     if env.rank == 0:
         for warning in warnings:
@@ -370,7 +362,7 @@ def launch(args: argparse.Namespace) -> int:
     os.environ.update(env.torch_env())
     if args.status_file and env.rank == 0:
         write_status(args.status_file, "running", None, env.job_id)
-    result = run_training(cfg)
+    result = run_training(run)
     if args.status_file and env.rank == 0:
         write_status(args.status_file, result.stop_reason or "unknown", result.final_step,
                      env.job_id)

@@ -1,6 +1,6 @@
 """``nemo-aot score``: sequence log-probs of every response in a preference file under a .nemo.
 
-Runs the exact code path the trainer uses for reference log-probs (``AOTStep.score`` into a
+Runs the exact code path the trainer uses for reference log-probs (``PolicyRunner.score`` into a
 ``ReferenceTable``, what the ``cached`` reference policy writes), on CPU or under torchrun with
 TP/PP. Output, one JSON line per record:
 
@@ -80,7 +80,7 @@ def run_score(args) -> int:
     batches = make_batches(data, data_cfg, mbs * dp_size, mbs, dp_rank, dp_size, train=False)
     sizes = (tuple(len(s) for s in data.streams) if data.kind == "unpaired"
              else (len(data.streams[0]),) * 2)
-    table = score_into_table(model.step_runner, batches, sizes)
+    table = score_into_table(model, batches, sizes)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         _write(args.out, data, table)
         print(f"nemo-aot score: wrote {args.out} ({data.summary.kept} records)")

@@ -53,11 +53,14 @@ def _median_us(step, min_time=0.2, max_iters=300, warmup=3):
     return 1e6 * statistics.median(times)
 
 
-def _loss_step(loss_type, n, m, **kw):
+def _loss_step(loss_type, n, m, gather=None):
+    """One loss and backward; with ``gather`` (the data_parallel scope) the inputs are gathered
+    over the ranks first, as the training step does."""
     pc, pr, rc, rr = _inputs(n, m)
 
     def step():
-        loss, _ = preference_loss(pc, pr, rc, rr, loss_type=loss_type, beta=0.1, **kw)
+        inputs = (pc, pr, rc, rr) if gather is None else gather([pc, pr, rc, rr])
+        loss, _ = preference_loss(*inputs, loss_type=loss_type, beta=0.1)
         loss.backward()
     return step
 

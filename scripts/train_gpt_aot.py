@@ -12,7 +12,8 @@ import sys
 
 import hydra
 
-from nemo_aot.algorithms.config import register_schema, to_aot_config
+from nemo_aot.algorithms.config import register_schema
+from nemo_aot.algorithms.resolve import resolve_composed
 
 register_schema()
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "conf")
@@ -25,13 +26,12 @@ def main(raw) -> None:
 
     configure_logging()  # as `nemo-aot`: nemo_aot at INFO (NEMO_AOT_LOG_LEVEL), INFO on rank 0
 
-    world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE") else None
-    try:
-        cfg = to_aot_config(raw, world)
+    try:  # resolved for this process's world (torchrun's ranks, else one process)
+        run = resolve_composed(raw)
     except ValueError as err:
         print(f"train_gpt_aot: error: {err}", file=sys.stderr)
         sys.exit(2)
-    run_training(cfg)
+    run_training(run)
 
 
 if __name__ == "__main__":

@@ -70,13 +70,13 @@ def micro_batches(count: int = 2):
 
 
 def step_runner(ddp, config, scope: str):
+    from mcore_utils import PreferenceStep
     from nemo_aot.losses.config import AlignmentConfig
-    from nemo_aot.models.aot_step import AOTStep
 
-    return AOTStep([ddp], config, vocab_size=VOCAB, padded_vocab_size=PADDED_VOCAB,
-                   alignment=AlignmentConfig(loss_type="aot_unpaired", sort_scope=scope,
-                                             beta=BETA, logprob_chunk_size=7,
-                                             sft_loss_weight=SFT_WEIGHT))
+    return PreferenceStep([ddp], config, vocab_size=VOCAB, padded_vocab_size=PADDED_VOCAB,
+                          alignment=AlignmentConfig(loss_type="aot_unpaired", sort_scope=scope,
+                                                    beta=BETA, logprob_chunk_size=7,
+                                                    sft_loss_weight=SFT_WEIGHT))
 
 
 def grads(ddp) -> dict:
@@ -207,13 +207,12 @@ def cpu_swap_case(precision: str = "bf16") -> dict:
     runner = step_runner(ddp, config, "micro")
     batches = micro_batches()
     initial = [logps.cpu() for _, _, logps, _ in runner.score(batches)]
-    swap = CpuSwapReference([ddp])
+    swap = CpuSwapReference(runner.policy, length_normalize=False)
     with torch.no_grad():  # the policy moves away from the reference, as after an update
         for p in ddp.module.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     policy = [p.detach().clone() for p in ddp.module.parameters()]
-    table = swap.score_step(runner, batches)
-    reference = [table.lookup(mb, length_normalize=False) for mb in batches]
+    reference = [mb["reference_logps"] for mb in swap.attach(batches)]
     current = [logps.cpu() for _, _, logps, _ in runner.score(batches)]
     return {"snapshot_devices": sorted({t.device.type for t in swap.reference}),
             "param_devices": sorted({str(p.device) for p in ddp.module.parameters()}),

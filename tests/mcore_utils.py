@@ -110,6 +110,27 @@ def train_step(chunks, config, batch, num_microbatches=2, forward_only=False):
     return total
 
 
+class PreferenceStep:
+    """A policy runner and a preference objective, wired as the trainer wires them: the step
+    of a ``MegatronGPTAOTModel`` on bare DDP chunks."""
+
+    def __init__(self, chunks, config, vocab_size, padded_vocab_size, alignment):
+        from nemo_aot.algorithms.objective import PreferenceObjective
+        from nemo_aot.models.policy_runner import PolicyRunner
+
+        self.policy = PolicyRunner(chunks, config, vocab_size, padded_vocab_size,
+                                   logprobs_from=alignment.logprobs_from,
+                                   logprob_chunk_size=alignment.logprob_chunk_size)
+        self.objective = PreferenceObjective(alignment)
+
+    def step(self, micro_batches, forward_only=False, collect_rewards=False):
+        return self.objective.step(self.policy, micro_batches, forward_only=forward_only,
+                                   collect_rewards=collect_rewards)
+
+    def score(self, micro_batches):
+        return self.policy.score(micro_batches)
+
+
 def sharded_state_dict(chunks):
     if len(chunks) == 1:
         return chunks[0].module.sharded_state_dict()

@@ -14,7 +14,7 @@ as TRL does), all in one process:
                    (fp32 master weights and grads). Reference log-probs come from the cached
                    scoring pass (``model.score`` once, before training): no reference forward.
   nemo_aot_ref     the same plus a per-step no-grad forward of a resident reference model scored
-                   by ``AOTStep.score``: the work TRL does.
+                   by ``PolicyRunner.score``: the work TRL does.
   hf               LlamaForCausalLM (SDPA) policy forward/backward + reference forward under
                    no_grad, full logits and the classic TRL ``selective_log_softmax``, AdamW (fused
                    on GPU, as the HF Trainer's default), grad-norm clip 1.0: TRL's DPOTrainer step.

@@ -17,13 +17,16 @@ from .bench import LR, Bench, Unavailable, Variant, load_state
 def build_nemo(bench: Bench, reference_forward: bool,
                logprobs_from: str = "hidden_states") -> Variant:
     """MegatronGPTAOTModel + AOTTrainer.train_single_step (the model places its chunks on this
-    rank's device before megatron DDP allocates its buffers)."""
+    rank's device before megatron DDP allocates its buffers). The step's micro-batches carry
+    their reference log-probs (scored here: once, or every step with ``reference_forward``)."""
     from nemo_aot.algorithms.config import AOTConfig, OptimConfig, TrainerConfig
+    from nemo_aot.algorithms.objective import PreferenceObjective
+    from nemo_aot.algorithms.resolve import Schedule
     from nemo_aot.algorithms.trainer import AOTTrainer, build_optimizer
-    from nemo_aot.distributed.parallel import ParallelConfig
     from nemo_aot.losses.config import AlignmentConfig
-    from nemo_aot.models.aot_model import MegatronGPTAOTModel, model_cfg_node
+    from nemo_aot.models.aot_model import MegatronGPTAOTModel
     from nemo_aot.models.options import PrecisionConfig
+    from nemo_aot.models.reference import NoReference
 
     a = bench.args
     precision = PrecisionConfig(precision=bench.precision)
@@ -31,17 +34,23 @@ def build_nemo(bench: Bench, reference_forward: bool,
                                 logprobs_from=logprobs_from)
     if a.logprob_chunk_size:
         alignment.logprob_chunk_size = a.logprob_chunk_size
-    model = MegatronGPTAOTModel(model_cfg_node(bench.model_cfg, precision, ParallelConfig(),
-                                               alignment))
+    model = MegatronGPTAOTModel(bench.model_cfg, precision=precision,
+                                logprobs_from=alignment.logprobs_from,
+                                logprob_chunk_size=alignment.logprob_chunk_size)
     load_state(model.chunks[0].module, bench.state)
     cfg = AOTConfig(model=bench.model_cfg, precision=precision, alignment=alignment,
-                    trainer=TrainerConfig(max_steps=a.warmup + a.steps, global_batch_size=a.pairs,
+                    trainer=TrainerConfig(max_steps=a.warmup + a.steps, max_epochs=None,
+                                          global_batch_size=a.pairs,
                                           micro_batch_size=a.pairs // a.micro_batches,
                                           grad_clip=1.0, nonfinite="abort"),
                     optim=OptimConfig(lr=LR, warmup_steps=0, lr_decay_style="constant"))
-    optimizer, scheduler = build_optimizer(cfg, model, a.warmup + a.steps)
-    trainer = AOTTrainer(cfg, model, optimizer, scheduler, [], [], save_fn=lambda t: None,
-                         log_fn=lambda *unused: None)
+    schedule = Schedule(a.warmup + a.steps, None, 0, cfg.trainer.global_batch_size,
+                        cfg.trainer.micro_batch_size)
+    optimizer, scheduler = build_optimizer(cfg, schedule, model)
+    trainer = AOTTrainer(cfg, schedule, policy=model,
+                         objective=PreferenceObjective(alignment), reference=NoReference(),
+                         optimizer=optimizer, scheduler=scheduler, train_batches=[],
+                         val_batches=[], save_fn=lambda t: None, log_fn=lambda *unused: None)
     micro_batches = bench.micro_batches()
     scorer = reference_scorer(bench, alignment) if reference_forward else model.score
 
@@ -61,11 +70,11 @@ def build_nemo(bench: Bench, reference_forward: bool,
 
 
 def reference_scorer(bench: Bench, alignment):
-    """A frozen copy of the initial model on the device, scored by AOTStep.score."""
+    """A frozen copy of the initial model on the device, scored by ``PolicyRunner.score``."""
     from nemo_aot.distributed.parallel import ParallelConfig
-    from nemo_aot.models.aot_step import AOTStep
     from nemo_aot.models.config import to_transformer_config
     from nemo_aot.models.gpt import build_model_chunks
+    from nemo_aot.models.policy_runner import PolicyRunner
 
     cfg = bench.model_cfg
     config = to_transformer_config(cfg, ParallelConfig(), bench.precision,
@@ -73,8 +82,10 @@ def reference_scorer(bench: Bench, alignment):
     chunks = [c.to(bench.device).eval().requires_grad_(False)
               for c in build_model_chunks(cfg, config)]
     load_state(chunks[0], bench.state)
-    runner = AOTStep(chunks, config, vocab_size=cfg.vocab_size,
-                     padded_vocab_size=cfg.padded_vocab_size(1), alignment=alignment)
+    runner = PolicyRunner(chunks, config, vocab_size=cfg.vocab_size,
+                          padded_vocab_size=cfg.padded_vocab_size(1),
+                          logprobs_from=alignment.logprobs_from,
+                          logprob_chunk_size=alignment.logprob_chunk_size)
     return runner.score
 
 

@@ -1,10 +1,13 @@
-"""The one typed schema of an AOT run, its cross-section rules, and Hydra composition.
+"""The one typed schema of an AOT run and its Hydra composition.
 
-``AOTConfig`` composes the sub-schemas (model, precision, parallel, data, alignment) with the
-run sections defined here (trainer, optim, checkpoint, logging). Defaults live only in these
-dataclasses; YAML under ``conf/`` overrides them. ``compose_config`` runs Hydra's compose API
-over the structured schema, so an unknown key fails at compose time (with close matches), and
-``AOTConfig.validate`` refuses impossible combinations before any process group or model exists.
+``AOTConfig`` composes the sub-schemas (model, precision, parallel, data, alignment, peft,
+performance) with the run sections defined here (trainer, optim, checkpoint, logging). Defaults
+live only in these dataclasses, each field with its help text; YAML under ``conf/`` overrides
+them. ``compose_raw`` runs Hydra's compose API over the structured schema and ``typed_config``
+turns the result into an ``AOTConfig``, so an unknown key fails at compose time (with close
+matches). Each section validates its own fields; the rules across sections, the world size and
+the checkpoint are ``nemo_aot.algorithms.resolve``'s, which turns all of it into the one
+``ResolvedRun`` every consumer takes.
 
 Where ``conf/`` comes from (first hit wins): the ``config_dir`` argument; ``conf/`` next to the
 package in a source checkout; ``nemo_aot/conf`` inside an installed package. The canonical copy
@@ -23,12 +26,10 @@ from typing import Any, Optional, Sequence, get_type_hints
 
 import yaml
 
-from nemo_aot.data.config import DataConfig, resolve_path
+from nemo_aot.data.config import DataConfig
 from nemo_aot.distributed.parallel import ParallelConfig
-from nemo_aot.losses import LOSS_SPECS, get_loss_spec
 from nemo_aot.losses.config import AlignmentConfig
 from nemo_aot.models.config import GPTModelConfig, default_tiny
-from nemo_aot.models.nemo_format import read_nemo_config
 from nemo_aot.models.options import PeftConfig, PrecisionConfig
 from nemo_aot.models.performance import PerformanceConfig
 
@@ -228,180 +229,6 @@ class AOTConfig:
     init_from: Optional[str] = None
     """A .nemo policy to start from (also the reference policy); null = random init from model."""
 
-    def checkpoint_dir(self) -> str:
-        return self.checkpoint.dir or os.path.join(self.logging.output_dir, "checkpoints")
-
-    def world_size(self, launched: Optional[int] = None) -> Optional[int]:
-        """The world size to validate against: the launched one, else num_nodes x devices."""
-        t = self.trainer
-        expected = None if t.devices is None else t.num_nodes * t.devices
-        if launched is not None and expected is not None and launched != expected:
-            raise ValueError(
-                f"trainer.num_nodes x trainer.devices = {self.trainer.num_nodes} x "
-                f"{self.trainer.devices} = {expected}, but {launched} ranks were launched; set "
-                f"trainer.devices/num_nodes to match the launch (or trainer.devices=null)")
-        return launched if launched is not None else expected
-
-    def validate(self, world_size: Optional[int] = None) -> "AOTConfig":
-        """Check every section and the cross-section rules; ValueError names the key."""
-        self.model.validate()
-        self.precision.validate()
-        self.data.validate()
-        self.alignment.validate()
-        self.peft.validate()
-        for section in (self.trainer, self.optim, self.checkpoint, self.logging):
-            section.validate()
-        if self.init_from is not None and not str(self.init_from).strip():
-            raise ValueError("init_from is empty; set it to a .nemo path or to null")
-        if self.data.tokenizer_path is None and not self.init_from:
-            raise ValueError("data.tokenizer_path is null and there is no init_from to take the "
-                             "tokenizer from; set data.tokenizer_path to a tokenizer folder")
-        world = self.world_size(world_size)
-        model_parallel = (self.parallel.tensor_model_parallel_size
-                          * self.parallel.pipeline_model_parallel_size)
-        # Without a world size, the layout rules that do not depend on it still run (DP = 1).
-        self.parallel.validate(world if world is not None else model_parallel, self.model)
-        _check_batches(self, None if world is None else self.parallel.data_parallel_size(world))
-        _check_sequences(self)
-        _check_objective(self, None if world is None else self.parallel.data_parallel_size(world))
-        _check_fp8(self)
-        _check_peft(self)
-        self.performance.validate(self.model, self.parallel, self.precision,
-                                  self.optim.use_distributed_optimizer)
-        return self
-
-
-def _check_peft(cfg: AOTConfig) -> None:
-    """LoRA's combinations with the reference policy, the sort scope and FP8."""
-    a, peft = cfg.alignment, cfg.peft
-    if a.reference_policy == "adapters_off" and not peft.enabled:
-        raise ValueError("alignment.reference_policy=adapters_off needs LoRA adapters to switch "
-                         "off: add peft=lora (or use alignment.reference_policy=cached)")
-    if not peft.enabled:
-        return
-    if a.reference_policy == "cpu_swap":
-        raise ValueError("alignment.reference_policy=cpu_swap with peft.scheme=lora would keep "
-                         "a second copy of every frozen weight; use alignment.reference_policy="
-                         "adapters_off (the base without adapters) or cached")
-    if peft.dropout > 0 and a.sort_scope == "global":
-        raise ValueError(f"peft.dropout={peft.dropout} with alignment.sort_scope=global: the grad "
-                         "pass could not reproduce the no-grad pass's rewards; set "
-                         "peft.dropout=0 or use sort_scope=data_parallel")
-    if cfg.precision.fp8_param:
-        raise ValueError("precision.fp8_param with peft.scheme=lora: adapters are merged into "
-                         "the base weights on export, which FP8 weights cannot hold exactly; "
-                         "set precision.fp8_param=false")
-    p = cfg.precision
-    if p.fp8 is not None and p.fp8_recipe == "delayed" and a.reference_policy == "adapters_off":
-        raise ValueError("alignment.reference_policy=adapters_off with precision.fp8_recipe="
-                         "delayed: the reference forward would shift the policy's amax history; "
-                         "use alignment.reference_policy=cached or precision.fp8_recipe=tensorwise")
-    if peft.adapter_from is not None and not cfg.init_from:
-        raise ValueError("peft.adapter_from needs init_from: the base .nemo the adapter was "
-                         "trained on")
-
-
-def _check_fp8(cfg: AOTConfig) -> None:
-    """FP8 combinations that cannot be made right are refused before anything is built."""
-    p, a = cfg.precision, cfg.alignment
-    if p.fp8_param and not cfg.optim.use_distributed_optimizer:
-        raise ValueError("precision.fp8_param needs optim.use_distributed_optimizer=true")
-    if p.fp8 is not None and p.fp8_recipe == "delayed" and a.sort_scope == "global":
-        # The global scope's no-grad first pass runs the FP8 forward too and updates TE's amax
-        # history, so the grad pass would run at other scales and fail its reproduce check.
-        raise ValueError("alignment.sort_scope=global with precision.fp8_recipe=delayed: the "
-                         "first (no-grad) pass would shift the delayed-scaling amax history "
-                         "the grad pass must reproduce; use precision.fp8_recipe=tensorwise "
-                         "(current scaling) or alignment.sort_scope=data_parallel")
-    if p.fp8_param and a.reference_policy == "cpu_swap":
-        raise ValueError("precision.fp8_param with alignment.reference_policy=cpu_swap would "
-                         "re-quantize the reference weights on every swap (they would drift "
-                         "from the checkpoint); use alignment.reference_policy=cached")
-    if p.fp8 is not None and p.fp8_recipe == "delayed" and a.reference_policy == "cpu_swap":
-        # The swapped-in reference runs through the policy's modules: its forward would enter
-        # the policy's delayed-scaling amax history.
-        raise ValueError("alignment.reference_policy=cpu_swap with precision.fp8_recipe=delayed: "
-                         "the reference forward would shift the policy's amax history; use "
-                         "alignment.reference_policy=cached or precision.fp8_recipe=tensorwise")
-
-
-def _check_batches(cfg: AOTConfig, dp: Optional[int]) -> None:
-    t, p = cfg.trainer, cfg.parallel
-    per_step = t.micro_batch_size * (dp or 1)
-    if t.global_batch_size % per_step:
-        where = f" x data-parallel size ({dp})" if dp else ""
-        raise ValueError(f"trainer.global_batch_size={t.global_batch_size} must be a multiple of "
-                         f"trainer.micro_batch_size ({t.micro_batch_size}){where}")
-    if dp and p.virtual_pipeline_model_parallel_size:
-        micro_batches = t.global_batch_size // per_step
-        if micro_batches % p.pipeline_model_parallel_size:
-            raise ValueError(
-                f"trainer.global_batch_size: interleaved pipelining needs the micro-batches per "
-                f"rank ({micro_batches}) to be a multiple of parallel.pipeline_model_parallel_size "
-                f"({p.pipeline_model_parallel_size})")
-    if t.max_steps is not None and cfg.optim.warmup_steps >= t.max_steps:
-        raise ValueError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be smaller than "
-                         f"trainer.max_steps={t.max_steps} (the LR schedule needs decay steps)")
-    if cfg.data.kind == "unpaired" and t.micro_batch_size < 2:
-        raise ValueError("trainer.micro_batch_size must be >= 2 for unpaired data (one positive "
-                         "and one negative per micro-batch)")
-
-
-def _check_sequences(cfg: AOTConfig) -> None:
-    data, p = cfg.data, cfg.parallel
-    if data.max_seq_length > cfg.model.encoder_seq_length:
-        raise ValueError(f"data.max_seq_length={data.max_seq_length} exceeds "
-                         f"model.encoder_seq_length={cfg.model.encoder_seq_length}; lower it")
-    if cfg.precision.fp8 is not None and data.pad_to_multiple_of % FP8_PAD_MULTIPLE:
-        raise ValueError(f"data.pad_to_multiple_of must be a multiple of {FP8_PAD_MULTIPLE} under "
-                         f"precision.fp8 (FP8 GEMM shapes), got {data.pad_to_multiple_of}")
-    if p.sequence_parallel and data.pad_to_multiple_of % p.tensor_model_parallel_size:
-        raise ValueError(f"data.pad_to_multiple_of={data.pad_to_multiple_of} must be a multiple of "
-                         f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size} "
-                         f"under sequence parallelism (the sequence is split across the TP group)")
-    if p.pipeline_model_parallel_size > 1 and not data.uniform_step_length:
-        raise ValueError("data.uniform_step_length must be true with pipeline parallelism (stages "
-                         "exchange activations of one fixed shape per step)")
-    if data.pack_sequences and (cfg.precision.transformer_impl != "local"
-                                or cfg.model.attention_backend != "sdpa"):
-        raise ValueError("data.pack_sequences needs precision.transformer_impl=local and "
-                         "model.attention_backend=sdpa (the per-document attention mask goes "
-                         "through SDPA; TransformerEngine's THD packing is not wired up yet); "
-                         "set data.pack_sequences=false for this model")
-
-
-def _check_objective(cfg: AOTConfig, dp: Optional[int]) -> None:
-    a, t = cfg.alignment, cfg.trainer
-    spec = get_loss_spec(a.loss_type)
-    if cfg.data.kind is not None:  # format=auto on one file: checked when the data are read
-        check_data_kind(a.loss_type, cfg.data.kind, cfg.data.kind_source())
-    # A loss that never sorts gains nothing from a wider sort scope but communication.
-    if not spec.sorts and a.sort_scope == "global":
-        raise ValueError(f"alignment.sort_scope=global costs an extra forward pass per step but "
-                         f"{a.loss_type} never sorts; set alignment.sort_scope=micro")
-    if not spec.sorts:
-        return
-    sort_size = {"micro": t.micro_batch_size, "global": t.global_batch_size,
-                 "data_parallel": t.micro_batch_size * (dp or 1)}[a.sort_scope]
-    if sort_size < 2 and (dp is not None or a.sort_scope != "data_parallel"):
-        raise ValueError(
-            f"alignment.sort_scope={a.sort_scope} with trainer.micro_batch_size="
-            f"{t.micro_batch_size} sorts a single sample, which makes {a.loss_type} exactly DPO; "
-            "raise trainer.micro_batch_size or use sort_scope=data_parallel/global")
-
-
-def check_data_kind(loss_type: str, kind: str, source: str) -> None:
-    """Refuse data of a kind the objective does not train on, naming both keys and the losses
-    that fit (``source``: the keys or file that make the data that kind)."""
-    spec = get_loss_spec(loss_type)
-    if kind in spec.data_kinds:
-        return
-    fits = [name for name, s in LOSS_SPECS.items() if kind in s.data_kinds]
-    raise ValueError(f"alignment.loss_type={loss_type} trains on {' or '.join(spec.data_kinds)} "
-                     f"data, but {source} gives {kind} data; use alignment.loss_type="
-                     f"{' or '.join(fits)} for it (or give {spec.data_kinds[0]} data)")
-
-
 def _positive(section: str, obj: Any, *keys: str) -> None:
     for key in keys:
         value = getattr(obj, key)
@@ -448,41 +275,6 @@ def _unset_required(what: str = "a value") -> Any:
     raise ValueError(f"a required key is unset ({what}); set it on the command line")
 
 
-def compose_config(config_name: str = "gpt_aot", overrides: Sequence[str] = (),
-                   config_dir: Optional[str] = None, world_size: Optional[int] = None) -> AOTConfig:
-    """Compose ``conf/<config_name>.yaml`` with Hydra command-line style ``overrides``, convert
-    to AOTConfig and validate it. ``world_size`` defaults to $WORLD_SIZE when a launcher set it,
-    else to trainer.num_nodes x trainer.devices, else only size-independent rules run."""
-    raw = compose_raw(config_name, overrides, config_dir)
-    if world_size is None and os.environ.get("WORLD_SIZE"):
-        world_size = int(os.environ["WORLD_SIZE"])
-    cfg = to_aot_config(raw, world_size)
-    check_model_overrides(raw, cfg, overrides)
-    return cfg
-
-
-def check_model_overrides(raw: Any, cfg: AOTConfig, overrides: Sequence[str]) -> None:
-    """Refuse a ``model.<key>=`` override that contradicts the checkpoint's architecture (the
-    checkpoint defines the model; the override would be silently dropped)."""
-    from omegaconf import OmegaConf
-
-    if not cfg.init_from:
-        return
-    for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
-        if not key.startswith("model.") or "=" not in item:
-            continue
-        wanted, stored = OmegaConf.select(raw, key), cfg.model
-        for part in key.split(".")[1:]:
-            stored = getattr(stored, part, None)
-        if dataclasses.is_dataclass(stored):
-            stored = dataclasses.asdict(stored)
-        if wanted != stored:
-            raise ValueError(f"{key}={wanted} contradicts init_from {cfg.init_from}, whose "
-                             f"architecture has {key}={stored}; the checkpoint defines the "
-                             "model: drop the override (or convert a checkpoint that has it)")
-
-
 def compose_raw(config_name: str = "gpt_aot", overrides: Sequence[str] = (),
                 config_dir: Optional[str] = None):
     """The composed, unvalidated DictConfig (struct mode over the schema); ValueError on
@@ -519,12 +311,10 @@ def compose_raw(config_name: str = "gpt_aot", overrides: Sequence[str] = (),
         restore_gh_from_backup(outer)
 
 
-def to_aot_config(raw: Any, world_size: Optional[int] = None, *,
-                  adopt_init_from: bool = True) -> AOTConfig:
-    """A composed DictConfig (or a plain dict) -> validated AOTConfig; unknown keys fail (also
-    those added with Hydra's ``+``/``++``). With ``adopt_init_from``, the architecture is read
-    from ``init_from``'s .nemo (see ``adopt_checkpoint_architecture``) before validation, so the
-    parallel layout is checked against the model that will be trained."""
+def typed_config(raw: Any) -> AOTConfig:
+    """A composed DictConfig (or a plain dict) -> AOTConfig, not yet validated (that is
+    ``resolve``'s work): unknown keys fail (also those added with Hydra's ``+``/``++``), keys
+    a config marks required and the user left unset are listed, bad types name the key."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -540,12 +330,9 @@ def to_aot_config(raw: Any, world_size: Optional[int] = None, *,
             listed = "".join(f"\n  {key}: {what}" for key, what in required.items())
             raise ValueError(f"this config needs values for these keys (set them on the command "
                              f"line, e.g. {next(iter(required))}=<value>):{listed}")
-        cfg = OmegaConf.to_object(merged)
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ValueError(_explain(err, "config")) from None
-    if adopt_init_from:
-        cfg = adopt_checkpoint_architecture(cfg)
-    return cfg.validate(world_size)
 
 
 def unknown_keys(node: Any, schema: Any = None, prefix: str = "") -> list[str]:
@@ -565,21 +352,6 @@ def unknown_keys(node: Any, schema: Any = None, prefix: str = "") -> list[str]:
     return found
 
 
-def adopt_checkpoint_architecture(cfg: AOTConfig) -> AOTConfig:
-    """``cfg`` with the model section read from ``init_from`` (a .nemo file or an extracted
-    .nemo folder): the checkpoint defines the architecture; the model group of a recipe only
-    stands in for it when there is no checkpoint."""
-    if not cfg.init_from or not str(cfg.init_from).strip():
-        return cfg
-    path = resolve_path(cfg.init_from)
-    if not os.path.exists(path):
-        raise ValueError(f"init_from: {cfg.init_from} does not exist; point it at a .nemo file "
-                         "or an extracted .nemo folder (convert Hugging Face checkpoints with "
-                         "`nemo-aot convert hf-to-nemo`)")
-    model, _ = read_nemo_config(path)
-    return dataclasses.replace(cfg, model=model)
-
-
 def required_keys(raw: Any) -> dict[str, str]:
     """Keys a config marks ``${required:<what>}`` and the user has not set: {key: what}."""
     from omegaconf import OmegaConf
@@ -595,16 +367,6 @@ def required_keys(raw: Any) -> dict[str, str]:
 
     walk(OmegaConf.to_container(raw, resolve=False) if OmegaConf.is_config(raw) else raw, "")
     return found
-
-
-def load_config(path: str, world_size: Optional[int] = None) -> AOTConfig:
-    """Read a YAML written by ``to_yaml`` (e.g. a run's resolved config) back into AOTConfig."""
-    from omegaconf import OmegaConf
-
-    if not os.path.isfile(path):
-        raise ValueError(f"config file {path} does not exist")
-    # A resolved config already holds the architecture; init_from may be gone by now.
-    return to_aot_config(OmegaConf.load(path), world_size, adopt_init_from=False)
 
 
 def to_yaml(cfg: AOTConfig) -> str:
@@ -663,7 +425,5 @@ def _field_type(cls: Any, name: str) -> Any:
 
 
 __all__ = ["AOTConfig", "TrainerConfig", "OptimConfig", "CheckpointConfig", "LoggingConfig",
-           "compose_config", "compose_raw", "to_aot_config", "load_config", "to_yaml",
-           "config_hash", "find_config_dir", "register_schema", "required_keys", "unknown_keys",
-           "check_model_overrides", "adopt_checkpoint_architecture", "check_data_kind",
-           "SCHEMA_NAME"]
+           "compose_raw", "typed_config", "to_yaml", "config_hash", "find_config_dir",
+           "register_schema", "required_keys", "unknown_keys", "SCHEMA_NAME"]

@@ -33,7 +33,7 @@ import torch
 
 from nemo_aot.algorithms.adapters import export_adapter
 from nemo_aot.algorithms.checkpointing import CONFIG_FILE, TOKENIZER_COPY, find_checkpoint
-from nemo_aot.algorithms.config import to_aot_config
+from nemo_aot.algorithms.resolve import World, resolve_stored
 from nemo_aot.data.config import resolve_path
 from nemo_aot.distributed.parallel import (
     ParallelConfig,
@@ -50,23 +50,14 @@ from nemo_aot.models.nemo_format import nemo_sharded_state_dict, save_nemo
 
 def checkpoint_config(folder: str, config_path: Optional[str] = None,
                       overrides: Sequence[str] = ()):
-    """The run config stored with a checkpoint (or ``config_path``), with KEY=VALUE overrides."""
-    from omegaconf import OmegaConf
-
+    """The run stored with a checkpoint (its config, or ``config_path``), with KEY=VALUE
+    overrides, resolved (``resolve.resolve_stored``: the architecture is the stored one)."""
     path = config_path or os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"{folder} holds no {CONFIG_FILE} (checkpoints written before it was "
                          "stored have none); pass --config with the run's resolved config "
                          "(`nemo-aot train --print-config <the run's overrides>` prints it)")
-    raw = OmegaConf.load(path)
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r}: expected KEY=VALUE, e.g. "
-                             "parallel.tensor_model_parallel_size=2")
-    if overrides:
-        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
-    # The stored config already holds the architecture; init_from may be gone by now.
-    return to_aot_config(raw, adopt_init_from=False)
+    return resolve_stored(path, overrides, world=World.planned())
 
 
 def export_checkpoint(path: str, out: str, *, step: Optional[int] = None,
@@ -80,7 +71,8 @@ def export_checkpoint(path: str, out: str, *, step: Optional[int] = None,
     from nemo_aot.models.lora import MERGED, is_adapter_name
 
     folder = find_checkpoint(path, step)
-    cfg = checkpoint_config(folder, config_path, overrides)
+    run = checkpoint_config(folder, config_path, overrides)
+    cfg = run.config
     if os.path.abspath(out).startswith(os.path.abspath(folder) + os.sep):
         raise ValueError(f"--out {out} is inside the checkpoint {folder}; write it elsewhere")
     lora = cfg.peft.enabled
@@ -100,7 +92,7 @@ def export_checkpoint(path: str, out: str, *, step: Optional[int] = None,
                                    perform_initialization=False)  # every weight is loaded
     chunks = build_model_chunks(cfg.model, config, "local", peft=cfg.peft if lora else None)
     if lora:  # the frozen base from init_from, the adapters from the checkpoint
-        load_nemo_into(resolve_path(cfg.init_from), chunks)
+        load_nemo_into(run.init_from, chunks)
     # Training checkpoints store the model's sharded keys unprefixed. The reader the .nemo
     # loader uses screens the files (no unpickling of code) and re-pads the vocabulary tables
     # when this layout pads them differently from the training layout (e.g. TP8 -> TP1).

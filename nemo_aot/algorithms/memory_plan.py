@@ -114,7 +114,7 @@ def stage_params(cfg) -> tuple[int, int]:
 def _rows(cfg, micro_batch_size: int) -> int:
     """Sequences per micro-batch: a pair is two (paired data), an unpaired sample one. With
     ``data.format=auto`` pairs are assumed (the larger of the two)."""
-    unpaired = cfg.data.format in ("trl_unpaired", "unpaired_files")
+    unpaired = cfg.data.kind == "unpaired"
     return micro_batch_size * (1 if unpaired else 2)
 
 

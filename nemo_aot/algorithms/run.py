@@ -1,4 +1,4 @@
-"""Wire a validated ``AOTConfig`` into a training run: parallel state, data, model, reference,
+"""Wire a ``ResolvedRun`` into a training run: parallel state, data, model, reference,
 optimizer, checkpoints, logging; then fit, and export the policy as a ``.nemo``.
 
 Every rank runs ``run_training``; rank 0 alone writes logs, plots and the final export.
@@ -29,21 +29,10 @@ from nemo_aot.algorithms.checkpointing import (
     RunCheckpointer,
     write_text,
 )
-from nemo_aot.algorithms.config import (
-    adopt_checkpoint_architecture,
-    check_data_kind,
-    config_hash,
-    to_yaml,
-)
 from nemo_aot.algorithms.reporting import RunReporter
+from nemo_aot.algorithms.rules import check_data_kind
 from nemo_aot.algorithms.signals import PreemptionHandler
-from nemo_aot.algorithms.trainer import (
-    COMPLETE_REASONS,
-    AOTTrainer,
-    build_optimizer,
-    check_schedule,
-    total_steps,
-)
+from nemo_aot.algorithms.trainer import COMPLETE_REASONS, AOTTrainer, build_optimizer
 from nemo_aot.data import load_preference_data, load_tokenizer, make_batches
 from nemo_aot.data.collate import slot_efficiency
 from nemo_aot.data.config import resolve_path
@@ -90,26 +79,13 @@ class RunData:
     """Every training sample once, in validation order (the reference cache's completion)."""
 
 
-def check_init_from(cfg):
-    """``cfg`` with the architecture of ``init_from`` (a .nemo file or an extracted folder)."""
-    if not cfg.init_from:
-        return cfg
-    path = resolve_path(cfg.init_from)
-    if not (os.path.isfile(path) or os.path.isdir(path)):
-        raise ValueError(f"init_from: {cfg.init_from} is neither a .nemo file nor an extracted "
-                         ".nemo folder (convert Hugging Face checkpoints with `nemo-aot convert "
-                         "hf-to-nemo`)")
-    return adopt_checkpoint_architecture(cfg)
-
-
-def policy_tokenizer(cfg, scratch: str):
+def policy_tokenizer(run, scratch: str):
     """(tokenizer, its folder): ``data.tokenizer_path`` when set, else the tokenizer stored in
     ``init_from``. A given tokenizer must have the stored one's vocabulary; without a stored
     one, its size must fit the checkpoint's vocabulary up to padding."""
-    stored_dir = None
-    if cfg.init_from:
-        stored_dir = extract_tokenizer(resolve_path(cfg.init_from),
-                                       os.path.join(scratch, "init_from_tokenizer"))
+    cfg, stored_dir = run.config, None
+    if run.init_from:
+        stored_dir = extract_tokenizer(run.init_from, os.path.join(scratch, "init_from_tokenizer"))
     if cfg.data.tokenizer_path is None:
         if stored_dir is None:
             raise ValueError(f"init_from {cfg.init_from} stores no tokenizer; set "
@@ -147,14 +123,15 @@ def _fits_model(tokenizer, cfg) -> None:
                          "another model; use the model's own tokenizer")
 
 
-def build_data(cfg, scratch: str, dp_rank: int, dp_size: int) -> RunData:
-    tokenizer, tokenizer_dir = policy_tokenizer(cfg, scratch)
+def build_data(run, scratch: str, dp_rank: int, dp_size: int) -> RunData:
+    cfg = run.config
+    tokenizer, tokenizer_dir = policy_tokenizer(run, scratch)
     t = cfg.trainer
     train = load_preference_data(cfg.data, "train", tokenizer)
     val = (load_preference_data(cfg.data, "validation", tokenizer)
            if cfg.data.validation_path is not None else None)
     for split in (train, val):  # format=auto: the kind each file's records have
-        if split is not None and cfg.data.kind is None:
+        if split is not None and run.data_kind is None:
             check_data_kind(cfg.alignment.loss_type, split.kind,
                             f"{split.source} ({split.summary.format} records, read with "
                             "data.format=auto)")
@@ -175,11 +152,29 @@ def build_data(cfg, scratch: str, dp_rank: int, dp_size: int) -> RunData:
                    batches(train, False))
 
 
-def _reference_tables(cfg, model, data: RunData, model_origin: str, dp_rank: int, dp_size: int,
-                      stop_requested):
+def build_reference(run, policy, data: RunData, dp_rank: int, dp_size: int, stop_requested):
+    """The reference of ``alignment.reference_policy`` (collective): ``cached`` scores every
+    sample once now (or reads a cache of it), ``cpu_swap`` snapshots the policy's weights as they
+    are, ``adapters_off`` is the policy without its LoRA adapters. Each attaches reference
+    log-probs to a step's micro-batches (``nemo_aot.models.reference``)."""
+    from nemo_aot.models.reference import AdaptersOffReference, CachedReference, CpuSwapReference
+
+    a = run.config.alignment
+    builders = {
+        "cached": lambda: CachedReference(
+            _reference_tables(run, policy, data, dp_rank, dp_size, stop_requested),
+            a.length_normalize),
+        "cpu_swap": lambda: CpuSwapReference(policy, a.length_normalize),
+        "adapters_off": lambda: AdaptersOffReference(policy, a.length_normalize),
+    }
+    return builders[a.reference_policy]()
+
+
+def _reference_tables(run, policy, data: RunData, dp_rank: int, dp_size: int, stop_requested):
     """Cached reference log-probs per split (scored in step order; see models/reference.py)."""
     from nemo_aot.models.reference import cached_reference, fingerprint
 
+    cfg, model_origin = run.config, policy_origin(run)
     t = cfg.trainer
     epoch0 = make_batches(data.train, cfg.data, t.global_batch_size, t.micro_batch_size,
                           dp_rank, dp_size, train=True)
@@ -187,8 +182,7 @@ def _reference_tables(cfg, model, data: RunData, model_origin: str, dp_rank: int
               "validation": (data.val, data.val_batches, [])}
     if data.val is None:
         del splits["validation"]
-    cache_dir = cfg.alignment.reference_cache_dir or os.path.join(cfg.logging.output_dir,
-                                                                  "reference_cache")
+    cache_dir = run.reference_cache_dir
     tables = {}
     for split, (d, ordered, coverage) in splits.items():
         sizes = (tuple(len(s) for s in d.streams) if d.kind == "unpaired"
@@ -198,7 +192,7 @@ def _reference_tables(cfg, model, data: RunData, model_origin: str, dp_rank: int
                           gbs=cfg.trainer.global_batch_size, seed=cfg.data.seed,
                           tokenizer=cfg.data.tokenizer_path, kind=d.kind)
         path = os.path.join(cache_dir, f"{split}_{key}.pt")
-        tables[split] = cached_reference(model.step_runner, _epoch_then_rest(ordered, coverage),
+        tables[split] = cached_reference(policy, _epoch_then_rest(ordered, coverage),
                                          sizes, path, total=len(ordered) + len(coverage),
                                          what=f"reference scoring ({split})",
                                          stop_requested=stop_requested)
@@ -212,17 +206,19 @@ def _epoch_then_rest(ordered, coverage):
     yield from coverage
 
 
-def build_policy(cfg):
-    """The policy at cfg's parallel layout, with init_from's weights when set, and under LoRA
-    the adapters of peft.adapter_from when set (collective)."""
-    from nemo_aot.models.aot_model import MegatronGPTAOTModel, load_nemo_into, model_cfg_node
+def build_policy(run):
+    """The policy at the run's parallel layout, with init_from's weights when set, and under
+    LoRA the adapters of peft.adapter_from when set (collective)."""
+    from nemo_aot.models.aot_model import MegatronGPTAOTModel, load_nemo_into
 
+    cfg = run.config
     model = MegatronGPTAOTModel(
-        model_cfg_node(cfg.model, cfg.precision, cfg.parallel, cfg.alignment, cfg.peft),
-        use_distributed_optimizer=cfg.optim.use_distributed_optimizer, seed=cfg.trainer.seed,
-        performance=cfg.performance)
-    if cfg.init_from:
-        load_nemo_into(resolve_path(cfg.init_from), list(model.chunks))
+        cfg.model, precision=cfg.precision, parallel=cfg.parallel, peft=cfg.peft,
+        performance=cfg.performance, logprobs_from=cfg.alignment.logprobs_from,
+        logprob_chunk_size=cfg.alignment.logprob_chunk_size,
+        use_distributed_optimizer=cfg.optim.use_distributed_optimizer, seed=cfg.trainer.seed)
+    if run.init_from:
+        load_nemo_into(run.init_from, list(model.chunks))
     if cfg.peft.enabled and rank() == 0:
         params = [p for c in model.chunks for p in c.parameters()]
         trained = sum(p.numel() for p in params if p.requires_grad)
@@ -236,32 +232,39 @@ def build_policy(cfg):
     return model
 
 
-def policy_origin(cfg) -> str:
+def policy_origin(run) -> str:
     """What the starting policy is made of (the reference cache's model key)."""
+    cfg = run.config
     origin = cfg.init_from or f"random-init seed={cfg.trainer.seed} {cfg.model.to_dict()}"
     if cfg.peft.enabled and cfg.peft.adapter_from:
         origin += f" + adapter {cfg.peft.adapter_from}"
     return origin
 
 
-def setup_run(cfg):
-    """Parallel state for ``cfg`` (architecture from init_from), then the config validated at
-    the launched world size: (cfg, dp_rank, dp_size)."""
+def setup_run(run) -> tuple[int, int]:
+    """Parallel state for the run's layout: (dp_rank, dp_size). The run must be resolved for
+    the world that was launched."""
     from megatron.core import parallel_state
 
-    cfg = check_init_from(cfg)
+    cfg = run.config
     initialize_model_parallel(cfg.parallel, cfg.model, seed=cfg.trainer.seed)
-    cfg.validate(torch.distributed.get_world_size())
-    return (cfg, parallel_state.get_data_parallel_rank(),
+    launched = torch.distributed.get_world_size()
+    if run.layout.world_size != launched:
+        raise ValueError(f"the run was resolved for {run.layout.world_size} ranks but {launched} "
+                         f"were launched: resolve it for the launched world (resolve_run's "
+                         "default, as nemo-aot train and launch do)")
+    return (parallel_state.get_data_parallel_rank(),
             parallel_state.get_data_parallel_world_size())
 
 
-def run_training(cfg) -> RunResult:
+def run_training(run) -> RunResult:
+    """Train the ``ResolvedRun`` (every rank calls it)."""
+    cfg = run.config
     started = time.monotonic()  # the time budget includes set-up
     with PreemptionHandler(enabled=cfg.checkpoint.save_on_signal) as preemption, \
             tempfile.TemporaryDirectory(prefix="nemo_aot_run_") as scratch:
         try:
-            return _run(cfg, preemption, started, scratch)
+            return _run(run, preemption, started, scratch)
         except StopRequested as stop:
             if rank() == 0:
                 logger.warning("%s received during %s: stopping before training; nothing was "
@@ -270,33 +273,33 @@ def run_training(cfg) -> RunResult:
             return RunResult(cfg.logging.output_dir, None, "signal", None, None, [])
 
 
-def _run(cfg, preemption, started: float, scratch: str) -> RunResult:
+def _run(run, preemption, started: float, scratch: str) -> RunResult:
     """The wiring: parts are built (and stop points agreed) in order, then fit and export."""
-    cfg, dp_rank, dp_size = setup_run(cfg)
-    resolved = to_yaml(cfg)
+    from nemo_aot.algorithms.objective import PreferenceObjective
+
+    cfg = run.config
+    dp_rank, dp_size = setup_run(run)
     if rank() == 0:
-        write_text(os.path.join(cfg.logging.output_dir, CONFIG_FILE), resolved)
-    data = build_data(cfg, scratch, dp_rank, dp_size)
-    steps = total_steps(cfg, len(data.train_batches))
-    check_schedule(cfg, steps, len(data.train_batches))
+        write_text(os.path.join(run.output_dir, CONFIG_FILE), run.config_yaml)
+    data = build_data(run, scratch, dp_rank, dp_size)
+    schedule = run.schedule.for_epoch_length(len(data.train_batches))
     stop_point(preemption.requested, "data loading")
-    model = build_policy(cfg)
+    model = build_policy(run)
     stop_point(preemption.requested, "model set-up")
-    if cfg.alignment.reference_policy == "cached":
-        model.reference_tables = _reference_tables(cfg, model, data, policy_origin(cfg), dp_rank,
-                                                   dp_size, lambda: preemption.requested)
-    elif cfg.alignment.reference_policy == "cpu_swap":
-        model.enable_cpu_swap()
-    optimizer, scheduler = build_optimizer(cfg, model, len(data.train_batches))
+    reference = build_reference(run, model, data, dp_rank, dp_size, lambda: preemption.requested)
+    optimizer, scheduler = build_optimizer(cfg, schedule, model)
     checkpointer = RunCheckpointer(
-        CheckpointManager(cfg.checkpoint_dir(), keep_last=cfg.checkpoint.keep_last), model,
-        optimizer, scheduler, data.train_batches, config_text=resolved,
-        config_hash=config_hash(cfg), tokenizer_dir=data.tokenizer_dir)
+        CheckpointManager(run.checkpoint_dir, keep_last=cfg.checkpoint.keep_last), model,
+        optimizer, scheduler, data.train_batches, config_text=run.config_yaml,
+        config_hash=run.config_hash, tokenizer_dir=data.tokenizer_dir)
     latest = checkpointer.manager.latest_valid() if cfg.checkpoint.resume == "auto" else None
-    reporter = RunReporter(cfg, cfg.model, steps, dp_size, torch.distributed.get_world_size(),
+    reporter = RunReporter(cfg, cfg.model, schedule.total_steps, dp_size,
+                           torch.distributed.get_world_size(),
                            resume_step=latest.step if latest is not None else None,
                            enabled=rank() == 0)
-    trainer = AOTTrainer(cfg, model, optimizer, scheduler, data.train_batches, data.val_batches,
+    trainer = AOTTrainer(cfg, schedule, policy=model, objective=PreferenceObjective(cfg.alignment),
+                         reference=reference, optimizer=optimizer, scheduler=scheduler,
+                         train_batches=data.train_batches, val_batches=data.val_batches,
                          save_fn=checkpointer.save, log_fn=reporter.log,
                          validation_hook=reporter.on_validation,
                          signal_received=lambda: preemption.requested, started=started)
@@ -307,7 +310,7 @@ def _run(cfg, preemption, started: float, scratch: str) -> RunResult:
     if trainer.state.step == 0 and cfg.trainer.val_check_interval and data.val is not None:
         trainer.validate()
     trainer.fit()
-    nemo_path = _export(cfg, model, trainer, data.tokenizer_dir)
+    nemo_path = _export(run, model, trainer, data.tokenizer_dir)
     adapter_path = None
     if nemo_path is not None and cfg.peft.enabled:
         model.sync_params()  # the adapters as the last optimizer step left them
@@ -315,14 +318,15 @@ def _run(cfg, preemption, started: float, scratch: str) -> RunResult:
                                       os.path.join(cfg.logging.output_dir, ADAPTER_DIR),
                                       base_model=cfg.init_from)
     reporter.close()
-    return RunResult(cfg.logging.output_dir, trainer.state.step, trainer.stop_reason,
+    return RunResult(run.output_dir, trainer.state.step, trainer.stop_reason,
                      nemo_path if rank() == 0 else None, reporter.metrics_path, reporter.plots,
                      adapter_path if rank() == 0 else None)
 
 
-def _export(cfg, model, trainer, tokenizer_dir: str) -> Optional[str]:
+def _export(run, model, trainer, tokenizer_dir: str) -> Optional[str]:
     """The policy as <output_dir>/aot_policy.nemo when the run finished (collective); under
     LoRA with the adapters merged into the base weights (a plain model)."""
+    cfg = run.config
     if not cfg.checkpoint.export_nemo_at_end:
         return None
     if trainer.stop_reason not in COMPLETE_REASONS:
@@ -331,6 +335,6 @@ def _export(cfg, model, trainer, tokenizer_dir: str) -> Optional[str]:
                            "exported (a resumed run exports at its end, or use `nemo-aot "
                            "export`)", trainer.stop_reason, trainer.state.step)
         return None
-    path = os.path.join(cfg.logging.output_dir, "aot_policy.nemo")
+    path = os.path.join(run.output_dir, "aot_policy.nemo")
     model.save_to(path, tokenizer_dir=tokenizer_dir)
     return path

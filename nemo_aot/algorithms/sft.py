@@ -6,15 +6,18 @@ over the response tokens of the chosen (paired data) or positive (unpaired data)
 micro-batch; rejected/negative rows are dropped before the forward. Everything else is the
 preference pipeline's own machinery, reused as is:
 
-* the config is an ``AOTConfig`` (model, data, trainer, optim, precision, parallel, init_from;
-  the alignment section is unused), composed and validated like any ``nemo-aot train`` run;
+* the run is a ``ResolvedRun`` (model, data, trainer, optim, precision, parallel, init_from;
+  of the alignment section only the log-prob path is read), resolved like any ``nemo-aot train``
+  run;
 * data come from ``load_preference_data`` + ``make_batches`` (formats, chat template, label
   mask, DP sharding, per-epoch shuffles);
-* the model is a ``MegatronGPTAOTModel`` (megatron-core GPTModel chunks wrapped in megatron DDP)
-  with megatron's optimizer and LR schedule from ``build_optimizer``; the forward/backward runs
-  in megatron's schedule, so tensor and data parallelism work under torchrun as they do for
-  preference training (pipeline parallelism is refused: rows are trimmed per micro-batch);
-* the per-token log-probs are ``vocab_parallel_logprobs`` (exact at any TP size);
+* the policy is a ``MegatronGPTAOTModel`` (megatron-core GPTModel chunks wrapped in megatron
+  DDP) with megatron's optimizer and LR schedule from ``build_optimizer``; ``SFTObjective`` is
+  the objective part of ``AOTTrainer`` and runs through the policy's own schedule runner, so
+  tensor and data parallelism work under torchrun as they do for preference training (pipeline
+  parallelism is refused: rows are trimmed per micro-batch);
+* the per-token log-probs are the policy's (``PolicyRunner.token_logprobs``, exact at any TP
+  size);
 * the result is written with ``MegatronGPTAOTModel.save_to`` (``nemo_format.save_nemo``).
 
 Each micro-batch's loss is its own token mean; megatron averages micro-batches and DDP averages
@@ -38,10 +41,9 @@ from nemo_aot.algorithms.trainer import AOTTrainer, build_optimizer
 from nemo_aot.data import load_preference_data, make_batches
 from nemo_aot.distributed.parallel import compute_device
 from nemo_aot.distributed.ranks import from_rank0, rank
-from nemo_aot.models.logprobs import tp_vocab_range, vocab_parallel_logprobs
 
-# megatron and models.aot_step (which imports it) load when a step runs, as in the rest of the
-# algorithms package: importing it stays free of megatron.
+# megatron and algorithms.objective (which imports it) load when a step runs, as in the rest of
+# the algorithms package: importing it stays free of megatron.
 
 logger = logging.getLogger(__name__)
 
@@ -67,42 +69,12 @@ def select_trained_rows(mb: dict) -> dict:
     return {k: (v[:, :width].contiguous() if v.dim() == 2 else v) for k, v in rows.items()}
 
 
-def response_cross_entropy(model, logits: torch.Tensor, mb: dict) -> torch.Tensor:
-    """Token-mean negative log-likelihood of the masked (response) labels, fp32."""
-    runner = model.step_runner
-    start, group = tp_vocab_range(runner.padded_vocab_size)
-    token_logps = vocab_parallel_logprobs(
-        logits, mb["labels"], vocab_size=runner.vocab_size, vocab_start=start, group=group,
-        chunk_tokens=runner.alignment.logprob_chunk_size)
+def response_cross_entropy(policy, output: torch.Tensor, mb: dict) -> torch.Tensor:
+    """Token-mean negative log-likelihood of the masked (response) labels, fp32, from the last
+    stage's ``output`` (the policy's log-prob path: hidden states or logits)."""
+    token_logps = policy.runner.token_logprobs(output, mb["labels"])
     mask = mb["loss_mask"].to(token_logps.dtype)
     return -(token_logps * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def sft_step(model, micro_batches: list[dict], forward_only: bool = False) -> float:
-    """Forward(/backward) of one global batch in megatron's schedule; the mean micro-batch loss
-    over all micro-batches and data-parallel ranks, on every rank."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    rows = [select_trained_rows(mb) for mb in micro_batches]
-    if any(r["input_ids"].shape[0] == 0 for r in rows):
-        raise ValueError("a micro-batch holds no chosen/positive rows to train on; use paired "
-                         "data or unpaired data with positives in every micro-batch")
-    seq = max(r["input_ids"].shape[1] for r in rows)
-
-    def forward_step(data_iterator, module):
-        mb = next(data_iterator)
-        output = module(mb["input_ids"], mb["position_ids"], None)
-
-        def loss_func(logits):
-            loss = response_cross_entropy(model, logits, mb)
-            return loss, {"ce": loss.detach().clone()}
-        return output, loss_func
-
-    stats = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(rows), model=model.chunks[0],
-        num_microbatches=len(rows), seq_length=seq,
-        micro_batch_size=rows[0]["input_ids"].shape[0], forward_only=forward_only)
-    return _global_mean([float(s["ce"]) for s in stats if "ce" in s])
 
 
 def _global_mean(local: list) -> float:
@@ -118,51 +90,57 @@ def _global_mean(local: list) -> float:
 
 
 class SFTObjective:
-    """The trainer's model interface (``AOTTrainer``) for SFT: the same loop, checkpoint-free
-    save, stop and logging machinery as preference training, with the NLL step."""
+    """The NLL objective on the policy (``AOTTrainer``'s objective part): the same loop, stop
+    and logging machinery as preference training, and the same schedule runner."""
 
-    def __init__(self, model):
-        self.model = model
+    data_kinds = ("paired", "unpaired")  # the chosen responses of either kind
 
-    def prepare_for_training_step(self) -> None:
-        self.model.prepare_for_training_step()
+    def step(self, policy, micro_batches: list[dict], forward_only: bool = False,
+             collect_rewards: bool = False):
+        """Forward(/backward) of one global batch; the loss is the mean micro-batch loss over
+        all micro-batches and data-parallel ranks, on every rank."""
+        from nemo_aot.algorithms.objective import StepResult
 
-    def get_loss_and_metrics(self, micro_batches: list[dict], forward_only: bool,
-                             collect_rewards: bool = False):
-        from nemo_aot.models.aot_step import StepResult
+        rows = [select_trained_rows(mb) for mb in micro_batches]
+        if any(r["input_ids"].shape[0] == 0 for r in rows):
+            raise ValueError("a micro-batch holds no chosen/positive rows to train on; use paired "
+                             "data or unpaired data with positives in every micro-batch")
 
-        return StepResult({"loss": sft_step(self.model, micro_batches, forward_only)}, {})
+        def loss_for(index, mb, output):
+            loss = response_cross_entropy(policy, output, mb)
+            return loss, {"ce": loss.detach().clone()}
 
-    def finish_training_step(self) -> None:
-        self.model.finish_training_step()
-
-    def attach_reference(self, micro_batches: list[dict], split: str = "train") -> list[dict]:
-        return micro_batches  # SFT has no reference policy
+        stats = policy.forward_backward(rows, loss_for, forward_only)
+        return StepResult({"loss": _global_mean([float(s["ce"]) for s in stats if "ce" in s])},
+                          {})
 
 
-def build_sft(cfg, scratch: str):
-    """(validated cfg, model, optimizer, scheduler, training batches, tokenizer folder) at cfg's
-    parallel layout; ``scratch`` holds the tokenizer taken from init_from while it is used."""
-    if cfg.parallel.pipeline_model_parallel_size > 1:
+def build_sft(run, scratch: str):
+    """(model, optimizer, scheduler, schedule, training batches, tokenizer folder) of the
+    ``ResolvedRun`` at its parallel layout; ``scratch`` holds the tokenizer taken from init_from
+    while it is used."""
+    cfg = run.config
+    if run.layout.pipeline > 1:
         raise ValueError("SFT does not support pipeline parallelism; set "
                          "parallel.pipeline_model_parallel_size=1 (TP and DP work)")
-    cfg, dp_rank, dp_size = setup_run(cfg)
-    tokenizer, tokenizer_dir = policy_tokenizer(cfg, scratch)
+    dp_rank, dp_size = setup_run(run)
+    tokenizer, tokenizer_dir = policy_tokenizer(run, scratch)
     data = load_preference_data(cfg.data, "train", tokenizer)
     t = cfg.trainer
     batches = make_batches(data, cfg.data, t.global_batch_size, t.micro_batch_size,
                            dp_rank, dp_size, train=True)
-    model = build_policy(cfg)
-    optimizer, scheduler = build_optimizer(cfg, model, len(batches))
-    return cfg, model, optimizer, scheduler, batches, tokenizer_dir
+    schedule = run.schedule.for_epoch_length(len(batches))
+    model = build_policy(run)
+    optimizer, scheduler = build_optimizer(cfg, schedule, model)
+    return model, optimizer, scheduler, schedule, batches, tokenizer_dir
 
 
-def train_sft(cfg, out_path: str, snapshot_every: int = 0,
+def train_sft(run, out_path: str, snapshot_every: int = 0,
               on_step: Optional[Callable[[dict], None]] = None,
               stop_when: Optional[Callable[[int, list], bool]] = None,
               check_every: int = 0) -> SFTResult:
-    """Fine-tune ``cfg.init_from`` (or a random init of ``cfg.model``) on ``cfg.data``'s
-    chosen/positive responses for ``cfg.trainer.max_steps`` steps (or ``max_epochs``); write
+    """Fine-tune the ``ResolvedRun``'s init_from (or a random init of its model) on its data's
+    chosen/positive responses for ``trainer.max_steps`` steps (or ``max_epochs``); write
     ``out_path`` and, every ``snapshot_every`` steps, ``<out_path stem>_stepNNNNNN.nemo``.
 
     ``stop_when(step, chunks)`` runs every ``check_every`` steps on every rank with the model
@@ -171,13 +149,16 @@ def train_sft(cfg, out_path: str, snapshot_every: int = 0,
     data-parallel ranks). The loop is ``AOTTrainer``'s, with ``SFTObjective`` as the model, no
     validation and no checkpoints; a non-finite loss or gradient norm stops with an error."""
     with tempfile.TemporaryDirectory(prefix="nemo_aot_sft_") as scratch:
-        return _train_sft(cfg, out_path, scratch, snapshot_every, on_step, stop_when, check_every)
+        return _train_sft(run, out_path, scratch, snapshot_every, on_step, stop_when, check_every)
 
 
-def _train_sft(cfg, out_path, scratch, snapshot_every, on_step, stop_when, check_every):
-    cfg, model, optimizer, scheduler, batches, tokenizer_dir = build_sft(cfg, scratch)
-    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(
-        cfg.trainer, val_check_interval=0, nonfinite="abort"))
+def _train_sft(run, out_path, scratch, snapshot_every, on_step, stop_when, check_every):
+    from nemo_aot.models.reference import NoReference
+
+    model, optimizer, scheduler, schedule, batches, tokenizer_dir = build_sft(run, scratch)
+    # SFT's own loop settings: no validation, a non-finite step stops the run
+    cfg = dataclasses.replace(run.config, trainer=dataclasses.replace(
+        run.config.trainer, val_check_interval=0, nonfinite="abort"))
     stem = os.path.splitext(out_path)[0]
     history, snapshots, started = [], [], time.monotonic()
 
@@ -195,20 +176,19 @@ def _train_sft(cfg, out_path, scratch, snapshot_every, on_step, stop_when, check
             model.save_to(path, tokenizer_dir=tokenizer_dir)
             snapshots.append((step, path))
         if stop_when is not None and check_every and step % check_every == 0:
-            for chunk in model.chunks:
-                chunk.eval()
-            with torch.no_grad():
+            with model.evaluating():
                 if from_rank0(bool(stop_when(step, list(model.chunks)))):
                     return "target_reached"
         return None
 
-    trainer = AOTTrainer(cfg, SFTObjective(model), optimizer, scheduler, batches, [],
-                         save_fn=lambda trainer: None, log_fn=log, step_hook=after_step,
-                         started=started)
+    trainer = AOTTrainer(cfg, schedule, policy=model, objective=SFTObjective(),
+                         reference=NoReference(), optimizer=optimizer, scheduler=scheduler,
+                         train_batches=batches, val_batches=[], save_fn=lambda trainer: None,
+                         log_fn=log, step_hook=after_step, started=started)
     trainer.fit()
     model.save_to(out_path, tokenizer_dir=tokenizer_dir)
     return SFTResult(out_path if rank() == 0 else None, trainer.state.step, snapshots, history)
 
 
-__all__ = ["SFTResult", "SFTObjective", "build_sft", "train_sft", "sft_step",
-           "response_cross_entropy", "select_trained_rows"]
+__all__ = ["SFTResult", "SFTObjective", "build_sft", "train_sft", "response_cross_entropy",
+           "select_trained_rows"]

@@ -1,18 +1,21 @@
-"""``AOTTrainer``: the preference-training loop, in NeMo-Aligner's shape.
+"""``AOTTrainer``: the preference-training loop, in NeMo-Aligner's shape, over three named
+parts - a policy, an objective and a reference.
 
     for each global batch:
-        attach reference log-probs          (cached table lookup, or a CPU weight swap)
+        reference.attach(micro_batches)      reference log-probs as data (a cached table lookup,
+                                             a CPU weight swap, the adapters switched off)
         train_single_step:
-            model.prepare_for_training_step()    zero DDP grad buffers
-            model.get_loss_and_metrics(...)      forward/backward in megatron's schedule
-            optimizer.step()                     grad sync already done; clip; Adam; LR schedule
-            model.finish_training_step()
+            policy.prepare_for_training_step()       train mode, zero DDP grad buffers
+            objective.step(policy, micro_batches)    forward/backward in megatron's schedule
+            optimizer.step()                         grad sync already done; clip; Adam; LR
+            policy.finish_training_step()
         non-finite loss or grad norm -> skip the update (counted) or abort, by config
         log; validate every N steps; checkpoint every M steps or on SIGTERM/SIGUSR1; stop on
-        max_steps / max_epochs / time budget
+        the schedule's length (max_steps / max_epochs) or the time budget
 
-The trainer depends only on the model interface above (see ``nemo_aot.models.aot_model``), the
-megatron optimizer and scheduler, and resumable batch iterables.
+The trainer depends only on those interfaces (``nemo_aot.models.aot_model`` for the policy's,
+``nemo_aot.algorithms.objective`` and ``nemo_aot.models.reference``), the megatron optimizer and
+scheduler, the run's ``Schedule`` and resumable batch iterables.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ import torch
 
 from nemo_aot.distributed.ranks import any_ranks, is_rank_zero
 
-# megatron and models.aot_step (which imports it) are imported where used: run.py, and through
-# it the launcher and `nemo-aot --help`, import this module and must not load megatron.
+# megatron and algorithms.objective (which imports it) are imported where used: run.py, and
+# through it the launcher and `nemo-aot --help`, import this module and must not load megatron.
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +40,14 @@ logger = logging.getLogger(__name__)
 COMPLETE_REASONS = ("max_steps", "max_epochs")
 
 
-def build_optimizer(cfg, model, steps_per_epoch: int):
+def build_optimizer(cfg, schedule, model):
     """megatron-core optimizer (optionally distributed) and its LR/WD scheduler over the run's
-    real length: ``max_steps`` or ``max_epochs`` x ``steps_per_epoch``, whichever ends first."""
+    real length (``schedule``: a ``resolve.Schedule`` that knows its steps per epoch)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     o, precision = cfg.optim, cfg.precision.precision
-    total = total_steps(cfg, steps_per_epoch)
-    check_schedule(cfg, total, steps_per_epoch)
+    total = schedule.total_steps
     opt_config = OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
@@ -86,35 +88,6 @@ def use_fused_adam(optimizer, fused: Optional[bool]) -> list:
     return switched
 
 
-def check_schedule(cfg, total: int, steps_per_epoch: int) -> None:
-    """The LR schedule needs at least one step after warmup; say which keys set the length."""
-    t, warmup = cfg.trainer, cfg.optim.warmup_steps
-    if warmup < total:
-        return
-    limits = []
-    if t.max_steps is not None:
-        limits.append(f"trainer.max_steps={t.max_steps}")
-    if t.max_epochs is not None:
-        limits.append(f"trainer.max_epochs={t.max_epochs} x {steps_per_epoch} steps per epoch "
-                      f"(the training data at trainer.global_batch_size={t.global_batch_size})")
-    length = f"the run is {total} optimizer steps long ({' and '.join(limits)})"
-    if total < 1:
-        raise ValueError(f"{length}; lower trainer.global_batch_size or add training data")
-    raise ValueError(f"optim.warmup_steps={warmup} is not smaller than the run: {length}; "
-                     "lower optim.warmup_steps (the LR schedule needs decay steps)")
-
-
-def total_steps(cfg, steps_per_epoch: Optional[int] = None) -> int:
-    """Optimizer steps of the run: whichever of max_steps and max_epochs is reached first."""
-    t = cfg.trainer
-    limits = []
-    if t.max_steps is not None:
-        limits.append(t.max_steps)
-    if t.max_epochs is not None and steps_per_epoch is not None:
-        limits.append(steps_per_epoch * t.max_epochs)
-    return min(limits) if limits else 0
-
-
 @dataclass
 class TrainState:
     """Everything besides weights and optimizer that a resume needs."""
@@ -133,13 +106,15 @@ class TrainState:
 class AOTTrainer:
     """Runs steps, validation and checkpointing; knows nothing about megatron internals."""
 
-    def __init__(self, cfg, model, optimizer, scheduler, train_batches, val_batches,
-                 save_fn: Callable[["AOTTrainer"], None], log_fn: Callable[[str, int, dict], None],
+    def __init__(self, cfg, schedule, *, policy, objective, reference, optimizer, scheduler,
+                 train_batches, val_batches, save_fn: Callable[["AOTTrainer"], None],
+                 log_fn: Callable[[str, int, dict], None],
                  validation_hook: Optional[Callable[[int, dict, dict], None]] = None,
                  signal_received: Optional[Callable[[], bool]] = None,
                  started: Optional[float] = None,
                  step_hook: Optional[Callable[["AOTTrainer"], Optional[str]]] = None):
-        self.cfg, self.model = cfg, model
+        self.cfg, self.schedule = cfg, schedule
+        self.policy, self.objective, self.reference = policy, objective, reference
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_batches, self.val_batches = train_batches, val_batches
         self.save_fn, self.log_fn = save_fn, log_fn
@@ -150,7 +125,7 @@ class AOTTrainer:
         # Its answer must be the same on every rank (decide on rank 0, broadcast).
         self.step_hook = step_hook
         self.state = TrainState()
-        self.max_steps = total_steps(cfg, len(train_batches))
+        self.max_steps = schedule.total_steps
         # The time budget counts from the start of the run (set-up included), on each rank's
         # clock; the first rank past it stops every rank.
         self.started = time.monotonic() if started is None else started
@@ -158,10 +133,10 @@ class AOTTrainer:
 
     # ------------------------------------------------------------------ one step
     def train_single_step(self, micro_batches: list[dict]) -> dict[str, float]:
-        self.model.prepare_for_training_step()
+        self.policy.prepare_for_training_step()
         self.optimizer.zero_grad()
         t0 = time.monotonic()
-        metrics = dict(self.model.get_loss_and_metrics(micro_batches, forward_only=False).metrics)
+        metrics = dict(self.objective.step(self.policy, micro_batches, forward_only=False).metrics)
         loss_finite = math.isfinite(metrics.get("loss", 0.0))
         if loss_finite:
             success, grad_norm, _ = self.optimizer.step()
@@ -179,7 +154,7 @@ class AOTTrainer:
                            metrics.get("loss"), grad_norm)
         else:
             self.scheduler.step(increment=self.cfg.trainer.global_batch_size)
-        self.model.finish_training_step()
+        self.policy.finish_training_step()
         tokens = sum(int(mb["input_ids"].numel()) for mb in micro_batches)
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                        lr=self.optimizer.param_groups[0]["lr"], step_time=time.monotonic() - t0,
@@ -190,7 +165,7 @@ class AOTTrainer:
     def validate(self) -> dict[str, float]:
         """Metrics over the validation split (or its first limit_val_batches global batches),
         reduced exactly: additive pieces summed over every batch, finalized once."""
-        from nemo_aot.models.aot_step import finalize_sums
+        from nemo_aot.algorithms.objective import finalize_sums
 
         totals: dict[str, float] = {}
         chosen, rejected = [], []
@@ -198,9 +173,10 @@ class AOTTrainer:
         for i, micro_batches in enumerate(self.val_batches):
             if limit is not None and i >= limit:
                 break
-            result = self.model.get_loss_and_metrics(
-                self.model.attach_reference(micro_batches, split="validation"),
-                forward_only=True, collect_rewards=True)
+            micro_batches = self.reference.attach(micro_batches, split="validation")
+            with self.policy.evaluating():
+                result = self.objective.step(self.policy, micro_batches, forward_only=True,
+                                             collect_rewards=True)
             for k, v in result.sums.items():
                 totals[k] = totals.get(k, 0.0) + v
             chosen.append(result.rewards["chosen"])
@@ -220,12 +196,12 @@ class AOTTrainer:
 
     def fit(self) -> TrainState:
         t = self.cfg.trainer
-        max_epochs = t.max_epochs
+        max_epochs = self.schedule.max_epochs
         # A resumed run may already be done (e.g. requeued after its last save): train nothing.
         self.stop_reason = self._stop_reason()
         while self.stop_reason is None:
             for micro_batches in self.train_batches:
-                micro_batches = self.model.attach_reference(micro_batches)
+                micro_batches = self.reference.attach(micro_batches)
                 metrics = self.train_single_step(micro_batches)
                 self.state.step += 1
                 self.state.consumed_samples += t.global_batch_size
@@ -260,13 +236,12 @@ class AOTTrainer:
         signal, out_of_time = any_ranks([self.signal_received(), self._out_of_time()])
         if signal:
             return "signal"
-        if self.max_steps and self.state.step >= self.max_steps:
-            configured = self.cfg.trainer.max_steps
-            return "max_steps" if configured == self.max_steps else "max_epochs"
+        reached = self.schedule.stop_reason(self.state.step)
+        if reached is not None:
+            return reached
         if out_of_time:
             return "max_time"
         return None
 
 
-__all__ = ["AOTTrainer", "TrainState", "build_optimizer", "check_schedule", "total_steps",
-           "COMPLETE_REASONS"]
+__all__ = ["AOTTrainer", "TrainState", "build_optimizer", "COMPLETE_REASONS"]

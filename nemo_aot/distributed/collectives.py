@@ -103,7 +103,8 @@ def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def data_parallel_gather(group=None, rows: Optional[Sequence[Sequence[int]]] = None):
-    """The ``gather`` callable that ``nemo_aot.losses.preference_loss`` takes for the
-    ``data_parallel`` sort scope: pass the data-parallel process group (``None`` = default) and,
-    when known, every rank's row counts of the gathered tensors."""
+    """The ``data_parallel`` sort scope's gather, ``gather(tensors) -> gathered``, applied to the
+    loss's inputs before ``nemo_aot.losses.preference_loss`` sorts them: pass the data-parallel
+    process group (``None`` = default) and, when known, every rank's row counts of the gathered
+    tensors."""
     return functools.partial(all_gather_list_with_grad, group=group, rows=rows)

@@ -32,18 +32,15 @@ class ParallelConfig:
         return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
 
     def validate(self, world_size: int, model=None, prefix: str = "parallel") -> None:
-        """Refuse layouts that cannot work; ``model`` is a GPTModelConfig when known."""
+        """Refuse layouts that cannot work; ``model`` is a GPTModelConfig when known. What no
+        launch can fix (the layout itself, the model's divisibility) is checked before the
+        world size."""
         tp, pp, vpp = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
                        self.virtual_pipeline_model_parallel_size)
         for key, value in (("tensor_model_parallel_size", tp),
                            ("pipeline_model_parallel_size", pp)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{prefix}.{key} must be a positive integer, got {value!r}")
-        if world_size % (tp * pp):
-            raise ValueError(
-                f"{prefix}: world size {world_size} is not divisible by tensor_model_parallel_size "
-                f"({tp}) x pipeline_model_parallel_size ({pp}) = {tp * pp}; launch a multiple of "
-                f"{tp * pp} ranks or change the layout")
         if vpp is not None:
             if pp < 2:
                 raise ValueError(f"{prefix}.virtual_pipeline_model_parallel_size needs "
@@ -54,8 +51,17 @@ class ParallelConfig:
         if self.sequence_parallel and tp == 1:
             raise ValueError(f"{prefix}.sequence_parallel needs tensor_model_parallel_size > 1; "
                              "set it to false")
-        if model is None:
-            return
+        if model is not None:
+            self._check_model(model, prefix)
+        if world_size % (tp * pp):
+            raise ValueError(
+                f"{prefix}: world size {world_size} is not divisible by tensor_model_parallel_size "
+                f"({tp}) x pipeline_model_parallel_size ({pp}) = {tp * pp}; launch a multiple of "
+                f"{tp * pp} ranks or change the layout")
+
+    def _check_model(self, model, prefix: str) -> None:
+        tp, pp, vpp = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+                       self.virtual_pipeline_model_parallel_size)
         if model.num_attention_heads % tp:
             raise ValueError(f"{prefix}.tensor_model_parallel_size={tp} must divide "
                              f"model.num_attention_heads={model.num_attention_heads}")

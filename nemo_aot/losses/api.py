@@ -3,13 +3,13 @@ paired and unpaired, DPO, IPO).
 
 Sort scopes. The loss sorts whatever batch it is given; the caller picks that batch:
 
-* ``micro`` -- pass this rank's micro-batch, ``gather=None`` (TRL's behaviour).
-* ``data_parallel`` -- pass this rank's micro-batch and ``gather``, a callable that concatenates a
-  list of 1-D tensors across the data-parallel group along dim 0 *with autograd*:
-  ``nemo_aot.distributed.collectives.data_parallel_gather(dp_group)`` (this package never imports
-  torch.distributed itself).
-  The four inputs are upcast, gathered in one call, and the loss is computed on the concatenated
-  (global) batch, so every rank returns the same loss value and the same metrics.
+* ``micro`` -- pass this rank's micro-batch (TRL's behaviour).
+* ``data_parallel`` -- pass the micro-batch gathered over the data-parallel group along dim 0
+  *with autograd* (the four inputs and the lengths in one call of
+  ``nemo_aot.distributed.collectives.data_parallel_gather``; this package never imports
+  torch.distributed itself, and ``nemo_aot.algorithms.objective`` is the one place that
+  gathers). Every rank then computes the loss of the concatenated (global) batch, the same loss
+  value and the same metrics.
 
   Caller contract (checked by tests/distributed/test_aot_gather.py): return this loss from the
   megatron ``loss_func`` *unscaled*. The gather's backward sums the incoming gradients over the
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -37,7 +37,6 @@ from .metrics import preference_metric_sums
 from .registry import LossSpec, get_loss_spec
 from .surrogates import SMOOTHABLE, get_surrogate
 
-Gather = Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]
 ARG_NAMES = ("policy_chosen_logps", "policy_rejected_logps",
              "reference_chosen_logps", "reference_rejected_logps")
 
@@ -109,7 +108,7 @@ def _check_lengths(tensors: Sequence[torch.Tensor], lengths: Sequence[torch.Tens
 def _check_values(tensors: Sequence[torch.Tensor], check_finite: bool) -> None:
     for name, t in zip(ARG_NAMES[:2], tensors[:2]):
         if t.numel() == 0:
-            raise ValueError(f"{name} is empty (after gathering, if a gather was given)")
+            raise ValueError(f"{name} is empty")
     if check_finite and not bool(torch.isfinite(torch.cat([t.detach() for t in tensors])).all()):
         bad = [n for n, t in zip(ARG_NAMES, tensors) if not bool(torch.isfinite(t.detach()).all())]
         raise ValueError(f"{', '.join(bad)} contain NaN or Inf")
@@ -125,7 +124,6 @@ def preference_loss(
     beta: float,
     label_smoothing: float = 0.0,
     surrogate: str = "logistic",
-    gather: Gather | None = None,
     check_finite: bool = True,
     lengths: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -142,11 +140,11 @@ def preference_loss(
         label_smoothing: cDPO flip probability in [0, 0.5), logistic surrogate only.
         surrogate: ``"logistic"``, ``"squared_hinge"``, ``"least_squares"`` or ``"hinge"``
             (AOT and DPO; IPO has its own fixed form).
-        gather: ``None`` for the ``micro`` scope, or the ``data_parallel`` gather (module doc).
         check_finite: raise on NaN/Inf inputs (one host sync).
         lengths: ``(chosen, rejected)`` response token counts when the log-probs are
             length-averaged: the loss uses the averages, the TRL-named metrics (``rewards/*``,
-            ``logps/*``) the token sums, as TRL logs them. Gathered with the log-probs.
+            ``logps/*``) the token sums, as TRL logs them (gathered with the log-probs under
+            the ``data_parallel`` scope).
 
     Returns:
         ``(loss, metric_sums)``: the scalar loss (fp32, or fp64 for fp64 inputs) and the additive
@@ -163,8 +161,6 @@ def preference_loss(
     extra = [] if lengths is None else list(lengths)
     _check_lengths(tensors, extra)
     tensors = [t.to(dtype) for t in tensors + tuple(extra)]
-    if gather is not None:
-        tensors = list(gather(tensors))
     tensors, extra = tensors[:4], tensors[4:]
     _check_values(tensors, check_finite)
     pc, pr, rc, rr = tensors

@@ -101,7 +101,7 @@ def _check_reproduced(values, index, plan_values, atol, side):
     if atol is None or values.numel() == 0:
         return
     diff = (values.detach() - plan_values[index.to(plan_values.device)]).abs().max()
-    if bool(diff > atol):  # one host sync; AOTStep checks reproduction_error once per step
+    if bool(diff > atol):  # one host sync; the objective checks reproduction_error once per step
         raise RuntimeError(f"second-pass {side} values differ from the first pass by "
                            f"{float(diff):.3g} > reproduce_atol={atol}: the forward is not "
                            "deterministic (dropout on?)")

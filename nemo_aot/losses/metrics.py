@@ -61,6 +61,23 @@ QUANTILE_LEVELS = (0.1, 0.5, 0.9)
 SIDES = ("chosen", "rejected")
 
 
+def preference_metric_keys(margins: bool) -> tuple[str, ...]:
+    """The pieces ``preference_metric_sums`` returns (``margins``: as its argument; the paired
+    loss types): declared, so that a rank without a real sample joins the reductions with the
+    same vector."""
+    keys = ["loss_sum", "calls", "accuracy_sum", "pair_count", "fsd_violation_sum"]
+    for side in SIDES:
+        keys += [f"{side}_reward_sum", f"{side}_reward_sqsum", f"{side}_reward_count",
+                 f"{side}_logps_sum"]
+        keys += [f"{side}_reward_q{round(100 * t)}_sum" for t in QUANTILE_LEVELS]
+    return tuple(keys + (["margin_fsd_violation_sum"] if margins else []))
+
+
+# The pieces of logit_metric_sums and nll_metric_sums.
+LOGIT_METRIC_KEYS = tuple(f"{side}_logits_{part}" for side in SIDES for part in ("sum", "tokens"))
+NLL_METRIC_KEYS = ("nll_sum", "nll_tokens", "sft_loss_sum")
+
+
 def _moments(name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
     # new_full, not new_tensor: a Python scalar copied to a GPU would synchronise the host.
     return {f"{name}_sum": x.sum(), f"{name}_sqsum": x.square().sum(),

@@ -1,14 +1,22 @@
-"""``MegatronGPTAOTModel``: a NeMo model holding megatron-core GPTModel chunks, trained with AOT.
+"""``MegatronGPTAOTModel``: the policy - a NeMo model holding megatron-core GPTModel chunks.
 
 The class is a ``nemo.core.ModelPT`` (so it saves and restores as a ``.nemo`` and carries its
-config), and exposes the small interface the trainer depends on:
+config). It is built from typed, already resolved parts (``nemo_aot.algorithms.resolve``) and
+knows no objective and no reference: the trainer wires three named parts,
 
-    prepare_for_training_step()          zero the DDP grad buffers
-    get_loss_and_metrics(mbs, forward_only, collect_rewards=False) -> StepResult
-                                         forward(/backward) of one global batch: metrics, their
-                                         additive pieces, per-sample rewards when collected
+    policy      this class: forward(/backward) of a global batch through megatron's schedule
+                and per-sequence log-probs on the last stage (``PolicyRunner``)
+    objective   the loss on those log-probs (``nemo_aot.algorithms.objective``; SFT's in
+                ``nemo_aot.algorithms.sft``): ``objective.step(policy, micro_batches)``
+    reference   reference log-probs attached to each micro-batch as data
+                (``nemo_aot.models.reference``)
+
+and depends on this small interface of the policy:
+
+    prepare_for_training_step()          train mode, zero the DDP grad buffers
     finish_training_step()               nothing to do after the optimizer step today
-    attach_reference(mbs)                add reference log-probs to micro-batches
+    evaluating()                         eval mode and no autograd within the block
+    forward_backward(mbs, loss_for, forward_only), sequence_logps(output, mb), score(mbs)
     sharded_state_dict()                 megatron dist-checkpoint view of the trained weights
                                          (the adapters only under LoRA)
 
@@ -21,26 +29,21 @@ adapters only (``nemo_aot.models.lora``).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_aot.distributed.parallel import ParallelConfig
-from nemo_aot.losses.config import AlignmentConfig
-from nemo_aot.models.aot_step import AOTStep, StepResult
 from nemo_aot.models.config import GPTModelConfig, to_transformer_config
 from nemo_aot.models.gpt import build_model_chunks
 from nemo_aot.models.lora import MERGED, adapter_sharded_state_dict, freeze_base, is_adapter_name
 from nemo_aot.models.options import PeftConfig, PrecisionConfig
 from nemo_aot.models.performance import PerformanceConfig, transformer_overrides
-from nemo_aot.models.reference import (
-    AdaptersOffReference,
-    CpuSwapReference,
-    ReferenceTable,
-    attach_reference,
-)
+from nemo_aot.models.policy_runner import PolicyRunner
 
 logger = logging.getLogger(__name__)
 
@@ -59,27 +62,12 @@ def fp8_overrides(precision: PrecisionConfig) -> dict:
                 fp8_param=precision.fp8_param)
 
 
-RUNTIME_SECTIONS = ("precision", "parallel", "alignment", "peft")
-
-
-def architecture_from_cfg(cfg: DictConfig) -> GPTModelConfig:
-    """The flat architecture keys of a model cfg (NeMo MegatronGPTModel layout)."""
-    import dataclasses
-
-    known = {f.name for f in dataclasses.fields(GPTModelConfig)}
-    flat = OmegaConf.to_container(cfg, resolve=True)
-    return GPTModelConfig.from_dict({k: v for k, v in flat.items() if k in known})
-
-
 def model_cfg_node(model: GPTModelConfig, precision: PrecisionConfig, parallel: ParallelConfig,
-                   alignment: AlignmentConfig, peft: Optional[PeftConfig] = None) -> DictConfig:
-    """The ModelPT cfg: architecture keys at the top level (as NeMo's model_config.yaml has
-    them) plus the run-time sections."""
-    import dataclasses
-
+                   peft: PeftConfig) -> DictConfig:
+    """The ModelPT cfg, written from the typed parts (never read back): architecture keys at
+    the top level (as NeMo's model_config.yaml has them) plus the run-time sections."""
     node = OmegaConf.create(model.to_dict())
-    sections = (precision, parallel, alignment, peft or PeftConfig())
-    for name, section in zip(RUNTIME_SECTIONS, sections):
+    for name, section in (("precision", precision), ("parallel", parallel), ("peft", peft)):
         node[name] = dataclasses.asdict(section)
     return node
 
@@ -95,41 +83,35 @@ def load_nemo_into(path: str, chunks: list) -> None:
 
 
 class MegatronGPTAOTModel(ModelPT):
-    """A Llama-family GPT policy on megatron-core, aligned with AOT / DPO / IPO."""
+    """A Llama-family GPT policy on megatron-core, for preference alignment."""
 
-    def __init__(self, cfg: DictConfig, trainer=None, *, use_distributed_optimizer: bool = False,
-                 seed: int = 1234, performance: Optional[PerformanceConfig] = None):
-        super().__init__(cfg=cfg, trainer=trainer)
-        self.performance = performance or PerformanceConfig()
-        self.model_cfg = architecture_from_cfg(cfg)
-        self.precision_cfg = PrecisionConfig(**OmegaConf.to_container(cfg.precision, resolve=True))
-        self.parallel_cfg = ParallelConfig(**OmegaConf.to_container(cfg.parallel, resolve=True))
-        self.alignment = AlignmentConfig(**OmegaConf.to_container(cfg.alignment, resolve=True))
-        self.peft = PeftConfig(**OmegaConf.to_container(cfg.peft, resolve=True)) \
-            if "peft" in cfg else PeftConfig()
-        self.peft.validate()
-        self.precision_cfg.validate()
-        self.precision_cfg.check_runtime()
-        self.alignment.validate()
+    def __init__(self, model: GPTModelConfig, *, precision: Optional[PrecisionConfig] = None,
+                 parallel: Optional[ParallelConfig] = None, peft: Optional[PeftConfig] = None,
+                 performance: Optional[PerformanceConfig] = None,
+                 logprobs_from: str = "hidden_states", logprob_chunk_size: int = 1024,
+                 use_distributed_optimizer: bool = False, seed: int = 1234, trainer=None):
+        """``model`` and the sections come resolved (``nemo_aot.algorithms.resolve``): nothing
+        is validated again here. ``logprobs_from`` and ``logprob_chunk_size``: how the last stage
+        turns its output into log-probs (``alignment.*`` of a run)."""
+        precision, parallel = precision or PrecisionConfig(), parallel or ParallelConfig()
+        peft, performance = peft or PeftConfig(), performance or PerformanceConfig()
+        super().__init__(cfg=model_cfg_node(model, precision, parallel, peft), trainer=trainer)
+        self.model_cfg, self.precision_cfg, self.parallel_cfg = model, precision, parallel
+        self.peft, self.performance = peft, performance
+        precision.check_runtime()  # the host, not the config: TE present, FP8-capable GPU
         self.transformer_config = to_transformer_config(
-            self.model_cfg, self.parallel_cfg, self.precision_cfg.precision,
-            **fp8_overrides(self.precision_cfg),
-            **transformer_overrides(self.performance, self.precision_cfg.transformer_impl,
-                                    self.model_cfg.attention_backend))
-        chunks = build_model_chunks(self.model_cfg, self.transformer_config,
-                                    self.precision_cfg.transformer_impl, peft=self.peft, seed=seed)
-        if self.peft.enabled:  # before DDP: its buffers hold the trainable parameters only
+            model, parallel, precision.precision, **fp8_overrides(precision),
+            **transformer_overrides(performance, precision.transformer_impl,
+                                    model.attention_backend))
+        chunks = build_model_chunks(model, self.transformer_config, precision.transformer_impl,
+                                    peft=peft, seed=seed)
+        if peft.enabled:  # before DDP: its buffers hold the trainable parameters only
             freeze_base(chunks)
         self.chunks = torch.nn.ModuleList(self._wrap_ddp(chunks, use_distributed_optimizer))
-        self.step_runner = AOTStep(
-            list(self.chunks), self.transformer_config, vocab_size=self.model_cfg.vocab_size,
-            padded_vocab_size=self.model_cfg.padded_vocab_size(
-                self.parallel_cfg.tensor_model_parallel_size),
-            alignment=self.alignment)
-        self.reference_tables: dict[str, ReferenceTable] = {}
-        self.cpu_swap: Optional[CpuSwapReference] = None
-        self.adapters_off = AdaptersOffReference(list(self.chunks)) \
-            if self.alignment.reference_policy == "adapters_off" else None
+        self.runner = PolicyRunner(
+            list(self.chunks), self.transformer_config, vocab_size=model.vocab_size,
+            padded_vocab_size=model.padded_vocab_size(parallel.tensor_model_parallel_size),
+            logprobs_from=logprobs_from, logprob_chunk_size=logprob_chunk_size)
 
     def _wrap_ddp(self, chunks, use_distributed_optimizer: bool):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -163,12 +145,8 @@ class MegatronGPTAOTModel(ModelPT):
         return wrapped
 
     def sync_params(self) -> None:
-        """Finish the parameter all-gather that overlap_param_gather defers to the next forward
-        (collective). Code that reads the weights without a forward (checkpoint, export, the
-        cpu_swap reference) calls it first; a forward gathers through megatron's pre-hooks."""
-        for chunk in self.chunks:
-            if chunk.ddp_config.overlap_param_gather:
-                chunk.start_param_sync(force_sync=True)
+        """See ``PolicyRunner.sync_params`` (collective)."""
+        self.runner.sync_params()
 
     # ------------------------------------------------------------------ trainer interface
     def prepare_for_training_step(self) -> None:
@@ -176,42 +154,33 @@ class MegatronGPTAOTModel(ModelPT):
             chunk.train()
             chunk.zero_grad_buffer()
 
-    def get_loss_and_metrics(self, micro_batches: list[dict], forward_only: bool,
-                             collect_rewards: bool = False) -> StepResult:
-        if forward_only:
-            for chunk in self.chunks:
-                chunk.eval()
-            with torch.no_grad():
-                return self.step_runner.step(micro_batches, forward_only=True,
-                                             collect_rewards=collect_rewards)
-        return self.step_runner.step(micro_batches, forward_only=False,
-                                     collect_rewards=collect_rewards)
-
     def finish_training_step(self) -> None:
         pass
 
-    def attach_reference(self, micro_batches: list[dict], split: str = "train") -> list[dict]:
-        if self.alignment.reference_policy == "cpu_swap":
-            if self.cpu_swap is None:
-                raise RuntimeError("cpu_swap reference not set up: call enable_cpu_swap() first")
-            self.sync_params()  # the policy's weights are parked and restored as they are
-            table = self.cpu_swap.score_step(self.step_runner, micro_batches)
-        elif self.alignment.reference_policy == "adapters_off":
-            table = self.adapters_off.score_step(self.step_runner, micro_batches)
-        else:
-            if split not in self.reference_tables:
-                raise RuntimeError(f"cached reference for split {split!r} not set up")
-            table = self.reference_tables[split]
-        return attach_reference(micro_batches, table, self.alignment.length_normalize)
-
-    def enable_cpu_swap(self) -> None:
-        """Snapshot the current weights as the reference (call before any update)."""
-        self.cpu_swap = CpuSwapReference(list(self.chunks))
-
-    def score(self, micro_batches: list[dict]):
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode (no dropout) and no autograd within the block; train mode after it."""
         for chunk in self.chunks:
             chunk.eval()
-        return self.step_runner.score(micro_batches)
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for chunk in self.chunks:
+                chunk.train()
+
+    def forward_backward(self, micro_batches: list[dict], loss_for, forward_only: bool) -> list:
+        """See ``PolicyRunner.forward_backward``."""
+        return self.runner.forward_backward(micro_batches, loss_for, forward_only)
+
+    def sequence_logps(self, output: torch.Tensor, micro_batch: dict, with_logits: bool = False):
+        """See ``PolicyRunner.sequence_logps``."""
+        return self.runner.sequence_logps(output, micro_batch, with_logits)
+
+    def score(self, micro_batches: list[dict]):
+        """Per micro-batch (label, sample_index, summed log-prob, token count), eval mode."""
+        with self.evaluating():
+            return self.runner.score(micro_batches)
 
     def sharded_state_dict(self, prefix: str = "", **kwargs) -> dict:
         """The trained weights: every weight, or under LoRA the adapters only (the frozen base
@@ -254,8 +223,7 @@ class MegatronGPTAOTModel(ModelPT):
     def restore_from(cls, restore_path: str, override_config_path=None, map_location=None,
                      strict: bool = True, return_config: bool = False, trainer=None,
                      save_restore_connector=None, *, precision: Optional[PrecisionConfig] = None,
-                     parallel: Optional[ParallelConfig] = None,
-                     alignment: Optional[AlignmentConfig] = None, seed: int = 1234):
+                     parallel: Optional[ParallelConfig] = None, seed: int = 1234):
         """Build the model from a .nemo at the current (or given) parallel layout.
 
         Our own loader replaces NeMo's SaveRestoreConnector: it never instantiates classes
@@ -267,17 +235,16 @@ class MegatronGPTAOTModel(ModelPT):
 
         if save_restore_connector is not None or override_config_path is not None:
             raise ValueError("restore_from: custom connectors and config overrides are not "
-                             "supported; pass precision/parallel/alignment instead")
-        model_cfg, full = read_nemo_config(restore_path)
+                             "supported; pass precision/parallel instead")
+        model_cfg, _ = read_nemo_config(restore_path)
         precision = precision or PrecisionConfig(
             precision="fp32" if not torch.cuda.is_available() else "bf16")
         parallel = parallel or ParallelConfig()
-        alignment = alignment or AlignmentConfig()
-        node = model_cfg_node(model_cfg, precision, parallel, alignment)
         if return_config:
-            return node
+            return model_cfg_node(model_cfg, precision, parallel, PeftConfig())
         initialize_model_parallel(parallel, model_cfg, seed=seed)
-        model = cls(node, trainer=trainer)
+        model = cls(model_cfg, precision=precision, parallel=parallel, seed=seed,
+                    trainer=trainer)
         load_nemo_into(restore_path, list(model.chunks))
         return model
 

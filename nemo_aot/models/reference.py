@@ -1,9 +1,15 @@
 """Reference policy log-probs: cached from one scoring pass, by swapping weights on the CPU, or
 by switching LoRA adapters off.
 
-All three run the *same* forward code as the policy (``AOTStep.score``), so at step 0 - before any
-update - the policy and reference log-probs of a batch are bitwise equal and every reward is
-exactly 0 (a failure seen elsewhere when the reference runs a different code path).
+A reference is data the step receives: each kind has ``attach(micro_batches, split)``, which
+adds ``reference_logps`` to every micro-batch before the objective sees it (``NoReference``,
+for SFT, adds nothing). ``nemo_aot.algorithms.run.build_reference`` picks the kind from
+``alignment.reference_policy``.
+
+All three score with the *same* forward code as the policy (``PolicyRunner.score``), so at
+step 0 - before any update - the policy and reference log-probs of a batch are bitwise equal and
+every reward is exactly 0 (a failure seen elsewhere when the reference runs a different code
+path).
 
 * ``cached`` (default): before training, score every sample once - in the training sampler's
   epoch-0 order, so step 0 sees identical batches - and keep (summed log-prob, token count) per
@@ -113,7 +119,7 @@ class ReferenceTable:
         return table
 
 
-def score_into_table(step, batches: Iterable[list[dict]], sizes: tuple[int, int],
+def score_into_table(policy, batches: Iterable[list[dict]], sizes: tuple[int, int],
                      total: Optional[int] = None, what: str = "reference scoring",
                      stop_requested: Optional[Callable[[], bool]] = None) -> ReferenceTable:
     """Score batches into a new table, skipping global batches whose responses all have a value
@@ -129,12 +135,12 @@ def score_into_table(step, batches: Iterable[list[dict]], sizes: tuple[int, int]
             if stop:
                 raise StopRequested(what)
             if needed:
-                table.add(_gather_scores(step.score(micro_batches)))
+                table.add(_gather_scores(policy.score(micro_batches)))
             progress.update()
     return table
 
 
-def cached_reference(step, batches: Iterable[list[dict]], sizes: tuple[int, int],
+def cached_reference(policy, batches: Iterable[list[dict]], sizes: tuple[int, int],
                      cache_path: str, total: Optional[int] = None,
                      what: str = "reference scoring",
                      stop_requested: Optional[Callable[[], bool]] = None) -> ReferenceTable:
@@ -148,7 +154,7 @@ def cached_reference(step, batches: Iterable[list[dict]], sizes: tuple[int, int]
     state = from_rank0(state)
     if state is not None:
         return ReferenceTable.from_state(state)
-    table = score_into_table(step, batches, sizes, total, what, stop_requested)
+    table = score_into_table(policy, batches, sizes, total, what, stop_requested)
     if table.missing():
         raise RuntimeError(f"the scoring pass left {table.missing()} responses without a reference "
                            "log-prob (sampler did not cover the split)")
@@ -180,52 +186,76 @@ def _host_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
     return copy
 
 
-class CpuSwapReference:
-    """Reference weights in CPU memory, swapped into the model to score each global batch."""
+class CachedReference:
+    """Reference log-probs looked up in tables scored before training (one per split)."""
 
-    def __init__(self, chunks: list):
-        self.params = [p for c in chunks for p in c.parameters()]
+    def __init__(self, tables: dict[str, ReferenceTable], length_normalize: bool):
+        self.tables, self.length_normalize = tables, length_normalize
+
+    def attach(self, micro_batches: list[dict], split: str = "train") -> list[dict]:
+        if split not in self.tables:
+            raise RuntimeError(f"cached reference for split {split!r} not set up")
+        return attach_reference(micro_batches, self.tables[split], self.length_normalize)
+
+
+class NoReference:
+    """No reference policy (SFT): micro-batches pass as they are."""
+
+    def attach(self, micro_batches: list[dict], split: str = "train") -> list[dict]:
+        return micro_batches
+
+
+class CpuSwapReference:
+    """Reference weights in CPU memory, swapped into the policy to score each global batch (the
+    policy's weights at construction, i.e. before any update)."""
+
+    def __init__(self, policy, length_normalize: bool):
+        self.policy, self.length_normalize = policy, length_normalize
+        self.params = [p for c in policy.chunks for p in c.parameters()]
         # Page-locked on a GPU host, so the copies below are asynchronous DMA (from pageable
         # memory a non_blocking copy is a synchronous one). The policy's own host buffers are
         # allocated once and reused every swap.
         pin = torch.cuda.is_available()
         self.reference = [_host_copy(p, pin) for p in self.params]
-        self.policy = [torch.empty_like(r, pin_memory=pin) for r in self.reference]
+        self.parked = [torch.empty_like(r, pin_memory=pin) for r in self.reference]
 
     @torch.no_grad()
     def _load_reference(self) -> None:
         """Park the policy's weights in their host buffers, then load the reference's (the
         copies are ordered on the current stream: each weight parks before it is overwritten)."""
-        for p, keep, ref in zip(self.params, self.policy, self.reference):
+        for p, keep, ref in zip(self.params, self.parked, self.reference):
             keep.copy_(p.detach(), non_blocking=True)
             p.copy_(ref, non_blocking=True)
 
     @torch.no_grad()
     def _restore_policy(self) -> None:
-        for p, keep in zip(self.params, self.policy):
+        for p, keep in zip(self.params, self.parked):
             p.copy_(keep, non_blocking=True)
 
-    def score_step(self, step, micro_batches: list[dict]) -> ReferenceTable:
-        """Reference log-probs of this global batch's responses (all ranks)."""
+    def attach(self, micro_batches: list[dict], split: str = "train") -> list[dict]:
+        """This global batch's reference log-probs (all ranks score it together)."""
         sizes = batch_table_sizes(micro_batches)
+        self.policy.sync_params()  # the policy's weights are parked and restored as they are
         self._load_reference()
         try:
-            return score_into_table(step, [micro_batches], sizes)
+            table = score_into_table(self.policy, [micro_batches], sizes)
         finally:
             self._restore_policy()
+        return attach_reference(micro_batches, table, self.length_normalize)
 
 
 class AdaptersOffReference:
     """The base model under LoRA: each global batch scored with every adapter switched off."""
 
-    def __init__(self, chunks: list):
-        self.chunks = chunks
+    def __init__(self, policy, length_normalize: bool):
+        self.policy, self.length_normalize = policy, length_normalize
 
-    def score_step(self, step, micro_batches: list[dict]) -> ReferenceTable:
-        """Reference log-probs of this global batch's responses (all ranks)."""
+    def attach(self, micro_batches: list[dict], split: str = "train") -> list[dict]:
+        """This global batch's reference log-probs (all ranks score it together)."""
         sizes = batch_table_sizes(micro_batches)
-        with adapters_disabled(self.chunks):
-            return score_into_table(step, [micro_batches], sizes)
+        with adapters_disabled(list(self.policy.chunks)):
+            table = score_into_table(self.policy, [micro_batches], sizes)
+        return attach_reference(micro_batches, table, self.length_normalize)
 
 
 def batch_table_sizes(micro_batches: list[dict]) -> tuple[int, int]:
@@ -249,6 +279,6 @@ def attach_reference(micro_batches: list[dict], table: ReferenceTable,
     return micro_batches
 
 
-__all__ = ["ReferenceTable", "CpuSwapReference", "AdaptersOffReference", "cached_reference",
-           "attach_reference", "batch_table_sizes",
+__all__ = ["ReferenceTable", "CachedReference", "CpuSwapReference", "AdaptersOffReference",
+           "NoReference", "cached_reference", "attach_reference", "batch_table_sizes",
            "fingerprint", "score_into_table"]

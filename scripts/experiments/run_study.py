@@ -412,7 +412,7 @@ def train_run(run_dir: str, overrides: list, steps: int, meta: dict) -> None:
     exists; an interrupted attempt is started over), with ``train.json`` beside it."""
     import torch
 
-    from nemo_aot.algorithms.config import compose_config
+    from nemo_aot.algorithms.resolve import resolve_run
     from nemo_aot.algorithms.run import run_training
 
     name = os.path.basename(run_dir)
@@ -423,9 +423,9 @@ def train_run(run_dir: str, overrides: list, steps: int, meta: dict) -> None:
         shutil.rmtree(run_dir)  # an interrupted attempt: start over
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    cfg = compose_config("gpt_aot", overrides)
+    run = resolve_run(overrides)
     started = time.monotonic()
-    result = run_training(cfg)
+    result = run_training(run)
     seconds = time.monotonic() - started
     if result.stop_reason != "max_steps" or result.final_step != steps:
         # e.g. SIGTERM: the trainer saved and returned early. Leave no policy behind, so

@@ -63,10 +63,10 @@ def tiny_llama_nemo(path: str, seed: int) -> None:
         hf_to_nemo(tmp, path, dtype="fp32", tokenizer_dir=resolve_path(common.TOKENIZER))
 
 
-def sft_config(train_path: str, init_from: str, args):
-    from nemo_aot.algorithms.config import compose_config
+def sft_run(train_path: str, init_from: str, args):
+    from nemo_aot.algorithms.resolve import resolve_run
 
-    return compose_config("gpt_aot", [
+    return resolve_run([
         "recipe=demo", f"init_from={init_from}", f"data.train_path={train_path}",
         "data.validation_path=null",
         f"data.tokenizer_path={common.TOKENIZER}", "data.max_seq_length=64",
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     from nemo_aot.algorithms.sft import train_sft
 
     dev = [q for q, *_ in splits["dev"][:args.dev_questions]]
-    cfg = sft_config(train_path, init, args)
+    run = sft_run(train_path, init, args)
     curve = []
 
     def reached_target(step, chunks):
@@ -118,9 +118,9 @@ def main(argv=None) -> int:
         print(f"sft step {step:5d}: dev greedy accuracy {accuracy:.3f}", flush=True)
         return accuracy >= args.target_low
 
-    cfg_model = [cfg.model]  # composed: the architecture of init_from
+    cfg_model = [run.config.model]  # resolved: the architecture of init_from
     out = os.path.join(args.out, "reference.nemo")
-    result = train_sft(cfg, out, stop_when=reached_target, check_every=args.check_every)
+    result = train_sft(run, out, stop_when=reached_target, check_every=args.check_every)
     final = curve[-1] if curve and curve[-1]["step"] == result.steps else None
     if final is None or not args.target_low <= final["dev_accuracy"] <= args.target_high:
         print(f"warning: the reference's dev accuracy is outside [{args.target_low}, "

@@ -77,9 +77,11 @@ def _data_parallel(case):
         if scope == "micro" and (case["chosen"][rank] == 0 or case["rejected"][rank] == 0):
             continue
         w = theta.clone().requires_grad_()
-        loss, sums = preference_loss(xc[cs] @ w, xr[rs] @ w, rc[cs], rr[rs],
-                                     loss_type=case["loss_type"], beta=0.5,
-                                     surrogate=case.get("surrogate", "logistic"), gather=gather)
+        inputs = [xc[cs] @ w, xr[rs] @ w, rc[cs], rr[rs]]
+        if gather is not None:  # the data_parallel scope: the batch of every rank, with autograd
+            inputs = gather(inputs)
+        loss, sums = preference_loss(*inputs, loss_type=case["loss_type"], beta=0.5,
+                                     surrogate=case.get("surrogate", "logistic"))
         loss.backward()
         if scope == "micro":
             out["micro_grad"] = w.grad          # local only; a guard that the scope matters

@@ -36,15 +36,15 @@ def _run(tp, pp, scope, loss_type, groups, ckpt_dir, grad_dir, save_init, length
     """groups: list over DP ranks of lists of micro-batches."""
     from megatron.core import parallel_state
 
-    from nemo_aot.models.aot_step import AOTStep
+    from mcore_utils import PreferenceStep
 
     chunks, config = mu.setup(tp, pp, per_token_loss=False)
     if save_init:
         mu.save(chunks, ckpt_dir)
     else:
         mu.load(chunks, ckpt_dir)
-    step = AOTStep(chunks, config, vocab_size=250, padded_vocab_size=256,
-                   alignment=_alignment(scope, loss_type, length_normalize))
+    step = PreferenceStep(chunks, config, vocab_size=250, padded_vocab_size=256,
+                          alignment=_alignment(scope, loss_type, length_normalize))
     metrics = step.step(groups[parallel_state.get_data_parallel_rank()]).metrics
     mu.grads_into_params(chunks)
     mu.save(chunks, grad_dir)
@@ -118,11 +118,11 @@ def test_global_scope_four_micro_batches_equal_one(tmp_path):
 
 
 def _one_sided(scope):
-    from nemo_aot.models.aot_step import AOTStep
+    from mcore_utils import PreferenceStep
 
     chunks, config = mu.setup(per_token_loss=False)
-    step = AOTStep(chunks, config, vocab_size=250, padded_vocab_size=256,
-                   alignment=_alignment(scope, "aot_unpaired"))
+    step = PreferenceStep(chunks, config, vocab_size=250, padded_vocab_size=256,
+                          alignment=_alignment(scope, "aot_unpaired"))
     # only rejected samples (a validation batch once the positives ran out), then only chosen
     negatives = [mu.preference_rows(0, 3, seed=i) for i in range(2)]
     positives = [mu.preference_rows(2, 0, seed=i) for i in range(2)]
@@ -173,13 +173,14 @@ def _sort_groups(scope, ranks):
 
 
 def _sft_step(chunks, config, scope, loss_type, weight, micro_batches):
+    from mcore_utils import PreferenceStep
     from nemo_aot.losses.config import AlignmentConfig
-    from nemo_aot.models.aot_step import AOTStep
 
     alignment = AlignmentConfig(loss_type=loss_type, sort_scope=scope, beta=0.1,
                                 logprob_chunk_size=7, length_normalize=loss_type == "ipo",
                                 sft_loss_weight=weight)
-    step = AOTStep(chunks, config, vocab_size=250, padded_vocab_size=256, alignment=alignment)
+    step = PreferenceStep(chunks, config, vocab_size=250, padded_vocab_size=256,
+                          alignment=alignment)
     return step.step(micro_batches).metrics
 
 

@@ -29,8 +29,8 @@ def _count_syncs(scope, loss_type, sft_loss_weight):
 
     from torch.overrides import TorchFunctionMode
 
+    from mcore_utils import PreferenceStep
     from nemo_aot.losses.config import AlignmentConfig
-    from nemo_aot.models.aot_step import AOTStep
 
     class Syncs(TorchFunctionMode):
         def __init__(self):
@@ -51,21 +51,21 @@ def _count_syncs(scope, loss_type, sft_loss_weight):
             return func(*args, **(kwargs or {}))
 
     chunks, config = mu.setup(per_token_loss=False)
-    step = AOTStep(chunks, config, vocab_size=250, padded_vocab_size=256,
-                   alignment=AlignmentConfig(loss_type=loss_type, sort_scope=scope, beta=0.1,
-                                             sft_loss_weight=sft_loss_weight))
+    step = PreferenceStep(chunks, config, vocab_size=250, padded_vocab_size=256,
+                          alignment=AlignmentConfig(loss_type=loss_type, sort_scope=scope, beta=0.1,
+                                                    sft_loss_weight=sft_loss_weight))
     paired = loss_type != "aot_unpaired"
     rank = torch.distributed.get_rank()
     mbs = [mu.preference_rows(2, 2 if paired else 3, seed=10 * rank + i, paired=paired)
            for i in range(3)]
-    run, modes = step._run, []
+    run, modes = step.policy.forward_backward, []
 
     def counted(*args, **kwargs):
         with Syncs() as mode:
             modes.append(mode)
             return run(*args, **kwargs)
 
-    step._run = counted
+    step.policy.forward_backward = counted
     result = step.step(mbs)
     return [s for m in modes for s in m.seen], result.metrics["loss"]
 

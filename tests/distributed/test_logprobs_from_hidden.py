@@ -20,8 +20,8 @@ LAYOUTS = {  # name -> (tp, pp, sequence parallel, tied embeddings)
 
 
 def _both(layout):
+    from mcore_utils import PreferenceStep
     from nemo_aot.losses.config import AlignmentConfig
-    from nemo_aot.models.aot_step import AOTStep
 
     tp, pp, sp, tied = LAYOUTS[layout]
     model_cfg = dataclasses.replace(mu.TINY, share_embeddings_and_output_weights=tied)
@@ -29,9 +29,9 @@ def _both(layout):
     micro_batches = [mu.preference_rows(2, 3, seed=i) for i in range(2)]
     out = {}
     for source in ("logits", "hidden_states"):
-        step = AOTStep(chunks, config, vocab_size=250, padded_vocab_size=256,
-                       alignment=AlignmentConfig(loss_type="aot_unpaired", beta=0.5,
-                                                 logprob_chunk_size=7, logprobs_from=source))
+        step = PreferenceStep(chunks, config, vocab_size=250, padded_vocab_size=256,
+                              alignment=AlignmentConfig(loss_type="aot_unpaired", beta=0.5,
+                                                        logprob_chunk_size=7, logprobs_from=source))
         metrics = step.step(micro_batches).metrics
         grads = {n: p.main_grad.detach().clone() for c in chunks for n, p in c.named_parameters()}
         out[source] = (metrics, grads)

@@ -44,17 +44,17 @@ def _steps(kind, packed, multiple):
 
 
 def _both(case):
+    from mcore_utils import PreferenceStep
     from nemo_aot.losses.config import AlignmentConfig
-    from nemo_aot.models.aot_step import AOTStep
 
     tp, pp, sp, kind, scope = CASES[case]
     chunks, config = mu.setup(tp, pp, sp=sp, model_cfg=MODEL, per_token_loss=False)
     loss = "dpo" if kind == "paired" else "aot_unpaired"
     out = {}
     for packed in (False, True):
-        step = AOTStep(chunks, config, vocab_size=512, padded_vocab_size=512,
-                       alignment=AlignmentConfig(loss_type=loss, sort_scope=scope, beta=0.5,
-                                                 logprob_chunk_size=16))
+        step = PreferenceStep(chunks, config, vocab_size=512, padded_vocab_size=512,
+                              alignment=AlignmentConfig(loss_type=loss, sort_scope=scope, beta=0.5,
+                                                        logprob_chunk_size=16))
         mbs = _steps(kind, packed, multiple=tp if sp else 1)
         rows = sum(mb["input_ids"].numel() for mb in mbs)
         metrics = step.step(mbs).metrics

@@ -39,8 +39,8 @@ def _brute_force(chunk, mbs, paired):
 
 
 def _run(loss_type, length_normalize, sft_loss_weight):
+    from mcore_utils import PreferenceStep
     from nemo_aot.losses.config import AlignmentConfig
-    from nemo_aot.models.aot_step import AOTStep
 
     chunks, config = mu.setup(per_token_loss=False)
     paired = loss_type != "aot_unpaired"
@@ -50,11 +50,11 @@ def _run(loss_type, length_normalize, sft_loss_weight):
         mb["reference_sum"] = mb["reference_logps"].clone()
         if length_normalize:
             mb["reference_logps"] = mb["reference_logps"] / mb["loss_mask"].sum(-1)
-    step = AOTStep(chunks, config, vocab_size=VOCAB, padded_vocab_size=PADDED,
-                   alignment=AlignmentConfig(loss_type=loss_type, beta=BETA, sort_scope="micro",
-                                             length_normalize=length_normalize,
-                                             logprob_chunk_size=5,
-                                             sft_loss_weight=sft_loss_weight))
+    alignment = AlignmentConfig(loss_type=loss_type, beta=BETA, sort_scope="micro",
+                                length_normalize=length_normalize, logprob_chunk_size=5,
+                                sft_loss_weight=sft_loss_weight)
+    step = PreferenceStep(chunks, config, vocab_size=VOCAB, padded_vocab_size=PADDED,
+                          alignment=alignment)
     for c in chunks:
         c.eval()
     metrics = step.step(mbs, forward_only=True).metrics

@@ -35,9 +35,9 @@ def _inject(phase: str) -> None:
 
         run.load_preference_data = load_then_signal
     elif phase == "reference scoring" and rank == 0:
-        from nemo_aot.models.aot_step import AOTStep
+        from nemo_aot.models.policy_runner import PolicyRunner
 
-        score, calls = AOTStep.score, []
+        score, calls = PolicyRunner.score, []
 
         def score_then_signal(self, micro_batches, *args, **kwargs):
             calls.append(1)
@@ -45,7 +45,7 @@ def _inject(phase: str) -> None:
                 _signal_self()
             return score(self, micro_batches, *args, **kwargs)
 
-        AOTStep.score = score_then_signal
+        PolicyRunner.score = score_then_signal
     elif phase == "training" and rank == 1:
         from nemo_aot.algorithms.trainer import AOTTrainer
 

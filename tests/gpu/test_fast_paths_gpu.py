@@ -142,11 +142,10 @@ def _te_step(model_cfg, fp8, state=None):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-    from mcore_utils import preference_rows
+    from mcore_utils import PreferenceStep, preference_rows
     from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
     from nemo_aot.losses.config import AlignmentConfig
     from nemo_aot.models.aot_model import fp8_overrides
-    from nemo_aot.models.aot_step import AOTStep
     from nemo_aot.models.config import to_transformer_config
     from nemo_aot.models.gpt import build_model_chunks
     from nemo_aot.models.options import PrecisionConfig
@@ -167,9 +166,9 @@ def _te_step(model_cfg, fp8, state=None):
         grad_reduce_in_fp32=True, average_in_collective=False), chunk)
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
-    step = AOTStep([ddp], config, vocab_size=model_cfg.vocab_size,
-                   padded_vocab_size=model_cfg.padded_vocab_size(1),
-                   alignment=AlignmentConfig(loss_type="aot_unpaired", sort_scope="micro"))
+    step = PreferenceStep([ddp], config, vocab_size=model_cfg.vocab_size,
+                          padded_vocab_size=model_cfg.padded_vocab_size(1),
+                          alignment=AlignmentConfig(loss_type="aot_unpaired", sort_scope="micro"))
     # 8 rows x 64 tokens: token counts and widths are multiples of 16, as FP8 GEMMs need
     batch = preference_rows(4, 4, seed=0, seq=64, vocab=model_cfg.vocab_size)
     metrics = step.step([{k: v.to(CUDA) for k, v in batch.items()}]).metrics

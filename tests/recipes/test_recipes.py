@@ -158,7 +158,7 @@ def _records(out_dir, split):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_trains_end_to_end(recipe, tmp_path):
-    from nemo_aot.algorithms.config import compose_config
+    from nemo_aot.algorithms.resolve import compose_config
 
     out = tmp_path / "run"
     overrides, ranks, reason, steps = scale_down(recipe, tmp_path, out)

@@ -13,14 +13,13 @@ from omegaconf import OmegaConf
 from config_stubs import DEMO_WITHOUT_CHECKPOINT, config_only_nemo, model_group
 from nemo_aot.algorithms.config import (
     AOTConfig,
-    compose_config,
     compose_raw,
     config_hash,
     find_config_dir,
-    load_config,
     required_keys,
     to_yaml,
 )
+from nemo_aot.algorithms.resolve import World, compose_config, resolve_config, resolve_stored
 from nemo_aot.data.config import DataConfig
 
 CONF = find_config_dir()
@@ -79,8 +78,8 @@ def test_top_level_config_composes(config_name, tmp_path):
 def test_group_option_composes(option, tmp_path):
     group, name = option.split("/")
     base = [] if group == "recipe" else DEMO
-    cfg = _compose_all("gpt_aot", base + CONTEXT.get(group, []) + [f"{group}={name}"], tmp_path)
-    cfg.validate(world_size=cfg.world_size())
+    # resolved for its planned world (trainer.num_nodes x trainer.devices, when set)
+    _compose_all("gpt_aot", base + CONTEXT.get(group, []) + [f"{group}={name}"], tmp_path)
 
 
 def test_train_needs_a_recipe():
@@ -98,7 +97,8 @@ def test_demo_recipe_is_the_embedded_demo():
     from nemo_aot.data.config import resolve_path
 
     assert os.path.isfile(resolve_path(cfg.init_from))
-    AOTConfig(data=DataConfig(tokenizer_path="bundled:tokenizer")).validate(world_size=1)
+    resolve_config(AOTConfig(data=DataConfig(tokenizer_path="bundled:tokenizer")),
+                   world=World(1))
 
 
 def test_base_recipe_is_the_schema_defaults_on_your_data(tmp_path):
@@ -218,16 +218,17 @@ def test_two_file_unpaired_data_refuse_a_paired_loss(loss_type):
 def test_auto_detected_unpaired_records_refuse_a_paired_loss_when_read(tmp_path):
     """format=auto on one file: the first record decides the kind, checked where it is read,
     before any model is built, with the same message."""
+    from nemo_aot.algorithms.resolve import World, resolve_run
     from nemo_aot.algorithms.run import build_data
 
-    cfg = compose("alignment.loss_type=dpo", "alignment.sort_scope=micro",
-                  "data.train_path=bundled:unpaired/train.jsonl", "data.validation_path=null",
-                  "data.tokenizer_path=bundled:tokenizer")
-    assert cfg.data.kind is None
+    run = resolve_run([*DEMO, "alignment.loss_type=dpo", "alignment.sort_scope=micro",
+                       "data.train_path=bundled:unpaired/train.jsonl", "data.validation_path=null",
+                       "data.tokenizer_path=bundled:tokenizer"], world=World(1))
+    assert run.data_kind is None
     with pytest.raises(ValueError, match=r"alignment.loss_type=dpo trains on paired data, but "
                                          r".*unpaired/train.jsonl \(trl_unpaired records, read "
                                          r"with data.format=auto\) gives unpaired data"):
-        build_data(cfg, str(tmp_path), 0, 1)
+        build_data(run, str(tmp_path), 0, 1)
 
 
 def test_valid_variants_pass():
@@ -242,13 +243,13 @@ def test_yaml_round_trip_and_hash(tmp_path):
     cfg = compose("model=llama3_1_8b", "data.max_seq_length=128")
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(cfg))
-    again = load_config(str(path))
+    again = resolve_stored(str(path)).config
     assert again == cfg and config_hash(again) == config_hash(cfg)
     assert again.model.rope_scaling.factor == 8.0
     assert config_hash(compose("optim.lr=2e-3")) != config_hash(compose())
     path.write_text(to_yaml(cfg) + "extra_section: 1\n")
     with pytest.raises(ValueError, match="extra_section"):
-        load_config(str(path))
+        resolve_stored(str(path))
 
 
 def test_conf_ships_inside_the_package():
@@ -280,14 +281,14 @@ def test_compose_inside_an_outer_hydra_keeps_its_state():
 
 
 def test_plain_dicts_are_checked_against_the_schema():
-    from nemo_aot.algorithms.config import to_aot_config
+    from nemo_aot.algorithms.resolve import resolve_composed
 
-    cfg = to_aot_config({"trainer": {"max_steps": 5}, "optim": {"warmup_steps": 1},
+    cfg = resolve_composed({"trainer": {"max_steps": 5}, "optim": {"warmup_steps": 1},
                          "precision": {"precision": "fp32"},
-                         "data": {"tokenizer_path": "bundled:tokenizer"}})
+                         "data": {"tokenizer_path": "bundled:tokenizer"}}).config
     assert cfg.trainer.max_steps == 5 and cfg.model.num_query_groups == 2
     with pytest.raises(ValueError, match=r"optim.betas.*Known keys"):
-        to_aot_config({"optim": {"betas": [0.9, 0.95]}})
+        resolve_composed({"optim": {"betas": [0.9, 0.95]}})
 
 
 @pytest.mark.parametrize("override, key, suggestion", [

@@ -4,7 +4,7 @@ cannot be made right, FP8 recipes the GPU cannot run, and where weights are init
 import pytest
 
 from config_stubs import DEMO_WITHOUT_CHECKPOINT
-from nemo_aot.algorithms.config import compose_config
+from nemo_aot.algorithms.resolve import compose_config
 from nemo_aot.models.options import FP8_RECIPES, check_fp8_device
 
 FP8 = ["precision.precision=bf16", "precision.transformer_impl=transformer_engine",

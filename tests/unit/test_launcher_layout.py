@@ -120,7 +120,8 @@ def test_launch_exports_ranks_then_trains_and_records_the_outcome(job, capsys, m
     job(2, 2, 0, nodelist="localhost,localhost")
     seen = {}
 
-    def fake_training(cfg):
+    def fake_training(run):
+        cfg = run.config
         seen["env"] = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                   "MASTER_ADDR", "MASTER_PORT")}
         seen["status"] = (tmp_path / "status.txt").read_text()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from config_stubs import DEMO_WITHOUT_CHECKPOINT
-from nemo_aot.algorithms.config import compose_config
+from nemo_aot.algorithms.resolve import compose_config
 from nemo_aot.losses import (
     LOSS_SPECS,
     AlignmentConfig,

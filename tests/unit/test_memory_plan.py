@@ -35,7 +35,7 @@ def _cfg(tp=1, pp=1, sp=False, tied=False, lora=False, seq=256, mbs=4, precision
         peft=PeftConfig(scheme="lora", rank=8) if lora else PeftConfig(),
         performance=performance or PerformanceConfig(),
         alignment=AlignmentConfig(loss_type="aot_unpaired", sort_scope="micro"),
-        data=DataConfig(max_seq_length=seq),
+        data=DataConfig(max_seq_length=seq, tokenizer_path="bundled:tokenizer"),
         trainer=TrainerConfig(micro_batch_size=mbs, global_batch_size=mbs, max_steps=3),
         optim=OptimConfig(lr=1e-4, warmup_steps=0, lr_decay_style="constant",
                           use_distributed_optimizer=distributed))
@@ -98,23 +98,27 @@ def _measured_peak(recompute):
     from benchmarks.aot_step.bench import make_batch
     from benchmarks.aot_step.memory import PeakMemory
     from nemo_aot.algorithms.memory_plan import memory_plan
+    from nemo_aot.algorithms.objective import PreferenceObjective
+    from nemo_aot.algorithms.resolve import World, resolve_config
+    from nemo_aot.algorithms.run import build_policy, setup_run
     from nemo_aot.algorithms.trainer import AOTTrainer, build_optimizer
-    from nemo_aot.distributed.parallel import initialize_model_parallel
-    from nemo_aot.models.aot_model import MegatronGPTAOTModel, model_cfg_node
+    from nemo_aot.models import aot_model  # noqa: F401  imported (nemo) before the probe starts
     from nemo_aot.models.performance import PerformanceConfig
+    from nemo_aot.models.reference import NoReference
 
     performance = PerformanceConfig(recompute_granularity="full", recompute_method="uniform",
                                     recompute_num_layers=1) if recompute else None
-    cfg = _cfg(performance=performance)
+    run = resolve_config(_cfg(performance=performance), world=World(1))
+    cfg, schedule = run.config, run.schedule.for_epoch_length(3)
     batch = make_batch(4, 256, SHAPE["vocab_size"], 1, seed=0)
-    initialize_model_parallel(cfg.parallel, cfg.model, seed=1)
+    setup_run(run)
     probe = PeakMemory(torch.device("cpu"))
     probe.start()
-    model = MegatronGPTAOTModel(model_cfg_node(cfg.model, cfg.precision, cfg.parallel,
-                                               cfg.alignment, cfg.peft),
-                                performance=cfg.performance)
-    optimizer, scheduler = build_optimizer(cfg, model, 3)
-    trainer = AOTTrainer(cfg, model, optimizer, scheduler, [], [], save_fn=lambda t: None,
+    model = build_policy(run)
+    optimizer, scheduler = build_optimizer(cfg, schedule, model)
+    trainer = AOTTrainer(cfg, schedule, policy=model, objective=PreferenceObjective(cfg.alignment),
+                         reference=NoReference(), optimizer=optimizer, scheduler=scheduler,
+                         train_batches=[], val_batches=[], save_fn=lambda t: None,
                          log_fn=lambda *unused: None)
     for _ in range(2):
         trainer.train_single_step(batch)
@@ -173,11 +177,11 @@ PRODUCTION = sorted(n[:-5] for n in os.listdir(os.path.join(ROOT, "conf", "recip
 def test_every_production_recipe_fits_an_80gb_gpu_by_its_plan(recipe):
     """A recipe whose full-length micro-batch the plan says does not fit is a recipe that dies
     with CUDA out-of-memory on its first long batch (the 8B recipes did before recomputation)."""
-    from nemo_aot.algorithms.config import compose_config
     from nemo_aot.algorithms.memory_plan import GIB, RESERVE_GIB, memory_plan
+    from nemo_aot.algorithms.resolve import World, resolve_run
 
-    cfg = compose_config("gpt_aot", [f"recipe={recipe}", "init_from=null",
-                                     "data.train_path=x", "data.validation_path=null",
-                                     "data.tokenizer_path=bundled:tokenizer"])
-    plan = memory_plan(cfg, cfg.world_size())
+    run = resolve_run([f"recipe={recipe}", "init_from=null", "data.train_path=x",
+                       "data.validation_path=null", "data.tokenizer_path=bundled:tokenizer"],
+                      world=World.planned())
+    plan = memory_plan(run.config, run.layout.world_size)
     assert plan.total + RESERVE_GIB * GIB <= 80 * GIB, (recipe, plan.total / GIB)

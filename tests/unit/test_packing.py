@@ -114,7 +114,7 @@ def test_document_mask_and_sums():
      "data.pack_sequences"),
 ])
 def test_packing_refused_where_the_mask_cannot_go(overrides, key):
-    from nemo_aot.algorithms.config import compose_config
+    from nemo_aot.algorithms.resolve import compose_config
 
     with pytest.raises(ValueError, match=key):
         compose_config("gpt_aot", ["recipe=demo", "data.pack_sequences=true", *overrides])

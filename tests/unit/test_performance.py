@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from config_stubs import DEMO_WITHOUT_CHECKPOINT
-from nemo_aot.algorithms.config import compose_config
+from nemo_aot.algorithms.resolve import compose_config
 from nemo_aot.models import performance
 from nemo_aot.models.performance import (
     FUSIONS,

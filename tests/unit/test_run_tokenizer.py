@@ -10,6 +10,7 @@ import yaml
 
 from config_stubs import config_only_nemo, model_group
 from nemo_aot.algorithms.config import AOTConfig
+from nemo_aot.algorithms.resolve import World, resolve_config
 from nemo_aot.algorithms.run import policy_tokenizer
 from nemo_aot.data.config import DataConfig, resolve_path
 from nemo_aot.models.nemo_format import CONFIG_NAME
@@ -32,8 +33,9 @@ def _nemo_folder(root, model, tokenizer_dir=None):
 
 
 def _cfg(init_from, tokenizer_path=None, model=None):
+    """The resolved run: the architecture is init_from's (``model``, unused: what it stores)."""
     cfg = AOTConfig(init_from=init_from, data=DataConfig(tokenizer_path=tokenizer_path))
-    return dataclasses.replace(cfg, model=model or cfg.model)
+    return resolve_config(cfg, world=World(1))
 
 
 def _other_tokenizer(root):

@@ -19,11 +19,9 @@ FACTORIES = {"arange", "as_tensor", "empty", "empty_strided", "eye", "from_numpy
              "tensor", "zeros"}
 # (file, enclosing function, factory): why the tensor belongs on the host.
 ALLOWED = {
-    ("nemo_aot/models/aot_step.py", "AOTStep.__init__", "zeros"):
-        "construction, not a step: a dummy loss call learns the metric names",
-    ("nemo_aot/models/aot_step.py", "AOTStep._reduce_metrics", "zeros"):
+    ("nemo_aot/algorithms/objective.py", "PreferenceObjective._reduce_metrics", "zeros"):
         "collected per-sample rewards are plot data, gathered as host objects",
-    ("nemo_aot/models/aot_step.py", "finalize_sums", "tensor"):
+    ("nemo_aot/algorithms/objective.py", "finalize_sums", "tensor"):
         "host floats after the step's one device->host copy",
     ("nemo_aot/models/dist_weights.py", "_prepare_request", "empty"):
         "a checkpoint read buffer: whole vocabulary tables are read on the host and re-padded",

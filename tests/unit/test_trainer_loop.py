@@ -1,6 +1,7 @@
 """AOTTrainer's control flow with a stand-in model and optimizer: non-finite steps, stop
 conditions, validation and checkpoint cadence."""
 
+import contextlib
 import math
 from types import SimpleNamespace
 
@@ -8,8 +9,9 @@ import pytest
 import torch
 
 from nemo_aot.algorithms.config import AOTConfig
-from nemo_aot.algorithms.trainer import AOTTrainer, total_steps
-from nemo_aot.models.aot_step import StepResult
+from nemo_aot.algorithms.objective import StepResult
+from nemo_aot.algorithms.resolve import Schedule
+from nemo_aot.algorithms.trainer import AOTTrainer
 
 
 class Batches(list):
@@ -17,25 +19,32 @@ class Batches(list):
         return {}
 
 
-class FakeModel:
-    def __init__(self, losses):
-        self.losses = iter(losses)
+class FakePolicy:
+    def __init__(self):
         self.finished = 0
+        self.evaluating = contextlib.nullcontext
 
     def prepare_for_training_step(self):
         pass
 
-    def attach_reference(self, mbs, split="train"):
-        return mbs
+    def finish_training_step(self):
+        self.finished += 1
 
-    def get_loss_and_metrics(self, mbs, forward_only, collect_rewards=False):
+
+class FakeObjective:
+    def __init__(self, losses):
+        self.losses = iter(losses)
+
+    def step(self, policy, mbs, forward_only=False, collect_rewards=False):
         if forward_only:
             rewards = {"chosen": torch.zeros(1), "rejected": torch.zeros(1)}
             return StepResult({"loss": 0.5}, {}, rewards if collect_rewards else None)
         return StepResult({"loss": next(self.losses)}, {})
 
-    def finish_training_step(self):
-        self.finished += 1
+
+class NoReference:
+    def attach(self, mbs, split="train"):
+        return mbs
 
 
 class FakeOptimizer:
@@ -59,11 +68,16 @@ def _trainer(losses, norms, n_batches=4, **trainer_kw):
     for k, v in trainer_kw.items():
         setattr(cfg.trainer, k, v)
     cfg.checkpoint.save_interval = 2
+    cfg.optim.warmup_steps = 1
     saves, logs = [], []
     batch = [{"input_ids": torch.zeros(2, 3, dtype=torch.long)}]
-    trainer = AOTTrainer(cfg, FakeModel(losses), FakeOptimizer(norms),
-                         SimpleNamespace(step=lambda increment: None),
-                         Batches([batch] * n_batches), Batches([batch]),
+    t = cfg.trainer
+    schedule = Schedule(t.max_steps, t.max_epochs, cfg.optim.warmup_steps, t.global_batch_size,
+                        t.micro_batch_size).for_epoch_length(n_batches)
+    trainer = AOTTrainer(cfg, schedule, policy=FakePolicy(), objective=FakeObjective(losses),
+                         reference=NoReference(), optimizer=FakeOptimizer(norms),
+                         scheduler=SimpleNamespace(step=lambda increment: None),
+                         train_batches=Batches([batch] * n_batches), val_batches=Batches([batch]),
                          save_fn=lambda t: saves.append(t.state.step),
                          log_fn=lambda split, step, m: logs.append((split, step, dict(m))))
     return trainer, saves, logs
@@ -94,7 +108,7 @@ def test_stops_at_first_of_max_steps_and_max_epochs_and_saves_on_cadence():
     assert trainer.state.step == 6 and trainer.stop_reason == "max_epochs"
     assert saves == [2, 4, 6, 6] or saves == [2, 4, 6]
     assert [step for split, step, _ in logs if split == "validation"] == [2, 4, 6]
-    assert total_steps(trainer.cfg, 3) == 6
+    assert trainer.schedule.total_steps == 6
 
 
 def test_signal_stops_after_the_current_step_and_saves():
@@ -107,15 +121,19 @@ def test_signal_stops_after_the_current_step_and_saves():
 def test_the_schedule_spans_the_real_run_and_needs_decay_steps():
     """An epoch-limited run's schedule length is its epochs' steps (it used to be 0 without
     max_steps, which megatron's scheduler rejects with a bare AssertionError)."""
-    from nemo_aot.algorithms.trainer import check_schedule
-
-    cfg = AOTConfig()
-    cfg.trainer.max_steps, cfg.trainer.max_epochs, cfg.optim.warmup_steps = None, 1, 10
-    assert total_steps(cfg, 75) == 75
-    check_schedule(cfg, total_steps(cfg, 75), 75)
+    schedule = Schedule(max_steps=None, max_epochs=1, warmup_steps=10, global_batch_size=32,
+                        micro_batch_size=4)
+    assert schedule.total_steps is None  # waits for the data
+    assert schedule.for_epoch_length(75).total_steps == 75
     with pytest.raises(ValueError, match=r"optim.warmup_steps=10 is not smaller than the run: "
                                          r"the run is 8 optimizer steps long \(trainer.max_epochs=1"
                                          r" x 8 steps per epoch"):
-        check_schedule(cfg, total_steps(cfg, 8), 8)
+        schedule.for_epoch_length(8)
     with pytest.raises(ValueError, match=r"0 optimizer steps long.*lower trainer.global_batch"):
-        check_schedule(cfg, total_steps(cfg, 0), 0)
+        schedule.for_epoch_length(0)
+    # max_steps alone: checked at resolution, before any data are read
+    with pytest.raises(ValueError, match=r"optim.warmup_steps=10 is not smaller than the run: "
+                                         r"the run is 10 optimizer steps long \(trainer.max_steps"):
+        Schedule(10, None, 10, 32, 4).checked()
+    assert Schedule(20, 2, 1, 32, 4).for_epoch_length(3).stop_reason(6) == "max_epochs"
+    assert Schedule(5, 2, 1, 32, 4).for_epoch_length(3).stop_reason(5) == "max_steps"

@@ -1,8 +1,16 @@
-"""One AOT step inside megatron-core's forward/backward schedules, for every sort scope.
+"""The preference objective: AOT / DPO / IPO (``alignment.*``) on the policy's log-probs, for
+every sort scope, outside the model.
+
+The policy (``nemo_aot.models.policy_runner.PolicyRunner``, or the model that holds one) runs
+megatron-core's schedule and gives per-sequence log-probs on the last pipeline stage; the
+objective gives it the loss callback, the way NeMo-RL's ``policy.train(batch, loss_fn)`` keeps
+the loss outside the policy. It declares the data kinds it trains on and its metric names (the
+reductions need them on ranks that saw no real sample). The reference log-probs are data: each
+micro-batch arrives with ``reference_logps`` attached (``nemo_aot.models.reference``).
 
 Each micro-batch holds chosen and rejected sequences together (``nemo_aot.data.collate``). The
-last pipeline stage turns vocab-parallel logits into per-sequence log-probs, drops filler rows,
-and hands the four log-prob vectors to ``nemo_aot.losses.preference_loss``:
+last stage drops filler rows and hands the four log-prob vectors to
+``nemo_aot.losses.preference_loss``:
 
 * ``micro``         sort within this micro-batch (TRL's behaviour). The micro-batch loss is
                     returned as is; megatron divides by the number of micro-batches and DDP
@@ -34,12 +42,11 @@ has pieces. Under ``length_normalize`` the response token counts travel with the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_aot.distributed.collectives import (
     all_gather_list_with_grad,
@@ -49,6 +56,8 @@ from nemo_aot.distributed.collectives import (
 from nemo_aot.distributed.parallel import compute_device
 from nemo_aot.distributed.ranks import any_rank
 from nemo_aot.losses import (
+    LOGIT_METRIC_KEYS,
+    NLL_METRIC_KEYS,
     chosen_nll,
     finalize_metrics,
     get_loss_spec,
@@ -57,22 +66,15 @@ from nemo_aot.losses import (
     nll_metric_sums,
     plan_global_sort,
     preference_loss,
+    preference_metric_keys,
     reproduction_error,
     transport_inputs,
 )
 from nemo_aot.losses.config import AlignmentConfig
-from nemo_aot.models.gpt import emit_hidden_states, output_weight
-from nemo_aot.models.layer_specs import document_attention_mask
-from nemo_aot.models.logprobs import (
-    document_sums,
-    hidden_state_logprobs,
-    sequence_logprobs,
-    tp_vocab_range,
-    vocab_parallel_logprobs,
-)
+from nemo_aot.models.logprobs import document_sums
 
 MicroBatch = dict[str, torch.Tensor]
-ROW_KEYS = ("chosen_rows", "rejected_rows")  # added to each micro-batch by AOTStep (host)
+ROW_KEYS = ("chosen_rows", "rejected_rows")  # added to each micro-batch (host) by the objective
 
 
 @dataclass
@@ -115,7 +117,7 @@ def split_sides(mb: MicroBatch, values: torch.Tensor, paired: bool):
     """(chosen, rejected) entries of a per-row vector, real rows only (``side_rows``)."""
     if ROW_KEYS[0] in mb:
         chosen, rejected = (mb[k] for k in ROW_KEYS)
-    else:  # a micro-batch that did not pass through AOTStep (e.g. built by hand)
+    else:  # a micro-batch that did not pass through the objective (e.g. built by hand)
         chosen, rejected = side_rows(mb, paired)
     return (values.index_select(0, chosen.to(values.device)),
             values.index_select(0, rejected.to(values.device)))
@@ -127,50 +129,23 @@ def split_rows(mb: MicroBatch, logps: torch.Tensor, paired: bool):
     return (*split_sides(mb, logps, paired), *split_sides(mb, ref, paired))
 
 
-class AOTStep:
-    """Runs forward(/backward) of one global batch through megatron's schedule."""
+class PreferenceObjective:
+    """The ``alignment`` section's loss on a policy's log-probs, one global batch at a time."""
 
-    def __init__(self, chunks: list, transformer_config, vocab_size: int, padded_vocab_size: int,
-                 alignment: AlignmentConfig):
-        self.chunks = chunks
-        self.config = transformer_config
-        self.vocab_size = vocab_size
-        self.padded_vocab_size = padded_vocab_size
+    def __init__(self, alignment: AlignmentConfig):
         self.alignment = alignment
-        self.paired = get_loss_spec(alignment.loss_type).paired
+        spec = get_loss_spec(alignment.loss_type)
+        self.paired = spec.paired
+        self.data_kinds = spec.data_kinds
+        """The data kinds it trains on (``nemo_aot.data.config.DATA_KINDS``)."""
         self.sft_weight = float(alignment.sft_loss_weight)
-        self.from_hidden = alignment.logprobs_from == "hidden_states"
-        # The metric names depend only on the loss type: learn them once from a dummy call, so
-        # ranks without real samples (validation filler) still join the reductions.
-        dummy = torch.zeros(2)
-        _, names = preference_loss(dummy, dummy, dummy, dummy, loss_type=alignment.loss_type,
-                                   **self._loss_kwargs())
-        names = [*names, *logit_metric_sums(dummy, dummy, dummy, dummy)]
-        if self.sft_weight:
-            names += list(nll_metric_sums(dummy, dummy, self.sft_weight))
-        self.metric_keys = sorted(names)
+        # Declared, so that ranks without real samples (validation filler) still join the
+        # reductions with the same vector.
+        self.metric_keys = sorted([*preference_metric_keys(margins=spec.paired),
+                                   *LOGIT_METRIC_KEYS,
+                                   *(NLL_METRIC_KEYS if self.sft_weight else ())])
 
     # ----------------------------------------------------------------- last-stage pieces
-    def _sequence_logps(self, output: torch.Tensor, mb: MicroBatch, with_logits: bool = False):
-        """Per row: (log-prob summed over the response tokens, token count, sum over the response
-        tokens of the mean logit over the vocabulary, or None without ``with_logits``).
-        ``output``: the last stage's final hidden states (``alignment.logprobs_from=
-        hidden_states``) or its vocab-parallel logits."""
-        start, group = tp_vocab_range(self.padded_vocab_size)
-        kwargs = dict(vocab_size=self.vocab_size, vocab_start=start, group=group,
-                      chunk_tokens=self.alignment.logprob_chunk_size, mean_logits=with_logits)
-        if self.from_hidden:
-            out = hidden_state_logprobs(output, output_weight(self.chunks[-1]), mb["labels"],
-                                        **kwargs)
-        else:
-            out = vocab_parallel_logprobs(output, mb["labels"], **kwargs)
-        token_logps, mean_logits = out if with_logits else (out, None)
-        docs = dict(doc_ids=mb.get("doc_ids"), num_docs=mb["label"].shape[0])
-        logps, counts = sequence_logprobs(token_logps, mb["loss_mask"], **docs)
-        logit_sums = None if mean_logits is None else \
-            document_sums(mean_logits * mb["loss_mask"].to(mean_logits.dtype), **docs)
-        return logps, counts, logit_sums
-
     def _loss_logps(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """What the loss sees: token means under ``alignment.length_normalize``, else sums."""
         return sums / counts.clamp(min=1) if self.alignment.length_normalize else sums
@@ -213,52 +188,14 @@ class AOTStep:
         return preference_loss(pc, pr, rc, rr, loss_type=a.loss_type, check_finite=False,
                                lengths=lengths or None, **self._loss_kwargs())
 
-    # ----------------------------------------------------------------- schedule
-    def _run(self, micro_batches: list[MicroBatch], loss_for: Callable, forward_only: bool):
-        seq = micro_batches[0]["input_ids"].shape[1]
-        if any(mb["input_ids"].shape[1] != seq for mb in micro_batches) and \
-                parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise ValueError("pipeline parallelism needs every micro-batch of a step padded to one "
-                             "length: set data.uniform_step_length=true")
-
-        device = compute_device()  # micro-batches come staged (_stage): pinned when on CUDA
-
-        def forward_step(data_iterator, model):
-            index, mb = next(data_iterator)
-            mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                  for k, v in mb.items()}
-            mask = document_attention_mask(mb["doc_ids"]) if "doc_ids" in mb else None
-            with emit_hidden_states(model, on=self.from_hidden):
-                output = model(mb["input_ids"], mb["position_ids"], mask)
-            return output, lambda logits: loss_for(index, mb, logits)
-
-        def iterator():
-            yield from enumerate(micro_batches)
-
-        many = len(self.chunks) > 1
-        if not forward_only:
-            for chunk in self.chunks:
-                chunk.zero_grad_buffer()
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=[iterator() for _ in self.chunks] if many else iterator(),
-            model=self.chunks if many else self.chunks[0],
-            num_microbatches=len(micro_batches), seq_length=seq,
-            micro_batch_size=micro_batches[0]["input_ids"].shape[0], forward_only=forward_only)
-
-    def _stage(self, micro_batches: list[MicroBatch]) -> list[MicroBatch]:
-        """Host-side preparation of a step's micro-batches: the real rows of each side as index
-        tensors (``side_rows``), and page-locked copies on a GPU host, so that the
-        ``non_blocking`` copies in the schedule overlap (from pageable memory they do not)."""
-        pin = compute_device().type == "cuda"
+    def _with_rows(self, micro_batches: list[MicroBatch]) -> list[MicroBatch]:
+        """The real rows of each side as host index tensors (``side_rows``) in every
+        micro-batch (copies of the dicts: the caller's stay as they are)."""
         staged = []
         for mb in micro_batches:
             mb = dict(mb)
             if ROW_KEYS[0] not in mb:
                 mb.update(zip(ROW_KEYS, side_rows(mb, self.paired)))
-            if pin:
-                mb = {k: v.pin_memory() if torch.is_tensor(v) and v.device.type == "cpu" else v
-                      for k, v in mb.items()}
             staged.append(mb)
         return staged
 
@@ -287,20 +224,20 @@ class AOTStep:
                 for i in range(len(micro_batches))] if gather_rows else None
         return rows, sum(counts[-1] for counts in every) if self.sft_weight else 0
 
-    def step(self, micro_batches: list[MicroBatch], forward_only: bool = False,
+    def step(self, policy, micro_batches: list[MicroBatch], forward_only: bool = False,
              collect_rewards: bool = False) -> StepResult:
         """Forward (and backward unless ``forward_only``) of one global batch. With
         ``collect_rewards`` (validation: the reward CDF plots) the per-sample rewards come back
         too, gathered over DP ranks (one host copy per micro-batch)."""
         rewards = [] if collect_rewards else None
-        micro_batches = self._stage(micro_batches)
+        micro_batches = self._with_rows(micro_batches)
         dp_rows, sft_tokens = self._step_counts(micro_batches)
         if self.alignment.sort_scope == "global":
-            return self._global_step(micro_batches, forward_only, rewards, sft_tokens)
+            return self._global_step(policy, micro_batches, forward_only, rewards, sft_tokens)
         scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
 
-        def loss_for(index, mb, logits):
-            sums, counts, logit_sums = self._sequence_logps(logits, mb, with_logits=True)
+        def loss_for(index, mb, output):
+            sums, counts, logit_sums = policy.sequence_logps(output, mb, with_logits=True)
             rows = split_rows(mb, self._loss_logps(sums, counts), self.paired)
             if rewards is not None:
                 rewards.append(self._sample_rewards(rows))
@@ -317,34 +254,22 @@ class AOTStep:
                 pieces = {k: v.detach().clone() for k, v in pieces.items()}
             return loss, {"sums": pieces}
 
-        stats = self._run(micro_batches, loss_for, forward_only)
+        stats = policy.forward_backward(micro_batches, loss_for, forward_only)
         return self._reduce_metrics([s["sums"] for s in stats], rewards)
 
     def _sample_rewards(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
         pc, pr, rc, rr = (t.detach().double().cpu() for t in rows)
         return self.alignment.beta * (pc - rc), self.alignment.beta * (pr - rr)
 
-    def score(self, micro_batches: list[MicroBatch]) -> list[tuple[torch.Tensor, ...]]:
-        """Per micro-batch (label, sample_index, summed log-prob, token count) on the last stage
-        (always token sums: a reference cache is normalized where it is used)."""
-
-        def loss_for(index, mb, logits):
-            logps, counts, _ = self._sequence_logps(logits, mb)
-            return logps.sum() * 0, {"scores": (mb["label"], mb["sample_index"], logps.detach(),
-                                                counts)}
-
-        with torch.no_grad():
-            stats = self._run(self._stage(micro_batches), loss_for, forward_only=True)
-        return [s["scores"] for s in stats]
-
     # ----------------------------------------------------------------- global scope
-    def _global_step(self, micro_batches, forward_only, rewards: Optional[list], sft_tokens: int):
+    def _global_step(self, policy, micro_batches, forward_only, rewards: Optional[list],
+                     sft_tokens: int):
         a = self.alignment
         captured: list[tuple] = []
         scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
 
-        def first_pass(index, mb, logits):
-            sums, counts, logit_sums = self._sequence_logps(logits, mb, with_logits=True)
+        def first_pass(index, mb, output):
+            sums, counts, logit_sums = policy.sequence_logps(output, mb, with_logits=True)
             rows = split_rows(mb, self._loss_logps(sums, counts).detach(), self.paired)
             pieces = self._logit_pieces(mb, counts, logit_sums)
             if self.sft_weight:  # this rank's own pieces, like logits/*
@@ -355,7 +280,7 @@ class AOTStep:
             return sums.sum() * 0, {}
 
         with torch.no_grad():
-            self._run(micro_batches, first_pass, forward_only=True)
+            policy.forward_backward(micro_batches, first_pass, forward_only=True)
         last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         plan = offsets = None
         sums = []
@@ -365,8 +290,8 @@ class AOTStep:
             return self._reduce_metrics(sums, rewards)
         errors = []
 
-        def grad_pass(index, mb, logits):
-            sums, counts, _ = self._sequence_logps(logits, mb)
+        def grad_pass(index, mb, output):
+            sums, counts, _ = policy.sequence_logps(output, mb)
             loss = sums.sum() * 0
             if self.sft_weight:  # outside the sort, as in the other scopes
                 loss = loss + self._sft_share(mb, sums, counts, sft_tokens, scale)[0]
@@ -382,7 +307,7 @@ class AOTStep:
                                         **self._loss_kwargs())
             return loss + term * scale, {}
 
-        self._run(micro_batches, grad_pass, forward_only=False)
+        policy.forward_backward(micro_batches, grad_pass, forward_only=False)
         self._check_reproduced(errors)
         return self._reduce_metrics(sums, rewards)
 
@@ -486,3 +411,7 @@ def finalize_sums(sums: dict[str, float]) -> dict[str, float]:
         return {}
     tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in sums.items()}
     return {k: float(v) for k, v in finalize_metrics(tensors).items()}
+
+
+__all__ = ["PreferenceObjective", "StepResult", "finalize_sums", "side_rows", "split_rows",
+           "split_sides", "response_tokens", "ROW_KEYS"]
