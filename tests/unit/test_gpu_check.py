@@ -28,7 +28,7 @@ RUN_SH = os.path.join(ROOT, "scripts", "gpu_check", "run.sh")
 # pydantic's typing-extensions>=4.16 floor).
 OVERRIDDEN = {"lightning", "typing-extensions"}
 WORKLOAD_IMPORTS = ("nemo_aot.cli", "nemo_aot.models.aot_model", "nemo_aot.algorithms.run",
-                    "nemo_aot.conversion.cli", "nemo_aot.models.aot_step",
+                    "nemo_aot.conversion.cli", "nemo_aot.algorithms.objective",
                     "megatron.core.optimizer", "megatron.core.dist_checkpointing")
 
 
