@@ -9,7 +9,12 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nemo-aot-installed
 
-.PHONY: demo test lint install clean
+# Test workers: pytest-xdist, whole files per worker (--dist loadfile), so a module's shared
+# training runs once. CI machines have 2 cores.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+.PHONY: demo test test-slow lint install clean
 
 install: $(STAMP)
 
@@ -27,7 +32,11 @@ demo: $(STAMP)
 	$(VENV)/bin/nemo-aot demo
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PYTEST)
+
+# The multi-minute end-to-end runs (marked `slow`), kept out of `make test`; CI runs both.
+test-slow: $(STAMP)
+	$(PYTEST) -m slow
 
 # ruff's settings (rules, line length, import order) are in pyproject.toml.
 lint: $(STAMP)
