@@ -12,6 +12,7 @@ import torch
 from test_conversion_families import (
     FAMILIES,
     build_hf,
+    hf_class,
     hf_logits,
     megatron_logits,
     random_tokens,
@@ -86,10 +87,14 @@ def test_round_trip_is_bitwise_and_loads_in_transformers(converted, family, tmp_
     with open(os.path.join(back, "config.json")) as f:
         exported = json.load(f)
     # transformers 4.x spelling next to 5.x's, with the same values
-    theta = original.get("rope_parameters", {}).get("rope_theta", original.get("rope_theta"))
+    rope = original["rope_parameters"]
+    if "full_attention" in rope:  # per layer type (Gemma 3): 4.x keys describe the global ones
+        assert exported["rope_local_base_freq"] == rope["sliding_attention"]["rope_theta"]
+        rope = rope["full_attention"]
+    theta = rope.get("rope_theta", original.get("rope_theta"))
     assert exported["rope_theta"] == theta and exported["torch_dtype"] == "float32"
     scaling = exported["rope_scaling"]
-    assert (scaling or {}).get("factor") == original["rope_parameters"].get("factor")
+    assert (scaling or {}).get("factor") == rope.get("factor")
     again = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
     tokens = random_tokens(seed=3)
     assert torch.equal(hf_logits(again, tokens), hf_logits(model, tokens))
@@ -118,7 +123,8 @@ def test_bf16_sharded_source_round_trips_bitwise(tmp_path):
         assert json.load(f).get("dtype", "bfloat16") == "bfloat16"
 
 
-def test_generated_config_when_no_source_config_is_stored(converted, tmp_path):
+@pytest.mark.parametrize("family", ["llama31_rope", "qwen3", "gemma3"])
+def test_generated_config_when_no_source_config_is_stored(converted, family, tmp_path):
     """A .nemo without hf_config/ (trained from scratch) exports a generated config."""
     import tarfile
 
@@ -126,7 +132,7 @@ def test_generated_config_when_no_source_config_is_stored(converted, tmp_path):
 
     from nemo_aot.conversion import nemo_to_hf
 
-    model, _, nemo = converted["llama31_rope"]
+    model, _, nemo = converted[family]
     stripped = str(tmp_path / "stripped.nemo")
     with tarfile.open(nemo) as src, tarfile.open(stripped, "w") as dst:
         for member in src.getmembers():
@@ -135,7 +141,7 @@ def test_generated_config_when_no_source_config_is_stored(converted, tmp_path):
     back = str(tmp_path / "back")
     nemo_to_hf(stripped, back)
     config = transformers.AutoConfig.from_pretrained(back)
-    assert config.architectures == ["LlamaForCausalLM"]
+    assert config.architectures == [hf_class(family)]
     again = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
     tokens = random_tokens(seed=4)
     assert torch.equal(hf_logits(again, tokens), hf_logits(model, tokens))
