@@ -168,3 +168,25 @@ def test_cli_converts_and_reports_user_errors(converted, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["convert", "hf-to-nemo", "--hf", hf_dir, "--out", out,
                            "--dtype", "fp16"])
+
+
+@pytest.mark.parametrize("change", [
+    dict(sliding_window=None, window_attn_skip_freq=None, rotary_base_local=None),
+    dict(rotary_base_local=1000000.0), dict(softmax_scale=None), dict(scale_embeddings=False),
+    dict(rope_scaling=None), dict(window_attn_skip_freq=None)], ids=str)
+def test_each_gemma3_option_shows_in_the_logits(converted, change, tmp_path):
+    """The tiny Gemma 3 exercises every option: dropping one moves the logits far past the
+    tolerance (the equality test above could not pass with it mapped wrongly)."""
+    import dataclasses
+
+    from nemo_aot.conversion.convert import build_single_model, single_process_world
+    from nemo_aot.models.nemo_format import extract_nemo, load_nemo_weights, read_nemo_config
+
+    model, _, nemo = converted["gemma3"]
+    cfg, _ = read_nemo_config(nemo)
+    tokens = random_tokens()
+    with single_process_world():
+        wrong = build_single_model(dataclasses.replace(cfg, **change), torch.float32)
+        load_nemo_weights([wrong], extract_nemo(nemo, str(tmp_path / "x")))
+        diff = (megatron_logits(wrong, tokens) - hf_logits(model, tokens)).abs().max().item()
+    assert diff > 100 * TOLERANCE, (change, diff)
