@@ -190,3 +190,51 @@ def test_each_gemma3_option_shows_in_the_logits(converted, change, tmp_path):
         load_nemo_weights([wrong], extract_nemo(nemo, str(tmp_path / "x")))
         diff = (megatron_logits(wrong, tokens) - hf_logits(model, tokens)).abs().max().item()
     assert diff > 100 * TOLERANCE, (change, diff)
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "qwen3", "gemma3"])
+def test_lora_adapters_load_in_peft_with_equal_logits(converted, family, tmp_path):
+    """LoRA on every target of a converted model (adapters with non-zero B), exported in the
+    PEFT layout, loaded by ``peft`` onto the transformers model: equal logits. For Gemma 3 the
+    o_proj/down_proj deltas land before the post-sublayer norms, as in PEFT."""
+    from peft import PeftModel
+
+    from nemo_aot.conversion.convert import single_process_world
+    from nemo_aot.conversion.peft_adapter import adapter_config, write_peft_adapter
+    from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
+    from nemo_aot.models.config import to_transformer_config
+    from nemo_aot.models.gpt import build_model_chunks
+    from nemo_aot.models.lora import adapted_layers, full_adapters, is_adapter_name
+    from nemo_aot.models.nemo_format import extract_nemo, load_nemo_weights, read_nemo_config
+    from nemo_aot.models.options import PeftConfig
+
+    model, hf_dir, nemo = converted[family]
+    cfg, _ = read_nemo_config(nemo)
+    peft = PeftConfig(scheme="lora", rank=4, alpha=8.0)
+    tokens = random_tokens(seed=5)
+    with single_process_world():
+        parallel = ParallelConfig()
+        initialize_model_parallel(parallel, cfg)
+        (chunk,) = build_model_chunks(cfg, to_transformer_config(cfg, parallel, "fp32"),
+                                      peft=peft, seed=3)
+        load_nemo_weights([chunk], extract_nemo(nemo, str(tmp_path / "x")),
+                          select=lambda name: not is_adapter_name(name))
+        generator = torch.Generator().manual_seed(9)
+        with torch.no_grad():
+            for _, _, module in adapted_layers([chunk]):
+                weight = module.adapter.linear_out.weight
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
+        ours = megatron_logits(chunk.eval(), tokens)
+        adapters = full_adapters([chunk])
+    folder = str(tmp_path / "adapter")
+    write_peft_adapter(folder, adapters, cfg, adapter_config(
+        peft.rank, peft.alpha, 0.0, list(peft.target_modules)))
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    plain = hf_logits(base, tokens)
+    adapted = hf_logits(PeftModel.from_pretrained(base, folder).eval(), tokens)
+    diff = (ours - adapted).abs().max().item()
+    print(f"{family}: LoRA vs PEFT max abs logit diff {diff:.3e}")
+    assert diff <= TOLERANCE
+    assert (adapted - plain).abs().max() > 1e-1  # the adapters change the model
