@@ -136,6 +136,10 @@ def layer_activation_bytes(cfg, tokens: int) -> int:
     replicated = 6 * h * act
     attention = (2 * nq * d) * act + nq * 4
     sharded = (2 * (nq + 2 * nkv) * d + 5 * f) * act + attention
+    if getattr(m, "qk_layernorm", False):  # the query/key norms' inputs and outputs
+        sharded += 2 * (nq + nkv) * d * act
+    if getattr(m, "post_sublayer_norms", False):  # two more norms' inputs and outputs (Gemma)
+        replicated += 4 * h * act
     perf = cfg.performance
     if perf.recompute_granularity == "selective":
         if "core_attn" in perf.recompute_modules:

@@ -14,7 +14,13 @@ from megatron.core.tensor_parallel import (
 )
 
 from nemo_aot.models.config import GPTModelConfig
-from nemo_aot.models.layer_specs import decoder_block_spec, local_layer_spec, te_layer_spec
+from nemo_aot.models.family_options import apply_layer_options, apply_model_options
+from nemo_aot.models.layer_specs import (
+    RMSNorm,
+    decoder_block_spec,
+    local_layer_spec,
+    te_layer_spec,
+)
 from nemo_aot.models.lora import apply_to_layer_spec, init_adapters
 from nemo_aot.models.options import PeftConfig
 
@@ -48,6 +54,7 @@ def build_gpt_model(model_cfg: GPTModelConfig, transformer_config,
                          f"got {transformer_impl!r}")
     if peft is not None:
         layer_spec = apply_to_layer_spec(layer_spec, peft)
+    layer_spec = apply_layer_options(layer_spec, model_cfg, _norm_class(transformer_impl))
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
@@ -70,7 +77,8 @@ def build_gpt_model(model_cfg: GPTModelConfig, transformer_config,
         # megatron builds its own ColumnParallelLinear; this instance gets the subclass that can
         # hand back its input instead of logits (same parameters and state-dict keys).
         model.output_layer.__class__ = HiddenStatesOutputLayer
-    if scaling is not None:
+    apply_model_options(model, model_cfg)
+    if scaling is not None and scaling.rope_type == "llama3":
         rope = model.rotary_pos_emb
         # megatron's own Llama-3.1 scaling, with every parameter from the config (its GPTModel
         # constructor only forwards the factor and keeps the other three at Llama-3.1's values).
@@ -79,6 +87,14 @@ def build_gpt_model(model_cfg: GPTModelConfig, transformer_config,
             high_freq_factor=scaling.high_freq_factor,
             original_max_position_embeddings=scaling.original_max_position_embeddings)
     return model
+
+
+def _norm_class(transformer_impl: str) -> type:
+    if transformer_impl == "local":
+        return RMSNorm
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    return TENorm
 
 
 class HiddenStatesOutputLayer(ColumnParallelLinear):
