@@ -191,8 +191,8 @@ def _hub_errors(source: CheckpointSource, key: str) -> Iterator[None]:
 
 
 def _download_command(source: CheckpointSource) -> str:
-    revision = f" --revision {source.revision}" if source.revision else ""
-    return f"hf download {source.repo_id}{revision}  (or: huggingface-cli download ...)"
+    args = f"{source.repo_id}{f' --revision {source.revision}' if source.revision else ''}"
+    return f"hf download {args}` (huggingface_hub < 1.0: `huggingface-cli download {args}"
 
 
 @contextmanager
