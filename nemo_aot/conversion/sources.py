@@ -47,8 +47,10 @@ HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>[\w
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 _DOWNLOAD = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-               "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-               "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
+               "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR",
+               "MASTER_PORT")
+# torchrun's TORCHELASTIC_USE_AGENT_STORE would make the child join the launch's store (a hang)
+_LAUNCH_PREFIXES = ("TORCHELASTIC_",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,14 +182,20 @@ def _hub_errors(source: CheckpointSource, key: str) -> Iterator[None]:
         offline = constants.HF_HUB_OFFLINE
         why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline else
                f"it is not in the local cache and the hub could not be reached ({err})")
-        raise ValueError(f"{key}: {source.describe()}: {why} ({constants.HF_HUB_CACHE}); fill "
+        raise ValueError(f"{key}: {source.describe()}{_not_a_path(source)}: {why} "
+                         f"({constants.HF_HUB_CACHE}); fill "
                          f"the cache on a machine with network access (same HF_HOME) with "
                          f"`{_download_command(source)}`") from None
     except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError,
             errors.GatedRepoError, errors.EntryNotFoundError) as err:
-        raise ValueError(f"{key}: {source.describe()}: {type(err).__name__}: "
+        raise ValueError(f"{key}: {source.describe()}{_not_a_path(source)}: "
+                         f"{type(err).__name__}: "
                          f"{str(err).splitlines()[0]} (private or gated: set HF_TOKEN or run "
                          "`hf auth login`)") from None
+
+
+def _not_a_path(source: CheckpointSource) -> str:
+    return f" (no local path {source.spec} exists, so it was taken as a hub id)"
 
 
 def _download_command(source: CheckpointSource) -> str:
@@ -212,7 +220,8 @@ def _convert(folder: str, target: str, dtype: str, source: CheckpointSource) -> 
     """``nemo-aot convert hf-to-nemo`` in a child process without the launch's rank variables,
     into a temporary name renamed into place."""
     temporary = f"{target}.partial-{os.getpid()}"
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}
+    env = {k: v for k, v in os.environ.items()
+           if k not in _LAUNCH_ENV and not k.startswith(_LAUNCH_PREFIXES)}
     command = [sys.executable, "-m", "nemo_aot.conversion.cli", "convert", "hf-to-nemo",
                "--hf", folder, "--out", temporary, "--dtype", dtype]
     logger.info("converting %s to %s (once; later runs reuse it)", source.describe(), target)

@@ -13,6 +13,7 @@ import torch
 
 from conftest import ROOT, history, train_args
 from hub_cache import add_snapshot, offline_env, tiny_llama_folder
+from multirank import free_port
 
 REPO = "tinyorg/tiny-llama"
 COMMIT = "c0ffee" + "0" * 34
@@ -90,11 +91,15 @@ def test_the_hub_id_was_converted_once_into_the_cache_keyed_by_repo_and_commit(r
     assert sorted(os.listdir(converted)) == [f"{COMMIT}-fp32.nemo", f"{COMMIT}-fp32.nemo.lock"]
 
 
+@pytest.mark.slow
 def test_one_process_converts_while_the_others_wait(hub, tmp_path):
     """Two ranks of a launch resolve the same hub id at once: one converts, the other waits
     and reuses the file; a later resolution reuses it without converting."""
     environment, _, _ = hub
-    environment = dict(environment, NEMO_AOT_CACHE=str(tmp_path / "cache"), WORLD_SIZE="2")
+    # torchrun's variables: a conversion child that kept them would join this store and hang
+    environment = dict(environment, NEMO_AOT_CACHE=str(tmp_path / "cache"), WORLD_SIZE="2",
+                       LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                       TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RUN_ID="none")
     code = ("import logging, sys; logging.basicConfig(level=logging.INFO); "
             "from nemo_aot.conversion.sources import checkpoint_source, local_nemo; "
             f"print(local_nemo(checkpoint_source({REPO!r})))")
@@ -112,6 +117,7 @@ def test_one_process_converts_while_the_others_wait(hub, tmp_path):
     assert again.returncode == 0 and "converting" not in again.stderr
 
 
+@pytest.mark.slow
 def test_score_and_convert_take_a_hub_id(hub, init_nemo, small_data, tmp_path):
     environment, _, _ = hub
     environment = dict(environment, NEMO_AOT_CACHE=str(tmp_path / "cache"))

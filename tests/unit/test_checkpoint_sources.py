@@ -114,6 +114,26 @@ def test_plan_and_print_of_a_folder_read_no_weights(tmp_path, offline_hub):
     assert [n for n in left if not n.endswith(".lock")] == []  # no partial .nemo left behind
 
 
+def test_a_stored_run_started_from_a_hub_id_finds_its_converted_copy(offline_hub, tmp_path):
+    """``nemo-aot export`` of a LoRA run resolves the run's stored config: a hub id there is
+    the converted copy of that id (reused, here a stand-in file: nothing is converted)."""
+    from config_stubs import DEMO_WITHOUT_CHECKPOINT
+    from nemo_aot.algorithms.resolve import World, resolve_run, resolve_stored
+
+    commit = "ab" * 20
+    add_snapshot(offline_hub, "org/tiny", commit=commit, files={
+        "config.json": {"torch_dtype": "float32"}, "model.safetensors": b""})
+    target = tmp_path / "converted" / "converted" / "models--org--tiny" / f"{commit}-fp32.nemo"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"")
+    stored = tmp_path / "config.yaml"
+    yaml = resolve_run(DEMO_WITHOUT_CHECKPOINT, world=World(1)).config_yaml
+    assert "\ninit_from: null\n" in yaml
+    stored.write_text(yaml.replace("\ninit_from: null\n", "\ninit_from: org/tiny\n"))
+    run = resolve_stored(str(stored), world=World(1))
+    assert run.init_from == str(target) and run.config.init_from == "org/tiny"
+
+
 @pytest.mark.parametrize("recipe", PRODUCTION)
 def test_plan_of_every_production_recipe_needs_no_data_and_no_checkpoint(recipe, capsys):
     from nemo_aot.cli import main
