@@ -77,8 +77,9 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gpu-memory-gib", type=float, default=80.0,
                        help="GPU memory the plan fits the micro-batch to (default 80: H100)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                       help="e.g. recipe=llama3_8b init_from=/ckpt/llama3_8b.nemo "
-                            "data.train_path=prefs.jsonl")
+                       help="e.g. recipe=llama3_8b init_from=/ckpt/llama3_8b.nemo (or a "
+                            "Hugging Face folder, or a hub id such as "
+                            "meta-llama/Llama-3.1-8B-Instruct) data.train_path=prefs.jsonl")
     train.set_defaults(func=_train)
 
     register_convert(sub)
@@ -123,7 +124,8 @@ def _train(args) -> int:
     # Printing resolves for the planned launch; training for this process's world.
     printing = args.print_config or args.plan
     run = resolve_run(args.overrides, config_name=args.config_name, config_dir=args.config_dir,
-                      world=World.planned() if printing else None)
+                      world=World.planned() if printing else None,
+                      purpose="plan" if args.plan else "print" if printing else "train")
     if args.print_config:
         print(run.describe())
         return 0

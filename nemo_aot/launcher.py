@@ -351,7 +351,8 @@ def launch(args: argparse.Namespace) -> int:
     # the launched world size), then the GPU placement only a launcher sees.
     run = resolve_run(train.overrides, config_name=train.config_name,
                       config_dir=train.config_dir,
-                      world=World(env.world_size, env.num_nodes, env.local_world_size))
+                      world=World(env.world_size, env.num_nodes, env.local_world_size),
+                      purpose="print" if args.dry_run else "train")
     warnings = check_placement(run.config, env)
     if args.dry_run:
         print(describe(run, env, train.argv, warnings), flush=True)
