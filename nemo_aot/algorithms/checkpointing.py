@@ -301,7 +301,8 @@ class RunCheckpointer:
                 _copy_files(self.tokenizer_dir, os.path.join(tmp_dir, TOKENIZER_COPY))
 
         self.manager.save(trainer.state.step, write,
-                          metadata={**trainer.state.to_dict(), "config_hash": self.config_hash})
+                          metadata={**trainer.state.to_dict(), "config_hash": self.config_hash,
+                                    "megatron_core": megatron_core_version()})
 
     def restore(self, checkpoint: SavedCheckpoint, trainer) -> None:
         """Load ``checkpoint`` into the model, optimizer, RNG, scheduler, sampler and
@@ -309,16 +310,46 @@ class RunCheckpointer:
         from megatron.core import dist_checkpointing
 
         materialize_optimizer_state(self.optimizer)
-        state = dist_checkpointing.load(self._template(is_loading=True), checkpoint.path)
-        self.model.load_sharded_state(state["model"])
-        with torch.no_grad():  # the distributed optimizer copies into views of its parameters
-            self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            state = dist_checkpointing.load(self._template(is_loading=True), checkpoint.path)
+            self.model.load_sharded_state(state["model"])
+            with torch.no_grad():  # the distributed optimizer copies into views of its params
+                self.optimizer.load_state_dict(state["optimizer"])
+        except Exception as err:
+            reason = newer_megatron_reason(checkpoint.metadata.get("megatron_core"))
+            if reason is None:
+                raise
+            raise RuntimeError(f"{checkpoint.path} could not be loaded: {reason}") from err
         _restore_step_counts(self.optimizer)
         restore_rng_state(state["rng"])
         self.scheduler.load_state_dict(state["common"]["scheduler"])
         self.train_batches.load_state_dict(state["common"]["sampler"])
         for k, v in state["common"]["train"].items():
             setattr(trainer.state, k, v)
+
+
+def megatron_core_version() -> str:
+    """Recorded in every checkpoint's marker: which megatron-core wrote it."""
+    from megatron.core import package_info
+
+    return package_info.__version__
+
+
+def newer_megatron_reason(saved: Optional[str]) -> Optional[str]:
+    """Why a checkpoint written by megatron-core ``saved`` may not load here: None unless it
+    comes from a newer release than the installed one (older checkpoints load forward, checked
+    by the compatibility tier; checkpoints from before the version was recorded say nothing)."""
+    from packaging.version import Version
+
+    if not saved:
+        return None
+    installed = megatron_core_version()
+    if Version(saved).release[:2] <= Version(installed).release[:2]:
+        return None
+    return (f"it was written by megatron-core {saved}, and this environment has the older "
+            f"{installed}, whose checkpoint format or optimizer layout may lack what {saved} "
+            f"saved. Resume it with megatron-core >= {saved} (the environment that wrote it), "
+            "or start a new run from its policy (nemo-aot export).")
 
 
 def materialize_optimizer_state(optimizer) -> None:
