@@ -24,6 +24,7 @@ from nemo_aot.algorithms.config import find_config_dir
 from nemo_aot.algorithms.export import register as register_export
 from nemo_aot.algorithms.memory_plan import format_plan
 from nemo_aot.algorithms.resolve import World, resolve_run
+from nemo_aot.algorithms.rules import OPTION_RULES, check_option
 from nemo_aot.algorithms.run import run_training
 from nemo_aot.algorithms.trainer import COMPLETE_REASONS
 from nemo_aot.conversion.cli import register as register_convert
@@ -157,6 +158,14 @@ def _quiet_known_warnings() -> None:
     logging.getLogger("nv_one_logger").setLevel(logging.ERROR)
 
 
+def _check_numeric_options(args: argparse.Namespace) -> None:
+    """Every numeric option the command has, against its one rule (``rules.OPTION_RULES``)."""
+    for option in OPTION_RULES:
+        attr = option[2:].replace("-", "_")
+        if hasattr(args, attr):
+            check_option(option, getattr(args, attr))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_known_warnings()
     try:
@@ -170,6 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 0
     try:
+        _check_numeric_options(args)
         return int(args.func(args) or 0)
     except ValueError as err:
         print(f"nemo-aot {args.command}: error: {err}", file=sys.stderr)
