@@ -274,6 +274,8 @@ class RunCheckpointer:
         self.scheduler, self.train_batches = scheduler, train_batches
         self.config_text, self.config_hash = config_text, config_hash
         self.tokenizer_dir = tokenizer_dir
+        self.resume_record: Optional[dict] = None
+        """The config changes this run resumed with (resume_check.record), kept in markers."""
 
     def _template(self, is_loading: bool) -> dict:
         model_sd = self.model.sharded_state_dict()
@@ -300,8 +302,10 @@ class RunCheckpointer:
                 write_text(os.path.join(tmp_dir, CONFIG_FILE), self.config_text)
                 _copy_files(self.tokenizer_dir, os.path.join(tmp_dir, TOKENIZER_COPY))
 
-        self.manager.save(trainer.state.step, write,
-                          metadata={**trainer.state.to_dict(), "config_hash": self.config_hash})
+        metadata = {**trainer.state.to_dict(), "config_hash": self.config_hash}
+        if self.resume_record is not None:
+            metadata["resumed_with_config_changes"] = self.resume_record
+        self.manager.save(trainer.state.step, write, metadata=metadata)
 
     def restore(self, checkpoint: SavedCheckpoint, trainer) -> None:
         """Load ``checkpoint`` into the model, optimizer, RNG, scheduler, sampler and
@@ -313,8 +317,15 @@ class RunCheckpointer:
         self.model.load_sharded_state(state["model"])
         with torch.no_grad():  # the distributed optimizer copies into views of its parameters
             self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the stored groups carry the stored LR range
+            for key in ("max_lr", "min_lr"):
+                if key in group:
+                    group[key] = getattr(self.scheduler, key)
         _restore_step_counts(self.optimizer)
         restore_rng_state(state["rng"])
+        # The run's own LR schedule at the checkpoint's step: equal to the stored one unless the
+        # resume changed optim.* or the run's length (resume_check allowed and recorded it).
+        self.scheduler.override_opt_param_scheduler = True
         self.scheduler.load_state_dict(state["common"]["scheduler"])
         self.train_batches.load_state_dict(state["common"]["sampler"])
         for k, v in state["common"]["train"].items():

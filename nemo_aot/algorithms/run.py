@@ -37,7 +37,7 @@ from nemo_aot.data import load_preference_data, load_tokenizer, make_batches
 from nemo_aot.data.collate import slot_efficiency
 from nemo_aot.data.config import resolve_path
 from nemo_aot.distributed.parallel import initialize_model_parallel
-from nemo_aot.distributed.ranks import StopRequested, rank, stop_point
+from nemo_aot.distributed.ranks import StopRequested, from_rank0, rank, stop_point
 from nemo_aot.models.nemo_format import extract_tokenizer
 
 # megatron and the model modules that import it (models.aot_model, models.reference) are
@@ -279,6 +279,11 @@ def _run(run, preemption, started: float, scratch: str) -> RunResult:
 
     cfg = run.config
     dp_rank, dp_size = setup_run(run)
+    # Which checkpoint to resume, and whether it was trained with this config: decided before
+    # anything is built or written (a refused resume leaves the run folder as it was).
+    manager = CheckpointManager(run.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
+    latest = manager.latest_valid() if cfg.checkpoint.resume == "auto" else None
+    resume_record = _check_resume(run, latest) if latest is not None else None
     if rank() == 0:
         write_text(os.path.join(run.output_dir, CONFIG_FILE), run.config_yaml)
     data = build_data(run, scratch, dp_rank, dp_size)
@@ -289,10 +294,9 @@ def _run(run, preemption, started: float, scratch: str) -> RunResult:
     reference = build_reference(run, model, data, dp_rank, dp_size, lambda: preemption.requested)
     optimizer, scheduler = build_optimizer(cfg, schedule, model)
     checkpointer = RunCheckpointer(
-        CheckpointManager(run.checkpoint_dir, keep_last=cfg.checkpoint.keep_last), model,
-        optimizer, scheduler, data.train_batches, config_text=run.config_yaml,
+        manager, model, optimizer, scheduler, data.train_batches, config_text=run.config_yaml,
         config_hash=run.config_hash, tokenizer_dir=data.tokenizer_dir)
-    latest = checkpointer.manager.latest_valid() if cfg.checkpoint.resume == "auto" else None
+    checkpointer.resume_record = resume_record
     reporter = RunReporter(cfg, cfg.model, schedule.total_steps, dp_size,
                            torch.distributed.get_world_size(),
                            resume_step=latest.step if latest is not None else None,
@@ -321,6 +325,39 @@ def _run(run, preemption, started: float, scratch: str) -> RunResult:
     return RunResult(run.output_dir, trainer.state.step, trainer.stop_reason,
                      nemo_path if rank() == 0 else None, reporter.metrics_path, reporter.plots,
                      adapter_path if rank() == 0 else None)
+
+
+def _check_resume(run, latest) -> Optional[dict]:
+    """Compare the checkpoint's config with this run's (rank 0 reads, every rank gets the
+    same answer): refuse a change beyond the resume-free keys unless
+    checkpoint.allow_config_change; record what changed. Returns the record, or None."""
+    from nemo_aot.algorithms import resume_check
+
+    cfg = run.config
+    changes, error = {}, None
+    if rank() == 0 and latest.metadata.get("config_hash") != run.config_hash:
+        stored = resume_check.stored_config(latest.path)
+        if stored is None:
+            changes = {"(unknown: the checkpoint stores no config.yaml)": (None, run.config_hash)}
+        else:
+            changes = resume_check.config_changes(stored, cfg)
+        try:
+            resume_check.check_resume(changes, latest.path, cfg.checkpoint.allow_config_change)
+        except ValueError as err:
+            error = str(err)
+    changes, error = from_rank0((changes, error))
+    if error is not None:
+        raise ValueError(error)
+    if not changes:
+        return None
+    entry = None
+    if rank() == 0:
+        entry = resume_check.record(run.output_dir, latest.step, latest.path, changes,
+                                    cfg.checkpoint.allow_config_change)
+        logger.warning("resuming %s with config changes (recorded in %s): %s", latest.path,
+                       resume_check.CHANGES_FILE,
+                       "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items()))
+    return from_rank0(entry)
 
 
 def _export(run, model, trainer, tokenizer_dir: str) -> Optional[str]:
