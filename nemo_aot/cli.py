@@ -107,7 +107,7 @@ def _demo(args) -> int:
           f"arithmetic preference data, {run.schedule.describe()}, on CPU", flush=True)
     result = run_training(run)
     if result.nemo_path is None:
-        return 0
+        return result.exit_code
     print("\nnemo-aot demo: done", f"after {result.final_step} steps ({result.stop_reason})")
     print(f"  aligned policy  {result.nemo_path}")
     if result.adapter_path:
@@ -141,7 +141,7 @@ def _train(args) -> int:
     elif result.stop_reason not in COMPLETE_REASONS:
         print(f"nemo-aot train: stopped ({result.stop_reason}) at step {result.final_step}; "
               "run the same command again to resume", file=sys.stderr)
-    return 0
+    return result.exit_code
 
 
 # Noise from optional accelerators being absent (CPU hosts) and deprecations inside megatron /
@@ -184,6 +184,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         print(f"nemo-aot {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before (or after) a run's own handler: nothing to save
+        print(f"nemo-aot {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from nemo_aot.algorithms.checkpointing import (
 )
 from nemo_aot.algorithms.reporting import RunReporter
 from nemo_aot.algorithms.rules import check_data_kind
+from nemo_aot.algorithms.run_lock import RunLock
 from nemo_aot.algorithms.signals import PreemptionHandler
 from nemo_aot.algorithms.trainer import COMPLETE_REASONS, AOTTrainer, build_optimizer
 from nemo_aot.data import load_preference_data, load_tokenizer, make_batches
@@ -62,6 +63,15 @@ class RunResult:
     plots: list
     adapter_path: Optional[str] = None
     """A finished LoRA run's adapters in the Hugging Face PEFT layout (rank 0)."""
+    signal: Optional[str] = None
+    """The signal this rank received (SIGTERM, SIGUSR1, SIGINT), if any: a SIGINT'd run
+    saved like a SIGTERM'd one and its command exits 130."""
+
+    @property
+    def exit_code(self) -> int:
+        from nemo_aot.algorithms.signals import INTERRUPT_EXIT_CODE
+
+        return INTERRUPT_EXIT_CODE if self.signal == "SIGINT" else 0
 
 
 @dataclasses.dataclass
@@ -261,29 +271,38 @@ def run_training(run) -> RunResult:
     """Train the ``ResolvedRun`` (every rank calls it)."""
     cfg = run.config
     started = time.monotonic()  # the time budget includes set-up
+    lock = RunLock(run.output_dir)
     with PreemptionHandler(enabled=cfg.checkpoint.save_on_signal) as preemption, \
             tempfile.TemporaryDirectory(prefix="nemo_aot_run_") as scratch:
         try:
-            return _run(run, preemption, started, scratch)
+            result = _run(run, preemption, started, scratch, lock)
         except StopRequested as stop:
             if rank() == 0:
                 logger.warning("%s received during %s: stopping before training; nothing was "
                                "trained or exported, a requeued job starts over from here",
                                preemption.signal_name or "a signal on another rank", stop)
-            return RunResult(cfg.logging.output_dir, None, "signal", None, None, [])
+            result = RunResult(cfg.logging.output_dir, None, "signal", None, None, [])
+        finally:
+            lock.release()
+        result.signal = preemption.signal_name
+        return result
 
 
-def _run(run, preemption, started: float, scratch: str) -> RunResult:
+def _run(run, preemption, started: float, scratch: str, lock: RunLock) -> RunResult:
     """The wiring: parts are built (and stop points agreed) in order, then fit and export."""
     from nemo_aot.algorithms.objective import PreferenceObjective
 
     cfg = run.config
     dp_rank, dp_size = setup_run(run)
+    _take_lock(lock)
     # Which checkpoint to resume, and whether it was trained with this config: decided before
     # anything is built or written (a refused resume leaves the run folder as it was).
     manager = CheckpointManager(run.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
     latest = manager.latest_valid() if cfg.checkpoint.resume == "auto" else None
     resume_record = _check_resume(run, latest) if latest is not None else None
+    no_room = from_rank0(manager.free_space_problem() if rank() == 0 else None)
+    if no_room is not None:
+        raise ValueError(no_room)
     if rank() == 0:
         write_text(os.path.join(run.output_dir, CONFIG_FILE), run.config_yaml)
     data = build_data(run, scratch, dp_rank, dp_size)
@@ -325,6 +344,19 @@ def _run(run, preemption, started: float, scratch: str) -> RunResult:
     return RunResult(run.output_dir, trainer.state.step, trainer.stop_reason,
                      nemo_path if rank() == 0 else None, reporter.metrics_path, reporter.plots,
                      adapter_path if rank() == 0 else None)
+
+
+def _take_lock(lock: RunLock) -> None:
+    """Rank 0 takes the output folder's lock; every rank raises when another run holds it."""
+    error = None
+    if rank() == 0:
+        try:
+            lock.acquire()
+        except ValueError as err:
+            error = str(err)
+    error = from_rank0(error)
+    if error is not None:
+        raise ValueError(error)
 
 
 def _check_resume(run, latest) -> Optional[dict]:
