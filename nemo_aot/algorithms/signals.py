@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Optional, Sequence
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 # aborts at once (nothing saved since the last checkpoint).
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
+SECOND_INTERRUPT_S = 1.0  # a SIGINT this soon after the first is the same Ctrl-C, forwarded
 
 
 class PreemptionHandler:
@@ -45,6 +47,7 @@ class PreemptionHandler:
         self.signals = tuple(signals)
         self.enabled = enabled
         self.received: Optional[int] = None  # the first signal number received, if any
+        self._received_at = 0.0
         self._previous: dict[int, object] = {}
 
     def install(self) -> "PreemptionHandler":
@@ -72,10 +75,15 @@ class PreemptionHandler:
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if signum == signal.SIGINT and self.received is not None:
+            # A Ctrl-C reaches every process of the terminal's group, and torchrun forwards it
+            # to its workers once more within milliseconds: only a later one is a second Ctrl-C.
+            if time.monotonic() - self._received_at < SECOND_INTERRUPT_S:
+                return
             os.write(2, b"\nsecond interrupt: aborting now, without saving\n")
             os._exit(INTERRUPT_EXIT_CODE)
         if self.received is None:
             self.received = signum
+            self._received_at = time.monotonic()
             if signum == signal.SIGINT:
                 os.write(2, b"\ninterrupt: stopping after this step and saving a checkpoint "
                             b"(Ctrl-C again to abort at once)\n")

@@ -69,3 +69,56 @@ def test_the_override_continues_with_the_new_config_and_records_it(stopped_run, 
     with open(os.path.join(out, "checkpoints", "step_00000006", "COMPLETE.json")) as f:
         marker = json.load(f)
     assert marker["resumed_with_config_changes"]["changes"]["optim.lr"] == [0.005, 0.01]
+
+
+@pytest.mark.slow  # ~130 s on 2 busy cores: two runs and a refused one
+def test_ctrl_c_saves_exits_130_and_resumes_at_that_step_and_a_second_writer_is_refused(
+        small_data, init_nemo, tmp_path):
+    import signal
+    import socket
+
+    from conftest import start_cli, wait_for
+
+    long = ["trainer.max_steps=500", "checkpoint.save_interval=1000"]
+    first = start_cli(_args(small_data, tmp_path, init_nemo, *long))
+    metrics = tmp_path / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(history(tmp_path)) >= 1, first)
+    # a second run on the same output folder, while the first trains
+    second = run_cli(_args(small_data, tmp_path, init_nemo, *long), check=False)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f"host {socket.gethostname()}, pid {first.pid}" in second.stderr
+    assert "Traceback" not in second.stderr
+    first.send_signal(signal.SIGINT)  # Ctrl-C
+    out, _ = first.communicate(timeout=180)
+    assert first.returncode == 130, out[-4000:]
+    assert "KeyboardInterrupt" not in out and "Traceback" not in out
+    saved = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert len(saved) == 1, saved
+    stopped = int(saved[0].split("_")[1])
+    assert history(tmp_path)[-1]["step"] == stopped  # no step lost since the last save
+    assert not (tmp_path / ".nemo_aot.lock").exists()
+    # resumed at that step (extending max_steps is a resume-free change)
+    resumed = run_cli(_args(small_data, tmp_path, init_nemo,
+                            f"trainer.max_steps={stopped + 2}", "checkpoint.save_interval=1000"))
+    assert f"at step {stopped}" in resumed.stdout + resumed.stderr
+    assert [r["step"] for r in history(tmp_path)] == list(range(1, stopped + 3))
+
+
+@pytest.mark.slow  # ~100 s on 2 busy cores: an export and a resumed run
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(stopped_run, small_data,
+                                                                 init_nemo, tmp_path):
+    out = _copy(stopped_run, tmp_path)
+    newest = out / "checkpoints" / "step_00000004"
+    shard = max((p for p in newest.rglob("*") if p.is_file() and p.suffix == ".distcp"),
+                key=lambda p: p.stat().st_size)
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    export = run_cli(["export", "--checkpoint", str(newest), "--out", str(tmp_path / "p.nemo")],
+                     check=False)
+    assert export.returncode == 2 and f"checkpoint {newest} is damaged" in export.stderr
+    assert shard.name in export.stderr and "Traceback" not in export.stderr
+    proc = run_cli(_args(small_data, out, init_nemo))
+    log = proc.stdout + proc.stderr
+    assert f"checkpoint {newest} is damaged" in log and "resuming from" in log
+    assert "resumed from" in log and "at step 2" in log
+    assert [r["step"] for r in history(out)] == [1, 2, 3, 4]

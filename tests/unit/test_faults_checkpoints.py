@@ -252,6 +252,9 @@ def test_ctrl_c_is_a_stop_like_sigterm_and_a_second_one_aborts():
     assert twice.stdout.readline().strip() == "ready"
     twice.send_signal(signal.SIGINT)
     assert twice.stdout.readline().split() == ["saw", "SIGINT"]
+    twice.send_signal(signal.SIGINT)  # at once: the same Ctrl-C forwarded (torchrun), ignored
+    time.sleep(1.5)
+    assert twice.poll() is None
     twice.send_signal(signal.SIGINT)
     out, err = twice.communicate(timeout=30)
     assert twice.returncode == 130 and "saved" not in out
