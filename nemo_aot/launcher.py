@@ -370,7 +370,7 @@ def launch(args: argparse.Namespace) -> int:
     if result.nemo_path:
         print(f"nemo-aot launch: {result.final_step} steps ({result.stop_reason}); "
               f"policy at {result.nemo_path}", flush=True)
-    return 0
+    return result.exit_code
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -245,6 +245,9 @@ def largest_micro_batch(cfg, world_size: int, gpu_bytes: float,
 
 def format_plan(cfg, world_size: int, gpu_memory_gib: float) -> str:
     """The table ``nemo-aot train --plan`` prints."""
+    from nemo_aot.algorithms.rules import check_option
+
+    check_option("--gpu-memory-gib", gpu_memory_gib)
     plan = memory_plan(cfg, world_size)
     p = cfg.parallel
     dp = p.data_parallel_size(world_size)
