@@ -93,6 +93,17 @@ class Layout:
     pipeline: int
     virtual_pipeline: Optional[int]
     sequence_parallel: bool
+    expert: int = 1
+    """Expert-parallel ranks (EP) of a mixture-of-experts model; 1 for dense models."""
+    expert_tensor: int = 1
+    """Ranks that split each expert's weights (ETP)."""
+
+    @property
+    def expert_data_parallel(self) -> Optional[int]:
+        """Replicas of each expert (the stage's ranks over ETP x EP); None when not launched."""
+        if self.world_size is None:
+            return None
+        return self.world_size // (self.expert_tensor * self.expert * self.pipeline)
 
     @property
     def model_parallel(self) -> int:
@@ -105,9 +116,14 @@ class Layout:
     def describe(self) -> str:
         dp = self.data_parallel if self.data_parallel is not None else "?"
         ranks = self.world_size if self.world_size is not None else "? (not launched)"
-        return (f"TP {self.tensor} x PP {self.pipeline} x DP {dp} = {ranks} ranks (sequence "
+        text = (f"TP {self.tensor} x PP {self.pipeline} x DP {dp} = {ranks} ranks (sequence "
                 f"parallel {'on' if self.sequence_parallel else 'off'}, virtual pipeline "
                 f"{self.virtual_pipeline or 'off'})")
+        if self.expert > 1 or self.expert_tensor != self.tensor:
+            edp = self.expert_data_parallel if self.expert_data_parallel is not None else "?"
+            text += (f"; experts: ETP {self.expert_tensor} x EP {self.expert} x expert-DP {edp} "
+                     f"x PP {self.pipeline}")
+        return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,15 +323,17 @@ def _resolve(cfg: AOTConfig, world: Optional[World], *, raw: Any = None,
             source = checkpoint_source(init_from)
             init_from = local_nemo(source)
     elif cfg.init_from and str(cfg.init_from).strip():
-        source, init_from, model = _init_source(cfg.init_from, weights)
-        # the checkpoint defines the architecture
-        cfg = dataclasses.replace(cfg, model=model)
+        source, init_from, stored = _init_source(cfg.init_from, weights)
+        # the checkpoint defines the architecture; the run chooses how it executes and trains
+        chosen = {key: getattr(cfg.model, key) for key in stored.RUN_KEYS}
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(stored, **chosen))
         _check_model_overrides(raw, cfg, overrides)
     size = _world_size(cfg, world if world is not None else World.from_env(default=1))
     check_rules(cfg, size)
     t, p = cfg.trainer, cfg.parallel
     layout = Layout(size, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                    p.virtual_pipeline_model_parallel_size, p.sequence_parallel)
+                    p.virtual_pipeline_model_parallel_size, p.sequence_parallel,
+                    p.expert_model_parallel_size, p.expert_tensor)
     schedule = Schedule(t.max_steps, t.max_epochs, cfg.optim.warmup_steps, t.global_batch_size,
                         t.micro_batch_size).checked()
     output_dir = cfg.logging.output_dir
@@ -370,6 +388,8 @@ def _check_model_overrides(raw: Any, cfg: AOTConfig, overrides: Sequence[str]) -
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
         if not key.startswith("model.") or "=" not in item or raw is None:
+            continue
+        if key.split(".")[1] in cfg.model.RUN_KEYS:  # the run's choice, not the checkpoint's
             continue
         wanted, stored = OmegaConf.select(raw, key), cfg.model
         for part in key.split(".")[1:]:

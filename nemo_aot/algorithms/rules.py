@@ -65,6 +65,12 @@ def _check_peft(cfg: AOTConfig) -> None:
         raise ValueError("alignment.reference_policy=adapters_off with precision.fp8_recipe="
                          "delayed: the reference forward would shift the policy's amax history; "
                          "use alignment.reference_policy=cached or precision.fp8_recipe=tensorwise")
+    experts = [t for t in peft.target_modules if t in ("linear_fc1", "linear_fc2")]
+    if cfg.model.num_moe_experts is not None and experts:
+        raise ValueError(f"peft.target_modules lists {experts}, the MLP of a mixture-of-experts "
+                         "model: LoRA on its routed experts is not supported (megatron-core's "
+                         "experts are not the linear layers the adapters wrap); set "
+                         "peft.target_modules=[linear_qkv,linear_proj] (attention only)")
     if peft.adapter_from is not None and not cfg.init_from:
         raise ValueError("peft.adapter_from needs init_from: the base .nemo the adapter was "
                          "trained on")

@@ -157,6 +157,7 @@ def enable_cpu_execution() -> bool:
         _wrap(module, cls, attr, _cuda_factories_on_cpu)
     for module, cls, attr in _TYPE_REDIRECTED:
         _wrap(module, cls, attr, _cpu_types_named_cuda)
+    _enable_moe_on_cpu()
     _ENABLED = True
     logger.info("megatron-core %s: CPU execution enabled (no CUDA device)", version)
     return True
@@ -311,3 +312,130 @@ def _wrap(module_name: str, cls_name: str | None, attr: str, decorator) -> None:
         setattr(owner, attr, type(original)(decorator(original.__func__)))
     else:
         setattr(owner, attr, decorator(original))
+
+
+# --------------------------------------------------------------------------- mixture of experts
+# Two more places in megatron-core's MoE layer assume CUDA (probed with 0.16.1):
+# * ``moe_utils`` imports ``te_general_gemm`` only inside a ``try`` over TransformerEngine and
+#   then tests ``te_general_gemm is not None``: without TE the name is unbound and the router's
+#   gating GEMM raises NameError. Bound to None, the router takes its torch.mm path (fp32 logits).
+# * the all-to-all token dispatcher keeps a class-level ``torch.cuda.Stream`` for its
+#   device-to-host copies of the split sizes and waits on it; on the CPU the sizes are host
+#   tensors already, so a stream that orders nothing (every wait and event a no-op) is exact.
+#   Its ``maybe_move_tensor_to_cpu`` turns the split sizes into numpy arrays only when it moves
+#   them off a GPU; host tensors would reach ``all_to_all_single`` as tensors, which its
+#   binding refuses, so on the CPU they are handed over as numpy arrays as on a GPU.
+# * gloo has no uneven all-gather: the all-to-all dispatcher with expert tensor parallelism
+#   (ETP > 1) gathers each TP rank's routed tokens, a different count per rank, with
+#   ``torch.distributed.all_gather`` over a list of unequal tensors (megatron's
+#   ``_gather_along_first_dim`` with ``output_split_sizes``), and its backward reduce-scatters
+#   unequal slices (``_reduce_scatter_along_first_dim`` with ``input_split_sizes``). gloo refuses
+#   the first ("invalid tensor size"). Both are emulated exactly: the gather pads every rank's
+#   rows to the largest count, gathers equal blocks and drops the padding; the reduce-scatter
+#   all-reduces the whole tensor and keeps this rank's rows. (gloo's uneven
+#   ``all_to_all_single``, which the expert-parallel exchange uses, works as is.)
+
+
+class _HostStream:
+    """A CUDA stream stand-in on a CPU-only host: work is already ordered, waits are no-ops."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def record_event(self, event=None) -> "_HostStream":
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+
+_HOST_STREAM = _HostStream()
+
+
+@contextlib.contextmanager
+def _host_streams():
+    """While the all-to-all dispatcher runs: ``torch.cuda`` stream calls answer with the host
+    stream (the current and the side stream are one, so no tensor is ``record_stream``-ed)."""
+    saved = torch.cuda.Stream, torch.cuda.current_stream, torch.cuda.stream
+    torch.cuda.Stream = lambda *args, **kwargs: _HOST_STREAM
+    torch.cuda.current_stream = lambda device=None: _HOST_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        torch.cuda.Stream, torch.cuda.current_stream, torch.cuda.stream = saved
+
+
+def _on_host_streams(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _host_streams():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _enable_moe_on_cpu() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    moved = token_dispatcher.maybe_move_tensor_to_cpu
+
+    @functools.wraps(moved)
+    def host_sizes(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return moved(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = host_sizes
+    _emulate_uneven_gather()
+    dispatcher = token_dispatcher.MoEAlltoAllTokenDispatcher
+    for attr in ("__init__", "_maybe_dtoh_and_synchronize"):
+        if attr in dispatcher.__dict__:
+            _wrap(token_dispatcher.__name__, "MoEAlltoAllTokenDispatcher", attr,
+                  _on_host_streams)
+
+
+def uneven_all_gather(input_: torch.Tensor, sizes, group) -> torch.Tensor:
+    """Concatenate every rank's ``input_`` (rank r holds ``sizes[r]`` rows) along dim 0, with
+    the equal-size all-gather gloo has."""
+    sizes = [int(n) for n in sizes]
+    world, longest = len(sizes), max(sizes)
+    padded = input_.new_zeros((longest, *input_.shape[1:]))
+    padded[: input_.shape[0]] = input_
+    blocks = input_.new_empty((world * longest, *input_.shape[1:]))
+    torch.distributed.all_gather_into_tensor(blocks, padded.contiguous(), group=group)
+    return torch.cat([blocks[r * longest: r * longest + n] for r, n in enumerate(sizes)])
+
+
+def uneven_reduce_scatter(input_: torch.Tensor, sizes, group) -> torch.Tensor:
+    """The sum over ranks of ``input_``'s rows that belong to this rank (``sizes[r]`` rows per
+    rank r, in rank order), with the all-reduce gloo has."""
+    sizes = [int(n) for n in sizes]
+    total = input_.contiguous().clone()
+    torch.distributed.all_reduce(total, group=group)
+    start = sum(sizes[: group.rank()])
+    return total[start: start + sizes[group.rank()]].contiguous()
+
+
+def _emulate_uneven_gather() -> None:
+    from megatron.core.tensor_parallel import mappings
+
+    gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    @functools.wraps(gather)
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        return uneven_all_gather(input_, output_split_sizes, group)
+
+    @functools.wraps(scatter)
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None,
+                                       use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        return uneven_reduce_scatter(input_, input_split_sizes, group)
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim

@@ -46,9 +46,9 @@ def build_gpt_model(model_cfg: GPTModelConfig, transformer_config,
     from megatron.core.models.gpt import GPTModel
 
     if transformer_impl == "local":
-        layer_spec = local_layer_spec(model_cfg.attention_backend)
+        layer_spec = local_layer_spec(model_cfg.attention_backend, model_cfg)
     elif transformer_impl == "transformer_engine":
-        layer_spec = te_layer_spec()
+        layer_spec = te_layer_spec(model_cfg)
     else:
         raise ValueError(f"model.transformer_impl must be 'local' or 'transformer_engine', "
                          f"got {transformer_impl!r}")

@@ -123,20 +123,38 @@ def _maybe_fork_rng(active: bool):
     return tensor_parallel.get_cuda_rng_tracker().fork()
 
 
-def local_layer_spec(attention_backend: str = "sdpa") -> ModuleSpec:
-    """megatron-core's local GPT layer spec with our RMSNorm and (by default) SDPA attention."""
+def local_layer_spec(attention_backend: str = "sdpa", model=None) -> ModuleSpec:
+    """megatron-core's local GPT layer spec with our RMSNorm and (by default) SDPA attention;
+    ``model`` (a GPTModelConfig) adds query/key norms and the mixture-of-experts MLP."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    moe = _moe_spec_args(model)
+    if moe["moe_grouped_gemm"]:
+        raise ValueError("model.moe_grouped_gemm=true needs the TransformerEngine layer spec "
+                         "(its grouped linear); with precision.transformer_impl=local set "
+                         "model.moe_grouped_gemm=false (one GEMM per local expert)")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", **moe)
     sub = spec.submodules
     sub.input_layernorm = RMSNorm
     sub.pre_mlp_layernorm = RMSNorm
+    attention = sub.self_attention.submodules
     if attention_backend == "sdpa":
-        sub.self_attention.submodules.core_attention = SDPAttention
+        attention.core_attention = SDPAttention
+    if moe["qk_layernorm"]:
+        attention.q_layernorm = RMSNorm
+        attention.k_layernorm = RMSNorm
     return spec
 
 
-def te_layer_spec() -> ModuleSpec:
+def _moe_spec_args(model) -> dict:
+    """The spec builders' arguments for query/key norms and experts (none without a model)."""
+    if model is None:
+        return {"num_experts": None, "moe_grouped_gemm": False, "qk_layernorm": False}
+    return {"num_experts": model.num_moe_experts, "moe_grouped_gemm": model.moe_grouped_gemm,
+            "qk_layernorm": model.qk_layernorm}
+
+
+def te_layer_spec(model=None) -> ModuleSpec:
     """TransformerEngine's fused spec (LayerNormLinear QKV/FC1, TE attention, FP8-capable)."""
     try:
         import transformer_engine  # noqa: F401
@@ -147,7 +165,7 @@ def te_layer_spec() -> ModuleSpec:
             "transformer_impl=local") from err
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_with_transformer_engine_spec(**_moe_spec_args(model))
 
 
 def decoder_block_spec(config: TransformerConfig, layer_spec: ModuleSpec,
