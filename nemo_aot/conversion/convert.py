@@ -24,15 +24,13 @@ from typing import Optional
 import torch
 
 from nemo_aot.conversion import hf_io
-from nemo_aot.conversion.architectures import (
-    IGNORABLE_SUFFIXES,
-    Architecture,
-    architecture_for_model,
+from nemo_aot.conversion.engine import Mapping, check_source, expand, export, hf_nbytes, load_into
+from nemo_aot.conversion.families import (
+    Family,
+    family_for_model,
     hf_config_from_model,
-    hf_shapes,
     model_config_from_hf,
 )
-from nemo_aot.conversion.engine import Mapping, check_source, expand, export, hf_nbytes, load_into
 from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
 from nemo_aot.models import nemo_format
 from nemo_aot.models.config import GPTModelConfig, to_transformer_config
@@ -113,8 +111,8 @@ def hf_to_nemo(hf_dir: str, out_path: str, dtype: str = "bf16",
     files, weight_map = hf_io.weight_files(hf_dir)
     headers = hf_io.tensor_headers(files, weight_map)
     mappings = expand(arch.mappings(model_cfg), model_cfg.num_layers)
-    check_source(mappings, {n: shape for n, (shape, _) in headers.items()}, hf_shapes(model_cfg),
-                 hf_dir, IGNORABLE_SUFFIXES)
+    check_source(mappings, {n: shape for n, (shape, _) in headers.items()},
+                 arch.hf_shapes(model_cfg), hf_dir, arch.ignorable_suffixes)
     tokenizer = hf_io.tokenizer_files(tokenizer_dir or hf_dir)
     if not tokenizer:
         raise ValueError(f"no tokenizer files ({', '.join(hf_io.TOKENIZER_FILES[:5])}, ...) in "
@@ -143,7 +141,7 @@ def nemo_to_hf(nemo_path: str, out_dir: str, max_shard_bytes: int = MAX_SHARD_BY
             tempfile.TemporaryDirectory(dir=parent, prefix=".nemo-extract-") as extracted:
         nemo_format.extract_nemo(nemo_path, extracted)
         stored = _stored_json(extracted, HF_CONFIG_MEMBER)
-        arch = architecture_for_model(model_cfg, stored)
+        arch = family_for_model(model_cfg, stored)
         dtype = nemo_format.checkpoint_dtype(extracted)
         with single_process_world():
             model = build_single_model(model_cfg, dtype)
@@ -151,7 +149,7 @@ def nemo_to_hf(nemo_path: str, out_dir: str, max_shard_bytes: int = MAX_SHARD_BY
             source = {k: v for k, v in model.state_dict().items()
                       if not k.endswith("_extra_state")}
             mappings = expand(arch.mappings(model_cfg), model_cfg.num_layers)
-            shards = plan_shards(mappings, model_cfg, dtype, max_shard_bytes)
+            shards = plan_shards(mappings, model_cfg, dtype, max_shard_bytes, arch)
             hf_io.write_shards(staging, [export(group, source, model_cfg) for group in shards])
             del model, source
         config = export_config(model_cfg, arch, stored, dtype)
@@ -165,9 +163,10 @@ def nemo_to_hf(nemo_path: str, out_dir: str, max_shard_bytes: int = MAX_SHARD_BY
 
 
 def plan_shards(mappings: list[Mapping], cfg: GPTModelConfig, dtype: torch.dtype,
-                limit: int) -> list[list[Mapping]]:
+                limit: int, family: Optional[Family] = None) -> list[list[Mapping]]:
     """Group mappings into shards of at most ``limit`` bytes (a mapping is never split)."""
-    shapes, groups, current, size = hf_shapes(cfg), [], [], 0
+    family = family or family_for_model(cfg)
+    shapes, groups, current, size = family.hf_shapes(cfg), [], [], 0
     for mapping in (m for m in mappings if m.kind != "tied"):
         nbytes = hf_nbytes(mapping, shapes, dtype)
         if current and size + nbytes > limit:
@@ -184,7 +183,7 @@ def _same_architecture(a: GPTModelConfig, b: GPTModelConfig) -> bool:
     return dataclasses.replace(a, **neutral) == dataclasses.replace(b, **neutral)
 
 
-def export_config(cfg: GPTModelConfig, arch: Architecture, stored: Optional[dict],
+def export_config(cfg: GPTModelConfig, arch: Family, stored: Optional[dict],
                   dtype: torch.dtype) -> dict:
     """The source config.json when it still describes the weights, else a generated one.
 
@@ -205,7 +204,7 @@ def export_config(cfg: GPTModelConfig, arch: Architecture, stored: Optional[dict
                        "writing a generated config.json")
         return generated
     out = dict(stored)
-    for key in ("rope_theta", "rope_scaling"):
+    for key in arch.legacy_keys:
         out.setdefault(key, generated[key])
     out["torch_dtype"] = _HF_DTYPE[dtype]
     if "dtype" in out:

@@ -9,6 +9,7 @@ when the megatron ``TransformerConfig`` is built.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -16,20 +17,29 @@ from typing import Any, Optional
 import torch
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ACTIVATIONS = {
+    "swiglu": torch.nn.functional.silu,  # gated SiLU (Llama, Mistral, Qwen)
+    "geglu": functools.partial(torch.nn.functional.gelu, approximate="tanh"),  # Gemma
+}
+"""Gated MLP activations by config name: act(gate) * up."""
 
 
 @dataclass
 class RopeScaling:
-    """Llama-3.1-style RoPE frequency scaling (``rope_type: llama3`` in Hugging Face configs)."""
+    """RoPE frequency scaling: Llama-3.1-style (``rope_type: llama3`` in Hugging Face configs),
+    or linear position interpolation (``linear``: every frequency divided by ``factor``; Gemma 3's
+    global layers). It applies to the layers that use ``rotary_base``."""
 
     factor: float = 8.0
-    """Wavelength scale for the low-frequency band."""
+    """Wavelength scale (llama3: of the low-frequency band; linear: of every frequency)."""
     low_freq_factor: float = 1.0
     """Wavelengths longer than original_max_position_embeddings / low_freq_factor are scaled."""
     high_freq_factor: float = 4.0
     """Wavelengths shorter than original_max_position_embeddings / high_freq_factor are kept."""
     original_max_position_embeddings: int = 8192
     """Context length the base model was pretrained at."""
+    rope_type: str = "llama3"
+    """'llama3' or 'linear' (only ``factor`` counts)."""
 
 
 @dataclass
@@ -69,11 +79,33 @@ class GPTModelConfig:
     layernorm_epsilon: float = 1e-5
     """Norm epsilon (HF rms_norm_eps)."""
     activation: str = "swiglu"
-    """'swiglu' (gated SiLU MLP)."""
+    """'swiglu' (gated SiLU MLP) or 'geglu' (gated tanh-approximate GELU, Gemma)."""
     bias: bool = False
     """Bias on the linear layers other than QKV."""
     qkv_bias: bool = False
     """Bias on the QKV projection (Qwen2)."""
+    # -- options of newer families (Qwen3, Gemma 3); the defaults are the Llama architecture
+    qk_layernorm: bool = False
+    """RMSNorm over each query and key head before RoPE (Qwen3, Gemma 3)."""
+    layernorm_zero_centered_gamma: bool = False
+    """Every norm scales by (1 + weight), the stored weight being the offset from 1 (Gemma)."""
+    post_sublayer_norms: bool = False
+    """A norm on the attention output and one on the MLP output, each before its residual add
+    (Gemma 2/3: post_attention_layernorm, post_feedforward_layernorm)."""
+    scale_embeddings: bool = False
+    """Multiply the input embeddings by sqrt(hidden_size), rounded to the parameter dtype
+    (Gemma); the tied output layer uses the unscaled table."""
+    softmax_scale: Optional[float] = None
+    """Attention logit scale; None is 1/sqrt(head_dim) (Gemma: query_pre_attn_scalar**-0.5)."""
+    sliding_window: Optional[int] = None
+    """Sliding-window attention: a token attends to itself and the sliding_window - 1 tokens
+    before it (Hugging Face's sliding_window); None is full causal attention everywhere."""
+    window_attn_skip_freq: Optional[int] = None
+    """With sliding_window: layers N, 2N, ... (1-based) attend globally, the others slide
+    (Gemma 3: 6, its sliding_window_pattern); None: every layer slides."""
+    rotary_base_local: Optional[float] = None
+    """RoPE theta of the sliding-window layers (Gemma 3's rope_local_base_freq, unscaled);
+    None: they use rotary_base (and rope_scaling) like the global layers."""
     share_embeddings_and_output_weights: bool = False
     """Tie the output layer to the input embedding (Llama-3.2-1B/3B, small Qwen2)."""
     init_method_std: float = 0.02
@@ -112,8 +144,8 @@ class GPTModelConfig:
             bad("position_embedding_type", "only 'rope' is supported (Llama family)")
         if self.normalization != "RMSNorm":
             bad("normalization", "only 'RMSNorm' is supported (Llama family)")
-        if self.activation != "swiglu":
-            bad("activation", "only 'swiglu' is supported (Llama family)")
+        if self.activation not in ACTIVATIONS:
+            bad("activation", f"must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.attention_backend not in ("sdpa", "unfused"):
             bad("attention_backend", f"must be 'sdpa' or 'unfused', got {self.attention_backend!r}")
         if self.encoder_seq_length > self.max_position_embeddings:
@@ -121,6 +153,27 @@ class GPTModelConfig:
                 f"{self.max_position_embeddings}")
         if self.rope_scaling is not None and self.rope_scaling.factor < 1.0:
             bad("rope_scaling.factor", "must be >= 1")
+        self._validate_family_options(bad)
+
+    def _validate_family_options(self, bad) -> None:
+        if self.rope_scaling is not None and self.rope_scaling.rope_type not in ("llama3",
+                                                                                 "linear"):
+            bad("rope_scaling.rope_type", f"must be 'llama3' or 'linear', got "
+                f"{self.rope_scaling.rope_type!r}")
+        if self.sliding_window is not None:
+            if int(self.sliding_window) <= 0:
+                bad("sliding_window", f"must be a positive integer or null, got "
+                    f"{self.sliding_window}")
+            if self.attention_backend != "sdpa":
+                bad("attention_backend", "sliding_window needs 'sdpa' (or the TE spec)")
+        elif self.window_attn_skip_freq is not None or self.rotary_base_local is not None:
+            bad("sliding_window", "window_attn_skip_freq and rotary_base_local describe "
+                "sliding-window layers; set sliding_window too or leave them null")
+        if self.window_attn_skip_freq is not None and int(self.window_attn_skip_freq) <= 1:
+            bad("window_attn_skip_freq", f"must be >= 2 (every N-th layer global), got "
+                f"{self.window_attn_skip_freq}")
+        if self.softmax_scale is not None and not float(self.softmax_scale) > 0:
+            bad("softmax_scale", f"must be positive, got {self.softmax_scale}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,7 +213,7 @@ def to_transformer_config(model: GPTModelConfig, parallel, precision: str = "fp3
         normalization=model.normalization,
         layernorm_epsilon=model.layernorm_epsilon,
         gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
+        activation_func=ACTIVATIONS[model.activation],
         add_bias_linear=model.bias,
         add_qkv_bias=model.qkv_bias,
         hidden_dropout=0.0,
@@ -192,8 +245,19 @@ def to_transformer_config(model: GPTModelConfig, parallel, precision: str = "fp3
         cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=True,
     )
+    kwargs.update(_family_options(model))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def _family_options(model: GPTModelConfig) -> dict[str, Any]:
+    """megatron-core's own switches for the options of newer families. Its window_size is
+    (left, right) inclusive: Hugging Face's sliding_window w is (w - 1, 0)."""
+    window = None if model.sliding_window is None else (int(model.sliding_window) - 1, 0)
+    return dict(qk_layernorm=model.qk_layernorm,
+                layernorm_zero_centered_gamma=model.layernorm_zero_centered_gamma,
+                softmax_scale=model.softmax_scale, window_size=window,
+                window_attn_skip_freq=model.window_attn_skip_freq)
 
 
 def default_tiny() -> GPTModelConfig:

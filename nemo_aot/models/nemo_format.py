@@ -74,13 +74,18 @@ _SAME_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
               "num_query_groups", "kv_channels", "encoder_seq_length", "max_position_embeddings",
               "position_embedding_type", "rotary_base", "layernorm_epsilon", "bias", "qkv_bias",
               "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
-              "init_method_std", "vocab_size", "attention_backend")
+              "init_method_std", "vocab_size", "attention_backend",
+              # options of newer families (megatron-core / NeMo names where they exist)
+              "qk_layernorm", "layernorm_zero_centered_gamma", "post_sublayer_norms",
+              "scale_embeddings", "softmax_scale", "sliding_window", "window_attn_skip_freq",
+              "rotary_base_local")
 # NeMo's defaults where a key is absent (MegatronGPTModel), so old configs read as NeMo read them.
 _NEMO_DEFAULTS = {"position_embedding_type": "learned_absolute", "normalization": "layernorm",
                   "activation": "gelu", "bias": True, "share_embeddings_and_output_weights": True,
                   "make_vocab_size_divisible_by": 128}
 _NORMS = {"rmsnorm": "RMSNorm"}
-_ACTIVATIONS = {"fast-swiglu": "swiglu", "swiglu": "swiglu"}
+_ACTIVATIONS = {"fast-swiglu": "swiglu", "swiglu": "swiglu", "fast-geglu": "geglu"}
+_NEMO_ACTIVATIONS = {"swiglu": "fast-swiglu", "geglu": "fast-geglu"}  # fast = tanh GELU
 
 
 # ----------------------------------------------------------------------------- config
@@ -91,7 +96,7 @@ def nemo_config_dict(cfg: GPTModelConfig, tokenizer: Optional[dict] = None,
     out: dict[str, Any] = {"mcore_gpt": True, "transformer_engine": False}
     out.update({k: ours[k] for k in _SAME_KEYS})
     out.update(normalization="rmsnorm" if cfg.normalization == "RMSNorm" else cfg.normalization,
-               activation="fast-swiglu" if cfg.activation == "swiglu" else cfg.activation,
+               activation=_NEMO_ACTIVATIONS.get(cfg.activation, cfg.activation),
                rotary_percentage=cfg.rotary_percent, override_vocab_size=cfg.vocab_size,
                rope_scaling=ours["rope_scaling"],
                scale_positional_embedding=cfg.rope_scaling is not None,
