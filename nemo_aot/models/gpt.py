@@ -16,7 +16,7 @@ from megatron.core.tensor_parallel import (
 from nemo_aot.models.config import GPTModelConfig
 from nemo_aot.models.layer_specs import decoder_block_spec, local_layer_spec, te_layer_spec
 from nemo_aot.models.lora import apply_to_layer_spec, init_adapters
-from nemo_aot.models.options import PeftConfig
+from nemo_aot.models.options import LINEAR_ATTENTION_LORA_TARGETS, PeftConfig
 
 
 def build_model_chunks(model_cfg: GPTModelConfig, transformer_config,
@@ -87,6 +87,11 @@ def _block_spec(model_cfg: GPTModelConfig, transformer_config, transformer_impl:
                 layer_spec, vp_stage: Optional[int], peft: Optional[PeftConfig]):
     """The decoder block: one layer spec repeated, or the hybrid linear-attention block."""
     if model_cfg.linear_attention is None:
+        gdn = [t for t in (peft.target_modules if peft is not None and peft.enabled else [])
+               if t in LINEAR_ATTENTION_LORA_TARGETS]
+        if gdn:
+            raise ValueError(f"peft.target_modules {gdn} name Gated DeltaNet layers, which this "
+                             "model (model.linear_attention null) does not have; drop them")
         return decoder_block_spec(transformer_config, layer_spec, vp_stage)
     from nemo_aot.models.hybrid_spec import hybrid_block_spec
 
