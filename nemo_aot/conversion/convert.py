@@ -26,6 +26,7 @@ import torch
 from nemo_aot.conversion import hf_io
 from nemo_aot.conversion.engine import Mapping, check_source, expand, export, hf_nbytes, load_into
 from nemo_aot.conversion.families import (
+    REGISTRY,
     Family,
     family_for_model,
     hf_config_from_model,
@@ -112,7 +113,8 @@ def hf_to_nemo(hf_dir: str, out_path: str, dtype: str = "bf16",
     headers = hf_io.tensor_headers(files, weight_map)
     mappings = expand(arch.mappings(model_cfg), model_cfg.num_layers)
     check_source(mappings, {n: shape for n, (shape, _) in headers.items()},
-                 arch.hf_shapes(model_cfg), hf_dir, arch.ignorable_suffixes)
+                 arch.hf_shapes(model_cfg), hf_dir, arch.ignorable_suffixes,
+                 arch.dropped_prefixes)
     tokenizer = hf_io.tokenizer_files(tokenizer_dir or hf_dir)
     if not tokenizer:
         raise ValueError(f"no tokenizer files ({', '.join(hf_io.TOKENIZER_FILES[:5])}, ...) in "
@@ -142,6 +144,8 @@ def nemo_to_hf(nemo_path: str, out_dir: str, max_shard_bytes: int = MAX_SHARD_BY
         nemo_format.extract_nemo(nemo_path, extracted)
         stored = _stored_json(extracted, HF_CONFIG_MEMBER)
         arch = family_for_model(model_cfg, stored)
+        if arch.export_as:  # a wrapper layout read for its text model: export that alone
+            arch, stored = REGISTRY[arch.export_as], None
         dtype = nemo_format.checkpoint_dtype(extracted)
         with single_process_world():
             model = build_single_model(model_cfg, dtype)

@@ -50,6 +50,56 @@ class RopeScaling:
     """'llama3' or 'linear' (only ``factor`` counts)."""
 
 
+LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+@dataclass
+class LinearAttention:
+    """Gated DeltaNet linear attention in place of softmax attention on some layers (Qwen3.5,
+    Qwen3-Next): megatron-core's ``GatedDeltaNet`` (``experimental_attention_variant``
+    gated_delta_net). Field names follow the Hugging Face config (``linear_*``)."""
+
+    full_attention_interval: int = 4
+    """Every N-th layer (1-based) is full softmax attention, the others Gated DeltaNet."""
+    layer_types: Optional[list] = None
+    """Per layer 'linear_attention' or 'full_attention' (Hugging Face layer_types); when set it
+    replaces full_attention_interval."""
+    conv_kernel_dim: int = 4
+    """Width of the causal depthwise convolution over q, k, v."""
+    key_head_dim: int = 128
+    """Query/key head dimension."""
+    value_head_dim: int = 128
+    """Value (and output-gate) head dimension."""
+    num_key_heads: int = 16
+    """Query/key heads."""
+    num_value_heads: int = 32
+    """Value heads: a multiple of num_key_heads (each q/k head serves a group of them)."""
+
+    def pattern(self, num_layers: int) -> list[int]:
+        """Per layer 1 = linear attention, 0 = full attention (megatron's
+        ``linear_attention_freq`` list)."""
+        if self.layer_types is not None:
+            return [int(t == "linear_attention") for t in self.layer_types]
+        return [0 if (i + 1) % self.full_attention_interval == 0 else 1
+                for i in range(num_layers)]
+
+    def validate(self, num_layers: int, bad) -> None:
+        for key in ("full_attention_interval", "conv_kernel_dim", "key_head_dim",
+                    "value_head_dim", "num_key_heads", "num_value_heads"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                bad(f"linear_attention.{key}", f"must be a positive integer, got {value!r}")
+        if self.num_value_heads % self.num_key_heads:
+            bad("linear_attention.num_value_heads", f"{self.num_value_heads} must be a multiple "
+                f"of linear_attention.num_key_heads={self.num_key_heads}")
+        if self.layer_types is not None:
+            wrong = sorted({str(t) for t in self.layer_types} - set(LAYER_TYPES))
+            if wrong or len(self.layer_types) != num_layers:
+                bad("linear_attention.layer_types", f"must list {num_layers} entries (one per "
+                    f"layer) from {list(LAYER_TYPES)}, got {len(self.layer_types)} entries"
+                    + (f" with {wrong}" if wrong else ""))
+
+
 @dataclass
 class GPTModelConfig:
     """Architecture of a decoder-only Llama-family model (Llama 2/3/3.x, Mistral, Qwen2)."""
@@ -166,6 +216,12 @@ class GPTModelConfig:
     @property
     def expert_ffn_hidden_size(self) -> int:
         return self.moe_ffn_hidden_size or self.ffn_hidden_size
+    # -- hybrid linear-attention models (Qwen3.5)
+    attention_output_gate: bool = False
+    """Softmax attention output multiplied by sigmoid of a per-head gate that the query
+    projection also produces (Qwen3.5 / Qwen3-Next gated attention)."""
+    linear_attention: Optional[LinearAttention] = None
+    """Gated DeltaNet layers (see LinearAttention); None: every layer is softmax attention."""
 
     @property
     def query_groups(self) -> int:
@@ -208,6 +264,10 @@ class GPTModelConfig:
             bad("rope_scaling.factor", "must be >= 1")
         self._validate_family_options(bad)
         self._validate_moe(bad)
+        if not 0.0 < float(self.rotary_percent) <= 1.0:
+            bad("rotary_percent", f"must be in (0, 1], got {self.rotary_percent}")
+        if self.linear_attention is not None:
+            self.linear_attention.validate(self.num_layers, bad)
 
     def _validate_family_options(self, bad) -> None:
         if self.rope_scaling is not None and self.rope_scaling.rope_type not in ("llama3",
@@ -282,7 +342,18 @@ class GPTModelConfig:
         values = dict(values)
         if isinstance(values.get("rope_scaling"), dict):
             values["rope_scaling"] = RopeScaling(**values["rope_scaling"])
+        if isinstance(values.get("linear_attention"), dict):
+            values["linear_attention"] = _nested(LinearAttention, values["linear_attention"],
+                                                 f"{source}: linear_attention")
         return cls(**values)
+
+
+def _nested(cls, values: dict, source: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
+    return cls(**values)
 
 
 def params_dtype(name: str) -> torch.dtype:
@@ -344,6 +415,7 @@ def to_transformer_config(model: GPTModelConfig, parallel, precision: str = "fp3
     )
     kwargs.update(_family_options(model))
     kwargs.update(moe_transformer_kwargs(model))
+    kwargs.update(_linear_attention_options(model))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -386,11 +458,29 @@ def moe_transformer_kwargs(model: GPTModelConfig) -> dict[str, Any]:
     )
 
 
+def _linear_attention_options(model: GPTModelConfig) -> dict[str, Any]:
+    """megatron-core's gated attention and Gated DeltaNet fields (its experimental attention
+    variant); nothing for a model without them."""
+    out: dict[str, Any] = {}
+    if model.attention_output_gate:
+        out["attention_output_gate"] = True
+    la = model.linear_attention
+    if la is not None:
+        out.update(experimental_attention_variant="gated_delta_net",
+                   linear_attention_freq=la.pattern(model.num_layers),
+                   linear_conv_kernel_dim=la.conv_kernel_dim,
+                   linear_key_head_dim=la.key_head_dim,
+                   linear_value_head_dim=la.value_head_dim,
+                   linear_num_key_heads=la.num_key_heads,
+                   linear_num_value_heads=la.num_value_heads)
+    return out
+
+
 def default_tiny() -> GPTModelConfig:
     """The embedded default: a Llama-style model small enough to align on a laptop CPU."""
     return GPTModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=176,
                           num_attention_heads=4, num_query_groups=2, vocab_size=512)
 
 
-__all__ = ["GPTModelConfig", "RopeScaling", "to_transformer_config", "params_dtype",
-           "default_tiny", "moe_transformer_kwargs"]
+__all__ = ["GPTModelConfig", "RopeScaling", "LinearAttention", "to_transformer_config",
+           "params_dtype", "default_tiny", "moe_transformer_kwargs"]

@@ -22,7 +22,7 @@ from nemo_aot.models.layer_specs import (
     te_layer_spec,
 )
 from nemo_aot.models.lora import apply_to_layer_spec, init_adapters
-from nemo_aot.models.options import PeftConfig
+from nemo_aot.models.options import LINEAR_ATTENTION_LORA_TARGETS, PeftConfig
 
 
 def build_model_chunks(model_cfg: GPTModelConfig, transformer_config,
@@ -55,13 +55,15 @@ def build_gpt_model(model_cfg: GPTModelConfig, transformer_config,
     if peft is not None:
         layer_spec = apply_to_layer_spec(layer_spec, peft)
     layer_spec = apply_layer_options(layer_spec, model_cfg, _norm_class(transformer_impl))
+    block_spec = _block_spec(model_cfg, transformer_config, transformer_impl, layer_spec,
+                             vp_stage, peft)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     scaling = model_cfg.rope_scaling
     model = GPTModel(
         config=transformer_config,
-        transformer_layer_spec=decoder_block_spec(transformer_config, layer_spec, vp_stage),
+        transformer_layer_spec=block_spec,
         vocab_size=model_cfg.padded_vocab_size(tp),
         max_sequence_length=model_cfg.max_position_embeddings,
         pre_process=pre,
@@ -95,6 +97,27 @@ def _norm_class(transformer_impl: str) -> type:
     from megatron.core.extensions.transformer_engine import TENorm
 
     return TENorm
+
+
+def _block_spec(model_cfg: GPTModelConfig, transformer_config, transformer_impl: str,
+                layer_spec, vp_stage: Optional[int], peft: Optional[PeftConfig]):
+    """The decoder block: one layer spec repeated, or the hybrid linear-attention block."""
+    if model_cfg.linear_attention is None:
+        gdn = [t for t in (peft.target_modules if peft is not None and peft.enabled else [])
+               if t in LINEAR_ATTENTION_LORA_TARGETS]
+        if gdn:
+            raise ValueError(f"peft.target_modules {gdn} name Gated DeltaNet layers, which this "
+                             "model (model.linear_attention null) does not have; drop them")
+        return decoder_block_spec(transformer_config, layer_spec, vp_stage)
+    from nemo_aot.models.hybrid_spec import hybrid_block_spec
+
+    if transformer_impl == "transformer_engine":
+        # megatron-core's TE spec for it fuses the input norms into in_proj/linear_qkv and
+        # zero-centres the GDN output norm: other checkpoint keys and values than ours.
+        raise ValueError("model.linear_attention (Gated DeltaNet) is built on the local spec "
+                         "only; set precision.transformer_impl=local")
+    lora = None if peft is None else (lambda spec: apply_to_layer_spec(spec, peft))
+    return hybrid_block_spec(transformer_config, model_cfg.attention_backend, vp_stage, lora)
 
 
 class HiddenStatesOutputLayer(ColumnParallelLinear):

@@ -78,7 +78,9 @@ _SAME_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
               # options of newer families (megatron-core / NeMo names where they exist)
               "qk_layernorm", "layernorm_zero_centered_gamma", "post_sublayer_norms",
               "scale_embeddings", "softmax_scale", "sliding_window", "window_attn_skip_freq",
-              "rotary_base_local")
+              "rotary_base_local",
+              # hybrid linear-attention models (Qwen3.5)
+              "attention_output_gate", "linear_attention")
 # NeMo's defaults where a key is absent (MegatronGPTModel), so old configs read as NeMo read them.
 _NEMO_DEFAULTS = {"position_embedding_type": "learned_absolute", "normalization": "layernorm",
                   "activation": "gelu", "bias": True, "share_embeddings_and_output_weights": True,

@@ -223,6 +223,10 @@ class Family:
     """Family-specific config.json fields written on export."""
     ignorable_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq",)
     """Source tensors that hold no learned state (derived buffers older checkpoints carry)."""
+    dropped_prefixes: tuple[str, ...] = ()
+    """Source tensors left out on purpose (e.g. a vision tower): read past and logged."""
+    export_as: Optional[str] = None
+    """Another registered class to export as (a wrapper layout read for its text model)."""
     specificity: int = 1
     """Among families whose options fit a model, the most specific exports it (Llama is 0)."""
     legacy_keys: tuple[str, ...] = ("rope_theta", "rope_scaling")
