@@ -14,7 +14,7 @@ import os
 import sys
 
 from nemo_aot.conversion.convert import hf_to_nemo, nemo_to_hf
-from nemo_aot.conversion.sources import checkpoint_source, hf_folder
+from nemo_aot.conversion.sources import HUB_ID, checkpoint_source, hf_folder
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -47,8 +47,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run_hf_to_nemo(args: argparse.Namespace) -> int:
     def convert():
-        hf_dir = args.hf if os.path.isdir(args.hf) else hf_folder(checkpoint_source(args.hf,
-                                                                                    "--hf"))
+        hub_id = not os.path.exists(args.hf) and HUB_ID.match(args.hf)
+        hf_dir = hf_folder(checkpoint_source(args.hf, "--hf")) if hub_id else args.hf
         hf_to_nemo(hf_dir, args.out, dtype=args.dtype)
     return _report(convert, args.out)
 
