@@ -441,7 +441,8 @@ class RunCheckpointer:
             with torch.no_grad():  # the distributed optimizer copies into views of its params
                 self.optimizer.load_state_dict(state["optimizer"])
         except Exception as err:
-            reason = newer_megatron_reason(checkpoint.metadata.get("megatron_core"))
+            reason = newer_megatron_reason(checkpoint.metadata.get("megatron_core"),
+                                           checkpoint.path)
             if reason is None:
                 raise
             raise RuntimeError(f"{checkpoint.path} could not be loaded: {reason}") from err
@@ -461,13 +462,20 @@ class RunCheckpointer:
 
 
 def megatron_core_version() -> str:
-    """Recorded in every checkpoint's marker: which megatron-core wrote it."""
-    from megatron.core import package_info
+    """Recorded in every checkpoint's marker: which megatron-core wrote it (its distribution's
+    version: ``package_info.__version__`` appends the commit of any git repository around the
+    installed files)."""
+    from importlib import metadata
 
-    return package_info.__version__
+    try:
+        return metadata.version("megatron-core")
+    except metadata.PackageNotFoundError:  # a source tree on the path
+        from megatron.core import package_info
+
+        return ".".join(map(str, package_info.VERSION[:3])) + str(package_info.VERSION[3])
 
 
-def newer_megatron_reason(saved: Optional[str]) -> Optional[str]:
+def newer_megatron_reason(saved: Optional[str], path: str = "") -> Optional[str]:
     """Why a checkpoint written by megatron-core ``saved`` may not load here: None unless it
     comes from a newer release than the installed one (older checkpoints load forward, checked
     by the compatibility tier; checkpoints from before the version was recorded say nothing)."""
@@ -478,10 +486,14 @@ def newer_megatron_reason(saved: Optional[str]) -> Optional[str]:
     installed = megatron_core_version()
     if Version(saved).release[:2] <= Version(installed).release[:2]:
         return None
+    detail = "whose checkpoint format or optimizer layout may lack what it saved"
+    if path and not os.path.exists(os.path.join(path, "common.pt")):
+        # megatron-core 0.19 moved the common (unsharded) state into the torch_dist files
+        detail = ("which reads the common (unsharded) state from a common.pt file; this "
+                  "checkpoint keeps it inside its torch_dist files, as megatron-core 0.19+ do")
     return (f"it was written by megatron-core {saved}, and this environment has the older "
-            f"{installed}, whose checkpoint format or optimizer layout may lack what {saved} "
-            f"saved. Resume it with megatron-core >= {saved} (the environment that wrote it), "
-            "or start a new run from its policy (nemo-aot export).")
+            f"{installed}, {detail}. Resume it with megatron-core >= {saved} (as the "
+            "environment that wrote it), or start a new run from its policy (nemo-aot export).")
 
 
 def materialize_optimizer_state(optimizer) -> None:

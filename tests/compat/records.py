@@ -18,9 +18,9 @@ ONLY_IN_THE_TIER = pytest.mark.skipif(
 
 
 def version() -> str:
-    from megatron.core import package_info
+    from nemo_aot.algorithms.checkpointing import megatron_core_version
 
-    return package_info.__version__
+    return megatron_core_version()
 
 
 def is_baseline() -> bool:

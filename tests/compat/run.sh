@@ -74,9 +74,10 @@ run_tests() {  # run_tests PYTHON LOGNAME ARGS...
   return $status
 }
 
-# The code under test: the baseline's records are reused only for the same code.
+# The code under test (its content): the baseline's records are reused only for the same code.
 code_key() {
-  { git rev-parse HEAD 2>/dev/null; git diff HEAD -- nemo_aot tests 2>/dev/null; } | sha256sum | cut -c1-16
+  find nemo_aot tests -name '*.py' -not -path '*/__pycache__/*' -print0 | sort -z \
+    | xargs -0 sha256sum | sha256sum | cut -c1-16
 }
 
 LAYOUTS=(
@@ -106,20 +107,31 @@ else
   echo "compat: baseline $BASELINE records reused (same code)" >&2
 fi
 
+keeps_megatron() {  # pip would install nemo_aot into this environment without replacing it
+  local python=$1 version=$2 plan
+  plan=$("$python" -m pip install --dry-run --ignore-requires-python "$ROOT" 2>&1 | grep '^Would install' || true)
+  echo "compat: $version: installing nemo_aot: ${plan:-nothing to install}" >&2
+  if grep -qi 'megatron' <<<"$plan"; then
+    echo "compat: $version: pip would replace megatron-core $version" >&2
+    return 1
+  fi
+}
+
 failed=()
 for version in "${versions[@]}"; do
   python=$(env_for "$version")
   rm -rf "$COMPAT/records/$version"
+  keeps_megatron "$python" "$version" || failed+=("$version-pip")
   if [[ $smoke -eq 1 ]]; then
     selection=("${SMOKE_LAYOUTS[@]}" "${AGREE[@]}" -k "not newer and not demo")
   else
     selection=("${LAYOUTS[@]}" "${AGREE[@]}" -k "not newer")
   fi
   run_tests "$python" "$version" "${selection[@]}" || failed+=("$version")
+  # This release's checkpoint under the baseline: resumed, or refused with the reason.
+  NEMO_AOT_COMPAT_NEWER=$version run_tests "$base_py" "$version-under-$BASELINE" \
+    tests/e2e/test_versions_agree.py -k newer || failed+=("$version-under-$BASELINE")
 done
-# Newer releases' checkpoints under the baseline: resumed, or refused with the reason.
-run_tests "$base_py" "newer-under-$BASELINE" tests/e2e/test_versions_agree.py -k newer \
-  || failed+=("newer-under-$BASELINE")
 
 for version in "${versions[@]}"; do
   echo "== megatron-core $version vs $BASELINE (largest differences):"
