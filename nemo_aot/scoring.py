@@ -23,6 +23,7 @@ import torch
 from nemo_aot.conversion.sources import checkpoint_source, local_nemo
 from nemo_aot.data import DataConfig, load_preference_data, load_tokenizer, make_batches
 from nemo_aot.data.config import resolve_path
+from nemo_aot.data.tokenization import check_tokenizer_fits
 from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
 from nemo_aot.models.nemo_format import nemo_artifact, open_nemo, read_nemo_config
 from nemo_aot.models.options import PrecisionConfig
@@ -63,10 +64,15 @@ def run_score(args) -> int:
     parallel = ParallelConfig(args.tp, args.pp)
     initialize_model_parallel(parallel, model_cfg)  # first, so the .nemo is extracted per node
     with open_nemo(model_path) as extracted:
-        tokenizer_dir = args.tokenizer or nemo_artifact(
-            extracted, (full.get("tokenizer") or {}).get("type"))
+        stored_dir = nemo_artifact(extracted, (full.get("tokenizer") or {}).get("type"))
+        tokenizer_dir = args.tokenizer or stored_dir
         if tokenizer_dir is None:
             raise ValueError(f"{args.model} carries no tokenizer; pass --tokenizer DIR")
+        if args.tokenizer:  # the same check as train's data.tokenizer_path
+            check_tokenizer_fits(load_tokenizer(args.tokenizer),
+                                 load_tokenizer(stored_dir) if stored_dir else None,
+                                 model_cfg.vocab_size, option=f"--tokenizer {args.tokenizer}",
+                                 model=args.model, unset="drop --tokenizer")
         data_cfg = DataConfig(format=args.format, train_path=args.data,
                               train_negatives_path=args.negatives, tokenizer_path=tokenizer_dir,
                               validation_path=None,
@@ -76,7 +82,7 @@ def run_score(args) -> int:
         model = MegatronGPTAOTModel.restore_from(extracted, precision=precision,
                                                  parallel=parallel)
         tokenizer = load_tokenizer(tokenizer_dir)
-        data = load_preference_data(data_cfg, "train", tokenizer)
+        data = load_preference_data(data_cfg, "train", tokenizer, drop_identical=False)
     from megatron.core import parallel_state
 
     dp_rank = parallel_state.get_data_parallel_rank()

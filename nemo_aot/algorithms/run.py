@@ -37,6 +37,7 @@ from nemo_aot.algorithms.trainer import COMPLETE_REASONS, AOTTrainer, build_opti
 from nemo_aot.data import load_preference_data, load_tokenizer, make_batches
 from nemo_aot.data.collate import slot_efficiency
 from nemo_aot.data.config import resolve_path
+from nemo_aot.data.tokenization import check_tokenizer_fits
 from nemo_aot.distributed.parallel import initialize_model_parallel
 from nemo_aot.distributed.ranks import StopRequested, from_rank0, rank, stop_point
 from nemo_aot.models.nemo_format import extract_tokenizer
@@ -46,10 +47,6 @@ from nemo_aot.models.nemo_format import extract_tokenizer
 # validation must not load megatron.
 
 logger = logging.getLogger(__name__)
-
-# Padding a checkpoint's vocabulary beyond its tokenizer: HF configs round up by up to a few
-# percent (e.g. 151936 rows for 151665 tokens); more than this is another model's tokenizer.
-VOCAB_SLACK = (1024, 0.05)
 
 
 @dataclasses.dataclass
@@ -103,34 +100,12 @@ def policy_tokenizer(run, scratch: str):
         return load_tokenizer(stored_dir), stored_dir
     given_dir = resolve_path(cfg.data.tokenizer_path)
     tokenizer = load_tokenizer(given_dir)
-    if stored_dir is not None:
-        _same_vocabulary(tokenizer, load_tokenizer(stored_dir), cfg)
-    _fits_model(tokenizer, cfg)
+    check_tokenizer_fits(
+        tokenizer, load_tokenizer(stored_dir) if stored_dir else None, cfg.model.vocab_size,
+        option=f"data.tokenizer_path={cfg.data.tokenizer_path}",
+        model=f"init_from {cfg.init_from}" if cfg.init_from else "model.vocab_size",
+        unset="set data.tokenizer_path=null")
     return tokenizer, given_dir
-
-
-def _same_vocabulary(given, stored, cfg) -> None:
-    ours, theirs = given.get_vocab(), stored.get_vocab()
-    if ours == theirs:
-        return
-    differs = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[:3]
-    raise ValueError(
-        f"data.tokenizer_path={cfg.data.tokenizer_path} has a different vocabulary ({len(ours)} "
-        f"tokens) from the tokenizer stored in init_from {cfg.init_from} ({len(theirs)} tokens; "
-        f"e.g. {differs}); set data.tokenizer_path=null to use the stored one")
-
-
-def _fits_model(tokenizer, cfg) -> None:
-    size, vocab = len(tokenizer), cfg.model.vocab_size
-    where = f"init_from {cfg.init_from}" if cfg.init_from else "model.vocab_size"
-    if size > vocab:
-        raise ValueError(f"data.tokenizer_path={cfg.data.tokenizer_path} has {size} tokens but "
-                         f"the model's vocabulary ({where}) has {vocab}; use the model's own "
-                         "tokenizer")
-    if vocab - size > max(VOCAB_SLACK[0], VOCAB_SLACK[1] * vocab):
-        raise ValueError(f"data.tokenizer_path={cfg.data.tokenizer_path} has {size} tokens, far "
-                         f"fewer than the model's vocabulary of {vocab} ({where}): it belongs to "
-                         "another model; use the model's own tokenizer")
 
 
 def build_data(run, scratch: str, dp_rank: int, dp_size: int) -> RunData:

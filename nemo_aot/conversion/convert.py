@@ -13,6 +13,7 @@ the source dtype (the conversions only reshape, concatenate and split).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -46,6 +47,7 @@ _PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp1
 _HF_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 HF_CONFIG_MEMBER = "hf_config/config.json"
 HF_GENERATION_MEMBER = "hf_config/generation_config.json"
+HF_SOURCE_MEMBER = "hf_config/source.json"  # where the weights came from (PEFT base_model)
 MAX_SHARD_BYTES = 2 * 1024**3  # peak export memory: the model plus one shard
 _ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -119,7 +121,8 @@ def hf_to_nemo(hf_dir: str, out_path: str, dtype: str = "bf16",
     if not tokenizer:
         raise ValueError(f"no tokenizer files ({', '.join(hf_io.TOKENIZER_FILES[:5])}, ...) in "
                          f"{tokenizer_dir or hf_dir}; copy them there or pass tokenizer_dir")
-    extra = {HF_CONFIG_MEMBER: _read_bytes(config_path)}
+    extra = {HF_CONFIG_MEMBER: _read_bytes(config_path),
+             HF_SOURCE_MEMBER: json.dumps(hf_source(hf_dir, hf_cfg)).encode()}
     generation = os.path.join(hf_dir, hf_io.GENERATION_CONFIG)
     if os.path.isfile(generation):
         extra[HF_GENERATION_MEMBER] = _read_bytes(generation)
@@ -230,6 +233,53 @@ def _copy_tokenizer(extracted: str, full_cfg: dict, out_dir: str) -> None:
                        "add tokenizer_config.json before loading it with transformers")
         return
     logger.warning("the .nemo holds no tokenizer files; the export has none")
+
+
+def hf_source(hf_dir: str, hf_cfg: dict) -> dict:
+    """What a converted .nemo records of its Hugging Face origin: the folder, and the hub id
+    its config.json names (``_name_or_path``), when it names one."""
+    name = hf_cfg.get("_name_or_path")
+    return {"folder": os.path.abspath(hf_dir),
+            "hub_id": name if isinstance(name, str) and _looks_like_hub_id(name) else None}
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and \
+        not os.path.isabs(name)
+
+
+def hf_base_of(nemo_path: str) -> Optional[str]:
+    """The Hugging Face model a .nemo was converted from, for ``base_model_name_or_path``: its
+    folder while it still holds a config.json, else its hub id; None when unknown (a .nemo
+    trained or converted before this was recorded, or a folder gone and no hub id)."""
+    source = _nemo_member_json(nemo_path, HF_SOURCE_MEMBER) or {}
+    folder = source.get("folder")
+    if folder and os.path.isfile(os.path.join(folder, hf_io.CONFIG)):
+        return folder
+    if source.get("hub_id"):
+        return source["hub_id"]
+    name = (_nemo_member_json(nemo_path, HF_CONFIG_MEMBER) or {}).get("_name_or_path")
+    return name if isinstance(name, str) and _looks_like_hub_id(name) else None
+
+
+def _nemo_member_json(nemo_path: str, member: str) -> Optional[dict]:
+    """One small JSON member of a .nemo file or extracted folder, read without unpacking it."""
+    import tarfile
+
+    try:
+        if os.path.isdir(nemo_path):
+            return _stored_json(nemo_path, member)
+        with tarfile.open(nemo_path, "r:") as tar:
+            for name in (member, f"./{member}"):
+                try:
+                    f = tar.extractfile(name)
+                except KeyError:
+                    continue
+                return json.loads(f.read()) if f is not None else None
+    except (OSError, tarfile.TarError, ValueError):
+        return None
+    return None
 
 
 def _stored_json(extracted: str, member: str) -> Optional[dict]:

@@ -154,6 +154,37 @@ class PromptResponseTokenizer:
         return np.asarray(ids, dtype=np.int32)
 
 
+# Padding a checkpoint's vocabulary beyond its tokenizer: HF configs round up by up to a few
+# percent (e.g. 151936 rows for 151665 tokens); more than this is another model's tokenizer.
+VOCAB_SLACK = (1024, 0.05)
+
+
+def check_tokenizer_fits(given, stored, vocab_size: int, *, option: str, model: str,
+                         unset: str) -> None:
+    """The one check of a tokenizer given next to a model (``train``'s data.tokenizer_path,
+    ``score``'s --tokenizer): it must have the vocabulary of the tokenizer stored with the model
+    (``stored``; None when the model stores none), and its size must fit the model's embedding
+    rows (``vocab_size``) up to padding. ``option`` names the setting (e.g.
+    ``data.tokenizer_path=DIR``), ``model`` the checkpoint and ``unset`` how to use the stored
+    one instead, in the messages."""
+    if stored is not None:
+        ours, theirs = given.get_vocab(), stored.get_vocab()
+        if ours != theirs:
+            differs = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[:3]
+            raise ValueError(
+                f"{option} has a different vocabulary ({len(ours)} tokens) from the tokenizer "
+                f"stored in {model} ({len(theirs)} tokens; e.g. {differs}): its token ids would "
+                f"mean other tokens to the model; {unset} to use the stored one")
+    size = len(given)
+    if size > vocab_size:
+        raise ValueError(f"{option} has {size} tokens but the model's vocabulary ({model}) has "
+                         f"{vocab_size}; use the model's own tokenizer")
+    if vocab_size - size > max(VOCAB_SLACK[0], VOCAB_SLACK[1] * vocab_size):
+        raise ValueError(f"{option} has {size} tokens, far fewer than the model's vocabulary of "
+                         f"{vocab_size} ({model}): it belongs to another model; use the model's "
+                         "own tokenizer")
+
+
 def _as_messages(text: Text, role: str) -> list[dict]:
     if isinstance(text, str):
         return [{"role": role, "content": text}]

@@ -48,6 +48,7 @@ import shutil
 import tarfile
 import tempfile
 import uuid
+import zlib
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -170,12 +171,14 @@ def read_nemo_config(path: str) -> tuple[GPTModelConfig, dict]:
 def _read_member(path: str, name: str) -> bytes:
     """Bytes of one member of a .nemo tar (``./`` prefixes allowed) or extracted directory."""
     if os.path.isdir(path):
+        if _parts(name) == [CONFIG_NAME]:
+            _check_folder(path)
         try:
             with open(os.path.join(path, *_parts(name)), "rb") as f:
                 return f.read()
         except OSError as err:
             raise ValueError(f"{path}: cannot read {name}: {err}") from err
-    with _open_tar(path) as tar:
+    with _archive(path) as tar:
         member = next((m for m in tar.getmembers() if _parts(m.name) == _parts(name)), None)
         if member is None or not member.isfile():
             raise ValueError(f"{path}: no {name} in the archive; not a .nemo file?")
@@ -293,17 +296,37 @@ def _parts(name: str) -> list[str]:
 
 def _open_tar(path: str) -> tarfile.TarFile:
     if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a folder where a .nemo file is expected, and has no "
+                             f"{CONFIG_NAME}: point at a .nemo file or an extracted .nemo folder")
         raise ValueError(f".nemo file not found: {path}")
     try:
         return tarfile.open(path, "r:*")
     except tarfile.TarError as err:
-        raise ValueError(f"{path} is not a .nemo (tar) file: {err}") from err
+        raise ValueError(f"{path} is not a .nemo file ({os.path.getsize(path)} bytes, not a tar "
+                         "archive): it was cut short at its start (an interrupted copy or "
+                         f"download?) or is another kind of file ({str(err).splitlines()[0]})"
+                         ) from err
+
+
+@contextlib.contextmanager
+def _archive(path: str) -> Iterator[tarfile.TarFile]:
+    """The one reader of a .nemo archive: a tar whose members end early (a truncated file)
+    fails with one message naming the file and the likely cause, wherever it is read."""
+    with _open_tar(path) as tar:
+        try:
+            yield tar
+        except (tarfile.TarError, EOFError, zlib.error) as err:
+            raise ValueError(f"{path} is damaged or incomplete ({type(err).__name__}: {err}): "
+                             f"the archive ends early ({os.path.getsize(path)} bytes), as an "
+                             "interrupted copy, download or save leaves it; copy or export it "
+                             "again") from err
 
 
 def extract_nemo(path: str, dest: str) -> str:
     """Extract into ``dest`` (new or empty); refuse any member that could land outside it."""
     root = _empty_dir(dest)
-    with _open_tar(path) as tar:
+    with _archive(path) as tar:
         _unpack(tar, _safe_plan(tar, path, dest, root), path)
     return dest
 
@@ -324,7 +347,7 @@ def extract_tokenizer(path: str, dest: str) -> Optional[str]:
         return nemo_artifact(path, ref)
     parts = _artifact_parts(ref)
     root = _empty_dir(dest)
-    with _open_tar(path) as tar:
+    with _archive(path) as tar:
         plan = [p for p in _safe_plan(tar, path, dest, root) if p[2][:len(parts)] == parts]
         if not plan:
             return None
