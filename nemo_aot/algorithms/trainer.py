@@ -137,6 +137,10 @@ class AOTTrainer:
         self.optimizer.zero_grad()
         t0 = time.monotonic()
         metrics = dict(self.objective.step(self.policy, micro_batches, forward_only=False).metrics)
+        if self.cfg.model.num_moe_experts is not None:  # their gradients are in the step already
+            from nemo_aot.models.router_metrics import router_loss_metrics
+
+            metrics.update(router_loss_metrics(len(micro_batches), self.cfg.model.num_layers))
         loss_finite = math.isfinite(metrics.get("loss", 0.0))
         if loss_finite:
             success, grad_norm, _ = self.optimizer.step()

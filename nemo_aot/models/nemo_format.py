@@ -82,6 +82,13 @@ _SAME_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
               "rotary_base_local",
               # hybrid linear-attention models (Qwen3.5)
               "attention_output_gate", "linear_attention")
+# Mixture of experts (megatron-core's / NeMo's names): written when set,
+# read when present (a dense model's model_config.yaml carries none of them).
+_MOE_KEYS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
+             "moe_router_score_function", "moe_router_topk_normalize",
+             "moe_router_topk_scaling_factor", "moe_shared_expert_intermediate_size",
+             "moe_shared_expert_gate", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+             "moe_token_dispatcher_type", "moe_grouped_gemm")
 # NeMo's defaults where a key is absent (MegatronGPTModel), so old configs read as NeMo read them.
 _NEMO_DEFAULTS = {"position_embedding_type": "learned_absolute", "normalization": "layernorm",
                   "activation": "gelu", "bias": True, "share_embeddings_and_output_weights": True,
@@ -105,6 +112,8 @@ def nemo_config_dict(cfg: GPTModelConfig, tokenizer: Optional[dict] = None,
                scale_positional_embedding=cfg.rope_scaling is not None,
                seq_len_interpolation_factor=None, hidden_dropout=0.0, attention_dropout=0.0,
                ffn_dropout=0.0, apply_query_key_layer_scaling=False, tokenizer=tokenizer)
+    if cfg.is_moe:
+        out.update({k: ours[k] for k in _MOE_KEYS})
     clash = sorted(set(extra_cfg or {}) & set(out))
     if clash:
         raise ValueError(f"extra_cfg keys {clash} would overwrite architecture keys")
@@ -123,6 +132,7 @@ def model_config_from_nemo(cfg: dict, source: str = CONFIG_NAME) -> GPTModelConf
                          "supported")
     values = {k: cfg.get(k, _NEMO_DEFAULTS.get(k)) for k in _SAME_KEYS}
     values = {k: v for k, v in values.items() if v is not None}
+    values.update({k: cfg[k] for k in _MOE_KEYS if k in cfg})
     values.setdefault("encoder_seq_length", cfg["max_position_embeddings"])
     values["vocab_size"] = cfg.get("vocab_size") or cfg.get("override_vocab_size")
     norm = str(cfg.get("normalization", _NEMO_DEFAULTS["normalization"]))
