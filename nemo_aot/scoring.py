@@ -20,7 +20,9 @@ import os
 
 import torch
 
+from nemo_aot.conversion.sources import checkpoint_source, local_nemo
 from nemo_aot.data import DataConfig, load_preference_data, load_tokenizer, make_batches
+from nemo_aot.data.config import resolve_path
 from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
 from nemo_aot.models.nemo_format import nemo_artifact, open_nemo, read_nemo_config
 from nemo_aot.models.options import PrecisionConfig
@@ -32,8 +34,10 @@ from nemo_aot.models.options import PrecisionConfig
 def register_score(subparsers) -> None:
     score = subparsers.add_parser(
         "score", help="per-record response log-probs of a preference file under a .nemo")
-    score.add_argument("--model", required=True, metavar="FILE.nemo",
-                       help="policy to score with (a .nemo file or an extracted .nemo folder)")
+    score.add_argument("--model", required=True, metavar="MODEL",
+                       help="policy to score with: a .nemo file, an extracted .nemo folder, a "
+                            "Hugging Face model folder or a hub id org/name[@revision] "
+                            "(converted once and cached)")
     score.add_argument("--data", required=True, metavar="FILE",
                        help="preference data (.jsonl/.json/.parquet or a datasets name)")
     score.add_argument("--negatives", default=None, metavar="FILE",
@@ -54,10 +58,11 @@ def run_score(args) -> int:
     from nemo_aot.models.aot_model import MegatronGPTAOTModel
     from nemo_aot.models.reference import score_into_table
 
-    model_cfg, full = read_nemo_config(args.model)
+    model_path = local_nemo(checkpoint_source(resolve_path(args.model), "--model"), "--model")
+    model_cfg, full = read_nemo_config(model_path)
     parallel = ParallelConfig(args.tp, args.pp)
     initialize_model_parallel(parallel, model_cfg)  # first, so the .nemo is extracted per node
-    with open_nemo(args.model) as extracted:
+    with open_nemo(model_path) as extracted:
         tokenizer_dir = args.tokenizer or nemo_artifact(
             extracted, (full.get("tokenizer") or {}).get("type"))
         if tokenizer_dir is None:

@@ -27,7 +27,8 @@ def global_batch(seed: int = 0, batch: int = GLOBAL_BATCH, seq: int = SEQ, vocab
 
 
 def setup(tp=1, pp=1, vpp=None, sp=False, model_cfg=TINY, seed=1234, attention_backend=None,
-          per_token_loss=True, peft=None, use_distributed_optimizer=False, config_overrides=None):
+          per_token_loss=True, peft=None, use_distributed_optimizer=False, config_overrides=None,
+          ep=1, etp=None):
     """Initialize megatron parallel state and return DDP-wrapped model chunks for this rank;
     with ``peft`` (a PeftConfig) the chunks carry LoRA adapters and a frozen base;
     ``config_overrides``: more TransformerConfig fields, e.g. recomputation."""
@@ -42,7 +43,8 @@ def setup(tp=1, pp=1, vpp=None, sp=False, model_cfg=TINY, seed=1234, attention_b
 
     if attention_backend is not None:
         model_cfg = dataclasses.replace(model_cfg, attention_backend=attention_backend)
-    parallel = ParallelConfig(tp, pp, vpp, sp)
+    parallel = ParallelConfig(tp, pp, vpp, sp, expert_model_parallel_size=ep,
+                              expert_tensor_parallel_size=etp)
     initialize_model_parallel(parallel, model_cfg, seed=seed)
     config = to_transformer_config(model_cfg, parallel, calculate_per_token_loss=per_token_loss,
                                    **(config_overrides or {}))
@@ -167,9 +169,9 @@ def grads_into_params(chunks):
                     p.copy_(p.main_grad)
 
 
-def full_state(directory, peft=None):
+def full_state(directory, peft=None, model_cfg=TINY):
     """Canonical full tensors of a checkpoint, read into a TP=1, PP=1 model (1-rank worker)."""
-    chunks, _ = setup(peft=peft)
+    chunks, _ = setup(peft=peft, model_cfg=model_cfg)
     load(chunks, directory)
     return {k: v.detach().clone() for k, v in chunks[0].module.state_dict().items()
             if not k.endswith("_extra_state")}

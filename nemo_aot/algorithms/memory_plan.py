@@ -16,6 +16,12 @@ for this project's model and step):
   instead saves its projections, the causal convolution's input and output (the conv buffers)
   and, on the torch gated-delta path, fp32 copies, the per-chunk transforms and one recurrent
   state [heads, key_dim, value_dim] per 64-token chunk (fla recomputes those states: less);
+* mixture-of-experts layers: the router (replicated), this rank's num_moe_experts / EP experts
+  (split by ETP) and the shared expert; the experts' optimizer state is split over the
+  expert-data-parallel ranks (world / (ETP x EP x PP)) by the distributed optimizer; their
+  activations assume balanced routing (each token's top-k copies), plus the token dispatcher's
+  buffers for one layer (all-to-all: the permuted tokens sent and received; all-gather: the
+  hidden states of the whole EP x TP group);
 * the log-prob workspace on the last stage: the final hidden states, a few fp32 [chunk, V/tp]
   chunks and, from hidden states, the fp32 output-weight gradient buffer (with
   ``alignment.logprobs_from=logits`` the model's [tokens, V/tp] logits instead).
@@ -59,6 +65,10 @@ class MemoryPlan:
     stage_params: int
     per_micro_batch: int
     """What one more sample per micro-batch adds (activations and workspace)."""
+    dispatcher: int = 0
+    """Mixture of experts: one layer's token dispatcher buffers (transient)."""
+    expert_params: int = 0
+    """Mixture of experts: this rank's routed-expert parameters on the heaviest stage."""
     linear_attention_state: int = 0
     """Of the activations without recomputation: Gated DeltaNet recurrent states and conv
     buffers (0 without linear attention)."""
@@ -70,17 +80,31 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return self.static + self.activations + max(self.logprob_workspace,
-                                                    self.recompute_workspace)
+                                                    self.recompute_workspace) + self.dispatcher
 
 
 def _layer_params(m, tp: int) -> tuple[int, int]:
-    """(sharded, replicated) parameters of one transformer layer on one TP rank."""
+    """(sharded, replicated) parameters of one transformer layer on one TP rank, without the
+    routed experts of a mixture-of-experts layer (``_expert_params``)."""
     d, nq = m.head_dim, m.num_attention_heads
     nkv = m.num_query_groups or nq
     h, f = m.hidden_size, m.ffn_hidden_size
     qkv = h * (nq + 2 * nkv) * d + ((nq + 2 * nkv) * d if m.qkv_bias or m.bias else 0)
-    sharded = qkv + nq * d * h + h * 2 * f + f * h
-    return sharded // tp, 2 * h
+    replicated = 2 * h + (2 * d if getattr(m, "qk_layernorm", False) else 0)
+    if getattr(m, "num_moe_experts", None) is None:
+        return (qkv + nq * d * h + 3 * h * f) // tp, replicated
+    shared = m.moe_shared_expert_intermediate_size or 0
+    replicated += m.num_moe_experts * h + (h if m.moe_shared_expert_gate else 0)  # router, gate
+    return (qkv + nq * d * h + 3 * h * shared) // tp, replicated
+
+
+def _expert_params(m, p) -> int:
+    """Routed-expert parameters of one layer on one rank: num_moe_experts / EP SwiGLU experts,
+    each split over ETP."""
+    if getattr(m, "num_moe_experts", None) is None:
+        return 0
+    local = m.num_moe_experts // p.expert_model_parallel_size
+    return local * 3 * m.hidden_size * m.expert_ffn_hidden_size // p.expert_tensor
 
 
 def _gdn_dims(m) -> tuple[int, int, int, int, int]:
@@ -110,12 +134,13 @@ def _hybrid_layer_params(m, tp: int, linear: bool) -> tuple[int, int]:
     return (h * (q + 2 * nkv * d) + nq * d * h + mlp) // tp, 2 * h + norms
 
 
-def _stage_layer_params(m, tp: int, pp: int) -> int:
+def _stage_layer_params(m, p) -> int:
     """Layer parameters of the heaviest pipeline stage on one TP rank."""
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     layers = -(-m.num_layers // pp)
     if m.linear_attention is None:
         sharded, replicated = _layer_params(m, tp)
-        return layers * (sharded + replicated)
+        return layers * (sharded + _expert_params(m, p) + replicated)
     per_layer = [sum(_hybrid_layer_params(m, tp, bool(k))) for k in _layer_kinds(m)]
     return max(sum(per_layer[i:i + layers]) for i in range(0, m.num_layers, layers))
 
@@ -163,6 +188,12 @@ def _adapter_params(m, peft, tp: int) -> int:
     return total
 
 
+def stage_expert_params(cfg) -> int:
+    """Routed-expert parameters of the heaviest pipeline stage on one rank."""
+    layers = -(-cfg.model.num_layers // cfg.parallel.pipeline_model_parallel_size)
+    return layers * _expert_params(cfg.model, cfg.parallel)
+
+
 def stage_params(cfg) -> tuple[int, int]:
     """(all parameters, trained parameters) of the heaviest pipeline stage on one rank."""
     m, p = cfg.model, cfg.parallel
@@ -173,7 +204,7 @@ def stage_params(cfg) -> tuple[int, int]:
     first = vocab
     last = m.hidden_size + (0 if m.share_embeddings_and_output_weights and pp == 1 else vocab)
     ends = first + last if pp == 1 else max(first, last)
-    base = _stage_layer_params(m, tp, pp) + ends
+    base = _stage_layer_params(m, p) + ends
     lora = layers * adapters
     trained = lora if cfg.peft.enabled else base
     return base + lora, trained
@@ -203,13 +234,25 @@ def layer_activation_bytes(cfg, tokens: int) -> int:
     nkv = m.num_query_groups or nq
     replicated = 6 * h * act
     attention = (2 * nq * d) * act + nq * 4
-    sharded = (2 * (nq + 2 * nkv) * d + 5 * f) * act + attention
+    mlp = 5 * f * act
+    if getattr(m, "num_moe_experts", None) is not None:
+        # balanced routing: top-k copies of each token through experts of width moe_ffn (split
+        # by ETP, counted as TP here), the permuted tokens in and out, fp32 router logits and
+        # probabilities, the shared expert
+        k, fe = m.moe_router_topk, m.expert_ffn_hidden_size
+        mlp = (k * 5 * fe + 5 * (m.moe_shared_expert_intermediate_size or 0)) * act
+        replicated += 2 * k * h * act + 2 * m.num_moe_experts * 4
+    sharded = (2 * (nq + 2 * nkv) * d) * act + mlp + attention
+    if getattr(m, "qk_layernorm", False):  # the query/key norms' inputs and outputs
+        sharded += 2 * (nq + nkv) * d * act
+    if getattr(m, "post_sublayer_norms", False):  # two more norms' inputs and outputs (Gemma)
+        replicated += 4 * h * act
     perf = cfg.performance
     if perf.recompute_granularity == "selective":
         if "core_attn" in perf.recompute_modules:
             sharded -= attention  # only its inputs stay: the QKV output
         if "mlp" in perf.recompute_modules:
-            sharded -= 5 * f * act
+            sharded -= mlp
             replicated -= h * act
     return tokens * (replicated // sp + sharded // tp)
 
@@ -276,25 +319,44 @@ def logprob_workspace_bytes(cfg, micro_batch_size: int) -> int:
     return hidden + chunks + (local_vocab * m.hidden_size * 4 if trained_head else 0)
 
 
+def dispatcher_bytes(cfg, micro_batch_size: int) -> int:
+    """One MoE layer's token dispatcher buffers on one rank (0 for a dense model)."""
+    m, p = cfg.model, cfg.parallel
+    if getattr(m, "num_moe_experts", None) is None:
+        return 0
+    act = DTYPE_BYTES[cfg.precision.precision]
+    sp = p.tensor_model_parallel_size if p.sequence_parallel else 1
+    tokens = _rows(cfg, micro_batch_size) * cfg.data.max_seq_length // sp
+    if m.moe_token_dispatcher_type == "allgather":
+        group = p.expert_model_parallel_size * p.tensor_model_parallel_size
+        return 2 * tokens * group * m.hidden_size * act
+    return 2 * 2 * m.moe_router_topk * tokens * m.hidden_size * act  # sent + received, fwd + bwd
+
+
 def memory_plan(cfg, world_size: int, micro_batch_size: Optional[int] = None) -> MemoryPlan:
     """The plan for ``cfg`` at ``world_size`` ranks (micro-batch: cfg's unless given)."""
     mbs = micro_batch_size or cfg.trainer.micro_batch_size
     dp = cfg.parallel.data_parallel_size(world_size)
     num_microbatches = max(cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * dp), 1)
     params, trained = stage_params(cfg)
+    experts = 0 if cfg.peft.enabled else stage_expert_params(cfg)
     precision = cfg.precision.precision
     weights = params * DTYPE_BYTES[precision]
     gradients = trained * 4
-    optimizer = trained * (8 + (0 if precision == "fp32" else 4))
+    per_param = 8 + (0 if precision == "fp32" else 4)
+    optimizer = (trained - experts) * per_param
+    expert_optimizer = experts * per_param
     if cfg.optim.use_distributed_optimizer:
         optimizer //= dp
+        expert_optimizer //= max(cfg.parallel.expert_data_parallel_size(world_size), 1)
+    optimizer += expert_optimizer
     activations, rebuilt = activation_bytes(cfg, mbs, num_microbatches)
     plain = sum(activation_bytes(cfg, mbs, num_microbatches, recompute=None))
     full = sum(activation_bytes(cfg, mbs, num_microbatches, recompute="full"))
     workspace = logprob_workspace_bytes(cfg, mbs)
     plan = MemoryPlan(weights, gradients, optimizer, activations, rebuilt, plain, full,
-                      workspace, trained, params, 0, _linear_attention_state(cfg, mbs,
-                                                                             num_microbatches))
+                      workspace, trained, params, 0, dispatcher_bytes(cfg, mbs), experts,
+                      _linear_attention_state(cfg, mbs, num_microbatches))
     if micro_batch_size is None:
         plan.per_micro_batch = memory_plan(cfg, world_size, mbs + 1).total - plan.total
     return plan
@@ -310,6 +372,24 @@ def _linear_attention_state(cfg, micro_batch_size: int, num_microbatches: int) -
     tokens = _rows(cfg, micro_batch_size) * cfg.data.max_seq_length
     one = gdn_layer_activation_bytes(cfg, tokens, _rows(cfg, micro_batch_size))[1]
     return int(count * one * _in_flight(cfg, num_microbatches))
+
+
+def _moe_rows(cfg, plan: MemoryPlan, world_size: int) -> list:
+    """The plan's mixture-of-experts rows (none for a dense model)."""
+    m, p = cfg.model, cfg.parallel
+    if m.num_moe_experts is None:
+        return []
+    local = m.num_moe_experts // p.expert_model_parallel_size
+    edp = p.expert_data_parallel_size(world_size)
+    return [
+        ("  of which experts", plan.expert_params * DTYPE_BYTES[cfg.precision.precision],
+         f"{plan.expert_params:,} parameters: {local} of {m.num_moe_experts} experts per layer "
+         f"(EP {p.expert_model_parallel_size}, ETP {p.expert_tensor}); optimizer state / "
+         f"{edp} expert-DP ranks" if cfg.optim.use_distributed_optimizer else
+         f"{plan.expert_params:,} parameters: {local} of {m.num_moe_experts} experts per layer"),
+        ("dispatcher buffers", plan.dispatcher,
+         f"{m.moe_token_dispatcher_type}, one MoE layer, top-{m.moe_router_topk}"),
+    ]
 
 
 def largest_micro_batch(cfg, world_size: int, gpu_bytes: float,
@@ -328,6 +408,9 @@ def largest_micro_batch(cfg, world_size: int, gpu_bytes: float,
 
 def format_plan(cfg, world_size: int, gpu_memory_gib: float) -> str:
     """The table ``nemo-aot train --plan`` prints."""
+    from nemo_aot.algorithms.rules import check_option
+
+    check_option("--gpu-memory-gib", gpu_memory_gib)
     plan = memory_plan(cfg, world_size)
     p = cfg.parallel
     dp = p.data_parallel_size(world_size)
@@ -354,11 +437,15 @@ def format_plan(cfg, world_size: int, gpu_memory_gib: float) -> str:
          "one recomputed group, during its backward"),
         ("log-prob workspace", plan.logprob_workspace,
          f"last stage, logprobs_from={cfg.alignment.logprobs_from}"),
+        *_moe_rows(cfg, plan, world_size),
         ("total", plan.total, f"static + activations + the larger workspace; + ~{RESERVE_GIB:g} "
                               "GiB CUDA context / NCCL / fragmentation"),
     ]
+    experts = (f", experts ETP{p.expert_tensor} x EP{p.expert_model_parallel_size} x "
+               f"expert-DP{p.expert_data_parallel_size(world_size)}"
+               if cfg.model.num_moe_experts is not None else "")
     lines = [f"memory plan per GPU: TP{p.tensor_model_parallel_size} x "
-             f"PP{p.pipeline_model_parallel_size} x DP{dp} ({world_size} GPUs), "
+             f"PP{p.pipeline_model_parallel_size} x DP{dp}{experts} ({world_size} GPUs), "
              f"{cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
              f"vocab {cfg.model.vocab_size}"]
     lines += [f"  {name:<20} {value / GIB:9.2f} GiB  {note}" for name, value, note in rows]

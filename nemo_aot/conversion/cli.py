@@ -10,9 +10,11 @@ code; user errors (ValueError) are printed as one line and give exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from nemo_aot.conversion.convert import hf_to_nemo, nemo_to_hf
+from nemo_aot.conversion.sources import checkpoint_source, hf_folder
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -26,9 +28,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     sub.required = True
 
     to_nemo = sub.add_parser("hf-to-nemo", help="Hugging Face directory -> .nemo file")
-    to_nemo.add_argument("--hf", required=True, metavar="DIR",
+    to_nemo.add_argument("--hf", required=True, metavar="DIR|ORG/NAME",
                          help="Hugging Face checkpoint directory (config.json, *.safetensors, "
-                              "tokenizer files)")
+                              "tokenizer files) or a hub id org/name[@revision] (through the "
+                              "huggingface_hub cache; HF_HUB_OFFLINE=1: the cache only)")
     to_nemo.add_argument("--out", required=True, metavar="FILE.nemo", help="output .nemo file")
     to_nemo.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                          help="weight dtype inside the .nemo (default: bf16)")
@@ -43,7 +46,11 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run_hf_to_nemo(args: argparse.Namespace) -> int:
-    return _report(lambda: hf_to_nemo(args.hf, args.out, dtype=args.dtype), args.out)
+    def convert():
+        hf_dir = args.hf if os.path.isdir(args.hf) else hf_folder(checkpoint_source(args.hf,
+                                                                                    "--hf"))
+        hf_to_nemo(hf_dir, args.out, dtype=args.dtype)
+    return _report(convert, args.out)
 
 
 def run_nemo_to_hf(args: argparse.Namespace) -> int:

@@ -116,7 +116,7 @@ def load_preference_data(config: DataConfig, split: str = "train",
     source = path if negatives is None else f"{path} + {negatives}"
     encoder = PromptResponseTokenizer(
         tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer_path),
-        config.apply_chat_template, config.add_eos)
+        config.apply_chat_template, config.add_eos, config.chat_template_kwargs)
     problems = _Problems()
     fmt, records = _read_records(config, path, negatives, hf_split, problems)
     problems.raise_if_any(source)
@@ -224,7 +224,8 @@ def _render(records: list[Record], chunk: range, encoder: PromptResponseTokenize
         responses = ((record.chosen, record.rejected) if isinstance(record, PreferencePair)
                      else (record.completion,))
         try:
-            rendered.append(encoder.render(record.prompt, responses, record.location))
+            rendered.append(encoder.render(record.prompt, responses, record.location,
+                                           record.tools))
             rendered_at.append(i)
         except RecordError as e:
             problems.add(e)

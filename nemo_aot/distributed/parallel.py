@@ -1,8 +1,11 @@
 """Parallel layout: a typed config, up-front validation, and process-group start-up.
 
-The layout is TP x PP x DP = world size (context and expert parallelism are not used by the
-dense Llama-family models nemo_aot aligns). Every impossible combination is refused before any
-process group or model exists, naming the config key and what to change.
+The layout is TP x PP x DP = world size (context parallelism is not used). Mixture-of-experts
+models add expert parallelism on the same ranks (megatron-core's "MoE parallel folding"): the
+attention and the rest of the model use TP x PP x DP, the experts ETP x EP x expert-DP x PP
+over the same world, so EP divides the ranks of one pipeline stage and each EP rank holds
+num_moe_experts / EP experts. Every impossible combination is refused before any process group
+or model exists, naming the config key and what to change.
 """
 
 from __future__ import annotations
@@ -27,9 +30,23 @@ class ParallelConfig:
     """Model chunks per pipeline rank (interleaved 1F1B); None disables interleaving."""
     sequence_parallel: bool = False
     """Split norm/dropout activations along the sequence across the TP group (needs TP > 1)."""
+    expert_model_parallel_size: int = 1
+    """Ranks the routed experts of a mixture-of-experts model are split over (EP): each holds
+    num_moe_experts / EP whole experts. Uses the ranks of one pipeline stage (with TP and DP)."""
+    expert_tensor_parallel_size: Optional[int] = None
+    """Ranks that split each expert's weights (ETP); null = tensor_model_parallel_size."""
+
+    @property
+    def expert_tensor(self) -> int:
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+    def expert_data_parallel_size(self, world_size: int) -> int:
+        """Replicas of each expert: the ranks of a stage over ETP x EP."""
+        return world_size // (self.expert_tensor * self.expert_model_parallel_size
+                              * self.pipeline_model_parallel_size)
 
     def validate(self, world_size: int, model=None, prefix: str = "parallel") -> None:
         """Refuse layouts that cannot work; ``model`` is a GPTModelConfig when known. What no
@@ -51,6 +68,7 @@ class ParallelConfig:
         if self.sequence_parallel and tp == 1:
             raise ValueError(f"{prefix}.sequence_parallel needs tensor_model_parallel_size > 1; "
                              "set it to false")
+        self._check_experts(prefix)
         if model is not None:
             self._check_model(model, prefix)
         if world_size % (tp * pp):
@@ -58,6 +76,23 @@ class ParallelConfig:
                 f"{prefix}: world size {world_size} is not divisible by tensor_model_parallel_size "
                 f"({tp}) x pipeline_model_parallel_size ({pp}) = {tp * pp}; launch a multiple of "
                 f"{tp * pp} ranks or change the layout")
+        expert_ranks = self.expert_tensor * self.expert_model_parallel_size * pp
+        if world_size % expert_ranks:
+            raise ValueError(
+                f"{prefix}: world size {world_size} is not divisible by "
+                f"expert_tensor_parallel_size ({self.expert_tensor}) x expert_model_parallel_size "
+                f"({self.expert_model_parallel_size}) x pipeline_model_parallel_size ({pp}) = "
+                f"{expert_ranks}; launch a multiple of {expert_ranks} ranks or lower "
+                f"{prefix}.expert_model_parallel_size")
+
+    def _check_experts(self, prefix: str) -> None:
+        ep, etp = self.expert_model_parallel_size, self.expert_tensor_parallel_size
+        if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+            raise ValueError(f"{prefix}.expert_model_parallel_size must be a positive integer, "
+                             f"got {ep!r}")
+        if etp is not None and (isinstance(etp, bool) or not isinstance(etp, int) or etp < 1):
+            raise ValueError(f"{prefix}.expert_tensor_parallel_size must be a positive integer "
+                             f"or null (= tensor_model_parallel_size), got {etp!r}")
 
     def _check_model(self, model, prefix: str) -> None:
         tp, pp, vpp = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
@@ -71,11 +106,40 @@ class ParallelConfig:
         if model.ffn_hidden_size % tp:
             raise ValueError(f"{prefix}.tensor_model_parallel_size={tp} must divide "
                              f"model.ffn_hidden_size={model.ffn_hidden_size}")
+        self._check_model_experts(model, prefix)
         stages = pp * (vpp or 1)
         if model.num_layers % stages:
             raise ValueError(
                 f"model.num_layers={model.num_layers} must be divisible by "
                 f"pipeline_model_parallel_size x virtual_pipeline_model_parallel_size = {stages}")
+
+
+    def _check_model_experts(self, model, prefix: str) -> None:
+        ep, etp = self.expert_model_parallel_size, self.expert_tensor
+        experts = getattr(model, "num_moe_experts", None)
+        if experts is None:
+            if ep > 1 or self.expert_tensor_parallel_size is not None:
+                key = "expert_model_parallel_size" if ep > 1 else "expert_tensor_parallel_size"
+                raise ValueError(f"{prefix}.{key} is set but the model has no experts "
+                                 "(model.num_moe_experts is null); set it to its default")
+            return
+        if self.tensor_model_parallel_size > 1 and not self.sequence_parallel:
+            raise ValueError(f"{prefix}.sequence_parallel must be true with "
+                             f"tensor_model_parallel_size={self.tensor_model_parallel_size} for a "
+                             "mixture-of-experts model (megatron-core's MoE layer refuses TP "
+                             "without it); set parallel.sequence_parallel=true")
+        if experts % ep:
+            raise ValueError(f"{prefix}.expert_model_parallel_size={ep} must divide "
+                             f"model.num_moe_experts={experts} (each EP rank holds "
+                             f"num_moe_experts / EP whole experts)")
+        if model.expert_ffn_hidden_size % etp:
+            raise ValueError(f"{prefix}.expert_tensor_parallel_size={etp} must divide the expert "
+                             f"width model.moe_ffn_hidden_size={model.expert_ffn_hidden_size}")
+        shared = model.moe_shared_expert_intermediate_size
+        tp = self.tensor_model_parallel_size
+        if shared is not None and shared % tp:
+            raise ValueError(f"{prefix}.tensor_model_parallel_size={tp} must divide "
+                             f"model.moe_shared_expert_intermediate_size={shared}")
 
 
 def compute_device() -> torch.device:
@@ -122,6 +186,8 @@ def initialize_model_parallel(parallel: ParallelConfig, model=None, seed: int = 
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=parallel.expert_model_parallel_size,
+            expert_tensor_parallel_size=parallel.expert_tensor,
         )
         _groups_world[0] = torch.distributed.group.WORLD
     elif parallel.virtual_pipeline_model_parallel_size is not None:
@@ -147,7 +213,10 @@ def _same_layout(parallel_state, parallel: ParallelConfig) -> bool:
             and parallel_state.get_pipeline_model_parallel_world_size()
             == parallel.pipeline_model_parallel_size
             and parallel_state.get_virtual_pipeline_model_parallel_world_size()
-            == parallel.virtual_pipeline_model_parallel_size)
+            == parallel.virtual_pipeline_model_parallel_size
+            and parallel_state.get_expert_model_parallel_world_size()
+            == parallel.expert_model_parallel_size
+            and parallel_state.get_expert_tensor_parallel_world_size() == parallel.expert_tensor)
 
 
 def _free_port() -> int:

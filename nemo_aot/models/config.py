@@ -1,5 +1,13 @@
 """Model architecture config for Llama-family GPT models, and its megatron-core translation.
 
+Mixture-of-experts models (Mixtral, Qwen3-MoE, and in general any router + experts MLP that
+megatron-core's ``MoELayer`` computes) are the same record with ``num_moe_experts`` set: every
+layer's MLP becomes ``num_moe_experts`` SwiGLU experts of width ``moe_ffn_hidden_size`` behind a
+router that scores each token in fp32 (softmax or sigmoid), keeps the top ``moe_router_topk``
+experts and, with ``moe_router_topk_normalize``, renormalizes their weights to sum to one;
+optionally plus a shared expert every token passes (with or without a sigmoid gate). The keys
+are megatron-core's ``TransformerConfig`` names.
+
 One typed record describes the architecture (the keys follow NeMo's MegatronGPTModel
 ``model_config.yaml`` so `.nemo` files stay readable by NeMo tooling); parallel layout and
 precision come from :class:`nemo_aot.distributed.parallel.ParallelConfig` and are combined only
@@ -136,7 +144,7 @@ class GPTModelConfig:
     """Bias on the QKV projection (Qwen2)."""
     # -- options of newer families (Qwen3, Gemma 3); the defaults are the Llama architecture
     qk_layernorm: bool = False
-    """RMSNorm over each query and key head before RoPE (Qwen3, Gemma 3)."""
+    """RMSNorm over each query and key head before RoPE (Qwen3, Qwen3-MoE, Gemma 3)."""
     layernorm_zero_centered_gamma: bool = False
     """Every norm scales by (1 + weight), the stored weight being the offset from 1 (Gemma)."""
     post_sublayer_norms: bool = False
@@ -163,6 +171,51 @@ class GPTModelConfig:
     attention_backend: str = "sdpa"
     """Core attention without TE: 'sdpa' (torch scaled_dot_product_attention) or 'unfused'
     (megatron's DotProductAttention, materializes [b, heads, s, s])."""
+    num_moe_experts: Optional[int] = None
+    """Routed experts per layer (mixture of experts); null = a dense SwiGLU MLP."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Width of each routed expert's SwiGLU MLP; null = ffn_hidden_size."""
+    moe_router_score_function: str = "softmax"
+    """Router scores: 'softmax' (Mixtral, Qwen3-MoE) or 'sigmoid' (DeepSeek-V3 style)."""
+    moe_router_topk_normalize: bool = True
+    """Renormalize the top-k weights to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob). With
+    softmax and false, the weights are the softmax over all experts, kept for the top k."""
+    moe_router_topk_scaling_factor: Optional[float] = None
+    """Multiply the routing weights by this (DeepSeek's routed_scaling_factor); null = 1."""
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """Width of the shared expert every token passes (added to the routed experts' output);
+    null = no shared expert."""
+    moe_shared_expert_gate: bool = False
+    """Scale the shared expert's output by sigmoid(w . x), a learned per-token gate
+    (Qwen2-MoE / Qwen3.5-MoE style); needs moe_shared_expert_intermediate_size."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the load-balancing loss (Switch-style, per sequence batch) added to the
+    policy loss; 0 = off. A run's choice: with init_from, this run's value is used."""
+    moe_z_loss_coeff: float = 0.0
+    """Weight of the router z-loss (mean squared logsumexp of the router logits); 0 = off.
+    A run's choice: with init_from, this run's value is used."""
+    moe_token_dispatcher_type: str = "alltoall"
+    """How tokens reach experts on other expert-parallel ranks: 'alltoall' (sends each token
+    only where it is routed) or 'allgather' (every rank sees every token). A run's choice."""
+    moe_grouped_gemm: bool = False
+    """Run a rank's local experts as one grouped GEMM (TransformerEngine's grouped linear on
+    the TE spec); false = one GEMM per expert (the sequential fallback, also the CPU path).
+    A run's choice."""
+
+    RUN_KEYS = ("moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_token_dispatcher_type",
+                "moe_grouped_gemm")
+    """Keys that choose how a run executes or trains, not what the checkpoint computes: with
+    ``init_from`` the run's values replace the checkpoint's."""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
     # -- hybrid linear-attention models (Qwen3.5)
     attention_output_gate: bool = False
     """Softmax attention output multiplied by sigmoid of a per-head gate that the query
@@ -210,6 +263,7 @@ class GPTModelConfig:
         if self.rope_scaling is not None and self.rope_scaling.factor < 1.0:
             bad("rope_scaling.factor", "must be >= 1")
         self._validate_family_options(bad)
+        self._validate_moe(bad)
         if not 0.0 < float(self.rotary_percent) <= 1.0:
             bad("rotary_percent", f"must be in (0, 1], got {self.rotary_percent}")
         if self.linear_attention is not None:
@@ -234,6 +288,47 @@ class GPTModelConfig:
                 f"{self.window_attn_skip_freq}")
         if self.softmax_scale is not None and not float(self.softmax_scale) > 0:
             bad("softmax_scale", f"must be positive, got {self.softmax_scale}")
+
+    def _validate_moe(self, bad) -> None:
+        if not self.is_moe:
+            moe_only = [k for k in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
+                        if getattr(self, k) is not None]
+            if moe_only or self.moe_shared_expert_gate:
+                bad((moe_only or ["moe_shared_expert_gate"])[0],
+                    "is set but num_moe_experts is null (a dense model); set num_moe_experts")
+            return
+        for key in ("num_moe_experts", "moe_router_topk"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                bad(key, f"must be a positive integer, got {value!r}")
+        if self.moe_router_topk > self.num_moe_experts:
+            bad("moe_router_topk", f"{self.moe_router_topk} exceeds num_moe_experts="
+                f"{self.num_moe_experts}")
+        for key in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                bad(key, f"must be a positive integer or null, got {value!r}")
+        if self.moe_router_score_function not in ("softmax", "sigmoid"):
+            bad("moe_router_score_function", "must be 'softmax' or 'sigmoid', got "
+                f"{self.moe_router_score_function!r}")
+        if (self.moe_router_score_function == "sigmoid" and not self.moe_router_topk_normalize
+                and self.moe_router_topk > 1):
+            bad("moe_router_topk_normalize", "false with sigmoid scores and top-k > 1: "
+                "megatron-core always renormalizes sigmoid top-k weights; set it to true")
+        factor = self.moe_router_topk_scaling_factor
+        if factor is not None and not factor > 0:
+            bad("moe_router_topk_scaling_factor", f"must be > 0 or null, got {factor!r}")
+        for key in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+            value = getattr(self, key)
+            if not value >= 0:
+                bad(key, f"must be >= 0 (0 switches it off), got {value!r}")
+        if self.moe_token_dispatcher_type not in ("alltoall", "allgather"):
+            bad("moe_token_dispatcher_type", "must be 'alltoall' or 'allgather', got "
+                f"{self.moe_token_dispatcher_type!r}")
+        if self.moe_shared_expert_gate and self.moe_shared_expert_intermediate_size is None:
+            bad("moe_shared_expert_gate", "needs a shared expert: set "
+                "moe_shared_expert_intermediate_size")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -315,8 +410,11 @@ def to_transformer_config(model: GPTModelConfig, parallel, precision: str = "fp3
         bias_dropout_fusion=False,
         cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=True,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor,
     )
     kwargs.update(_family_options(model))
+    kwargs.update(moe_transformer_kwargs(model))
     kwargs.update(_linear_attention_options(model))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
@@ -330,6 +428,34 @@ def _family_options(model: GPTModelConfig) -> dict[str, Any]:
                 layernorm_zero_centered_gamma=model.layernorm_zero_centered_gamma,
                 softmax_scale=model.softmax_scale, window_size=window,
                 window_attn_skip_freq=model.window_attn_skip_freq)
+
+
+def moe_transformer_kwargs(model: GPTModelConfig) -> dict[str, Any]:
+    """The TransformerConfig fields of a mixture-of-experts model ({} for a dense one)."""
+    if not model.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=model.num_moe_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_ffn_hidden_size=model.expert_ffn_hidden_size,
+        moe_router_score_function=model.moe_router_score_function,
+        # softmax: top-k of the logits then softmax over those k = the softmax over all experts
+        # renormalized over the top k (Mixtral, Qwen3-MoE's norm_topk_prob); pre-softmax keeps
+        # the un-renormalized weights.
+        moe_router_pre_softmax=(model.moe_router_score_function == "softmax"
+                                and not model.moe_router_topk_normalize),
+        moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
+        moe_router_dtype="fp32",  # router logits, scores and aux losses in fp32
+        moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=model.moe_shared_expert_gate,
+        moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff else "none",
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_z_loss_coeff=model.moe_z_loss_coeff or None,
+        moe_token_dispatcher_type=model.moe_token_dispatcher_type,
+        moe_grouped_gemm=model.moe_grouped_gemm,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+    )
 
 
 def _linear_attention_options(model: GPTModelConfig) -> dict[str, Any]:
@@ -357,4 +483,4 @@ def default_tiny() -> GPTModelConfig:
 
 
 __all__ = ["GPTModelConfig", "RopeScaling", "LinearAttention", "to_transformer_config",
-           "params_dtype", "default_tiny"]
+           "params_dtype", "default_tiny", "moe_transformer_kwargs"]

@@ -14,7 +14,13 @@ from megatron.core.tensor_parallel import (
 )
 
 from nemo_aot.models.config import GPTModelConfig
-from nemo_aot.models.layer_specs import decoder_block_spec, local_layer_spec, te_layer_spec
+from nemo_aot.models.family_options import apply_layer_options, apply_model_options
+from nemo_aot.models.layer_specs import (
+    RMSNorm,
+    decoder_block_spec,
+    local_layer_spec,
+    te_layer_spec,
+)
 from nemo_aot.models.lora import apply_to_layer_spec, init_adapters
 from nemo_aot.models.options import LINEAR_ATTENTION_LORA_TARGETS, PeftConfig
 
@@ -40,14 +46,15 @@ def build_gpt_model(model_cfg: GPTModelConfig, transformer_config,
     from megatron.core.models.gpt import GPTModel
 
     if transformer_impl == "local":
-        layer_spec = local_layer_spec(model_cfg.attention_backend)
+        layer_spec = local_layer_spec(model_cfg.attention_backend, model_cfg)
     elif transformer_impl == "transformer_engine":
-        layer_spec = te_layer_spec()
+        layer_spec = te_layer_spec(model_cfg)
     else:
         raise ValueError(f"model.transformer_impl must be 'local' or 'transformer_engine', "
                          f"got {transformer_impl!r}")
     if peft is not None:
         layer_spec = apply_to_layer_spec(layer_spec, peft)
+    layer_spec = apply_layer_options(layer_spec, model_cfg, _norm_class(transformer_impl))
     block_spec = _block_spec(model_cfg, transformer_config, transformer_impl, layer_spec,
                              vp_stage, peft)
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -72,7 +79,8 @@ def build_gpt_model(model_cfg: GPTModelConfig, transformer_config,
         # megatron builds its own ColumnParallelLinear; this instance gets the subclass that can
         # hand back its input instead of logits (same parameters and state-dict keys).
         model.output_layer.__class__ = HiddenStatesOutputLayer
-    if scaling is not None:
+    apply_model_options(model, model_cfg)
+    if scaling is not None and scaling.rope_type == "llama3":
         rope = model.rotary_pos_emb
         # megatron's own Llama-3.1 scaling, with every parameter from the config (its GPTModel
         # constructor only forwards the factor and keeps the other three at Llama-3.1's values).
@@ -81,6 +89,14 @@ def build_gpt_model(model_cfg: GPTModelConfig, transformer_config,
             high_freq_factor=scaling.high_freq_factor,
             original_max_position_embeddings=scaling.original_max_position_embeddings)
     return model
+
+
+def _norm_class(transformer_impl: str) -> type:
+    if transformer_impl == "local":
+        return RMSNorm
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    return TENorm
 
 
 def _block_spec(model_cfg: GPTModelConfig, transformer_config, transformer_impl: str,

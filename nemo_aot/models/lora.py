@@ -36,6 +36,7 @@ generator seeded per (seed, layer, module): the same adapters at every TP/PP lay
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -233,6 +234,21 @@ def lora_class(base: type, target: str, options: LoRAOptions) -> type:
     return _CLASSES[key]
 
 
+def _submodules_of(entry):
+    """The submodules of one entry of a layer spec: a ``ModuleSpec``'s ``submodules``, or the
+    ``submodules=`` keyword of a factory (megatron-core 0.18 builds the MLP entry as
+    ``functools.partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(...))``)."""
+    while isinstance(entry, functools.partial):
+        if "submodules" in entry.keywords:
+            return entry.keywords["submodules"]
+        entry = entry.func
+    submodules = getattr(entry, "submodules", None)
+    if submodules is None:
+        raise ValueError(f"peft: cannot find the linear layers of this layer spec's {entry!r} "
+                         "(neither a ModuleSpec nor a partial with submodules=)")
+    return submodules
+
+
 def apply_to_layer_spec(spec, peft: PeftConfig):
     """The layer spec with the targeted linear layers swapped for their LoRA classes."""
     import copy
@@ -241,8 +257,8 @@ def apply_to_layer_spec(spec, peft: PeftConfig):
         return spec
     spec = copy.deepcopy(spec)
     options = LoRAOptions(peft.rank, float(peft.alpha), float(peft.dropout))
-    attention = spec.submodules.self_attention.submodules
-    mlp = spec.submodules.mlp.submodules
+    attention, mlp = (_submodules_of(spec.submodules.self_attention),
+                      _submodules_of(spec.submodules.mlp))
     mixer = LINEAR_ATTENTION_LORA_TARGETS if hasattr(attention, "in_proj") else \
         ("linear_qkv", "linear_proj")
     homes = {**{t: attention for t in mixer}, "linear_fc1": mlp, "linear_fc2": mlp}

@@ -162,11 +162,12 @@ def test_recomputation_and_the_distributed_optimizer_shrink_the_plan():
 
 
 def test_cli_plan_of_a_recipe():
-    """The README's command: the 8B recipe on one 8-GPU node, without touching a GPU
-    (``init_from=null``: the recipe's own Llama-3-8B architecture instead of a checkpoint's)."""
-    cmd = [sys.executable, "-m", "nemo_aot.cli", "train", "recipe=llama3_8b", "init_from=null",
-           "data.train_path=prefs.jsonl", "data.validation_path=null",
-           "data.tokenizer_path=bundled:tokenizer", "--plan", "--gpu-memory-gib", "80"]
+    """The README's command: the 8B recipe on one 8-GPU node, without touching a GPU, without
+    data and without a checkpoint (the recipe's own Llama-3-8B architecture)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert "\nnemo-aot train recipe=llama3_8b --plan --gpu-memory-gib 80\n" in f.read()
+    cmd = [sys.executable, "-m", "nemo_aot.cli", "train", "recipe=llama3_8b", "--plan",
+           "--gpu-memory-gib", "80"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]

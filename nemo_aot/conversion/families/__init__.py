@@ -27,7 +27,7 @@ import importlib
 import pkgutil
 from typing import Optional
 
-from nemo_aot.conversion.families.base import REGISTRY, Family, register
+from nemo_aot.conversion.families.base import REFUSED, REGISTRY, Family, register
 from nemo_aot.models.config import GPTModelConfig
 
 for _module in pkgutil.iter_modules(__path__):
@@ -38,6 +38,10 @@ for _module in pkgutil.iter_modules(__path__):
 def family_for_hf(hf: dict, source: str) -> Family:
     """The family of a Hugging Face config.json (its single ``architectures`` entry)."""
     names = hf.get("architectures") or []
+    for name in names:
+        if name in REFUSED:
+            raise ValueError(f"{source}: architectures={names!r} is not supported: "
+                             f"{REFUSED[name]}")
     known = [REGISTRY[n] for n in names if n in REGISTRY]
     if len(names) != 1 or not known:
         raise ValueError(f"{source}: architectures={names!r} is not supported; supported are "

@@ -217,6 +217,8 @@ class Family:
     options: dict = {}
     """GPTModelConfig values that define this family's architecture (beyond LLAMA_DEFAULTS).
     A model exports as this family only when its config has exactly these values."""
+    variable: tuple[str, ...] = ()
+    """LLAMA_DEFAULTS keys this family reads per checkpoint (not fixed by the family)."""
     export_fields: dict = {}
     """Family-specific config.json fields written on export."""
     ignorable_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq",)
@@ -250,7 +252,9 @@ class Family:
         """Family-specific refusals (by key and value)."""
 
     def architecture(self) -> dict:
-        return {**LLAMA_DEFAULTS, **self.options}
+        """The fixed GPTModelConfig values of this family."""
+        fixed = {**LLAMA_DEFAULTS, **self.options}
+        return {k: v for k, v in fixed.items() if k not in self.variable}
 
     def config_to_hf(self, cfg: GPTModelConfig, torch_dtype: str) -> dict:
         """A config.json dict (4.x spelling) for ``cfg``, which ``describes`` accepted."""
@@ -286,6 +290,8 @@ class Family:
 
 REGISTRY: dict[str, Family] = {}
 """Hugging Face class name -> family; filled by the family files as they are imported."""
+REFUSED: dict[str, str] = {}
+"""Hugging Face class name -> why it is not converted (a known class, named in the error)."""
 
 
 def register(family: Family) -> Family:
@@ -297,7 +303,7 @@ def register(family: Family) -> Family:
     return family
 
 
-__all__ = ["Family", "REGISTRY", "register", "refuse", "require", "refuse_common",
+__all__ = ["Family", "REGISTRY", "REFUSED", "register", "refuse", "require", "refuse_common",
            "refuse_sliding_window", "rope_dict", "rope_scaling", "rope_scaling_to_hf",
            "common_config", "common_hf_config", "llama_shapes", "output_mapping", "L", "M",
            "LLAMA_DEFAULTS"]
