@@ -134,6 +134,11 @@ def _check_sequences(cfg: AOTConfig) -> None:
     if p.pipeline_model_parallel_size > 1 and not data.uniform_step_length:
         raise ValueError("data.uniform_step_length must be true with pipeline parallelism (stages "
                          "exchange activations of one fixed shape per step)")
+    if data.pack_sequences and cfg.model.linear_attention is not None:
+        raise ValueError("data.pack_sequences is not supported with model.linear_attention "
+                         "(Gated DeltaNet): megatron-core's GatedDeltaNet takes no document "
+                         "boundaries (it refuses packed sequences), so its recurrence and "
+                         "convolution would run across documents; set data.pack_sequences=false")
     if data.pack_sequences and (cfg.precision.transformer_impl != "local"
                                 or cfg.model.attention_backend != "sdpa"):
         raise ValueError("data.pack_sequences needs precision.transformer_impl=local and "

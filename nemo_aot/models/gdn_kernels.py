@@ -132,14 +132,15 @@ def install_gdn_kernels() -> dict[str, str]:
     from megatron.core.ssm import gated_delta_net as gdn
 
     if not _REPORT:
-        fla = gdn.chunk_gated_delta_rule is not None and gdn.HAVE_FLA
+        fla = getattr(gdn, "chunk_gated_delta_rule", None) is not None and \
+            getattr(gdn, "HAVE_FLA", False)
         _REPORT["gated_delta_rule"] = "fla (triton)" if fla else \
             "torch chunked (nemo_aot.models.gdn_kernels; fla not importable)"
         if not fla:
             gdn.chunk_gated_delta_rule = chunk_gated_delta_rule
             gdn.l2norm = l2norm
             gdn.HAVE_FLA = True  # the module's build-time guard: the kernels are present now
-        conv = gdn.causal_conv1d_fn is not None
+        conv = getattr(gdn, "causal_conv1d_fn", None) is not None
         _REPORT["causal_conv1d"] = "causal_conv1d (CUDA)" if conv else \
             "torch depthwise conv1d (causal_conv1d not importable)"
         if not conv:
@@ -151,7 +152,7 @@ def install_gdn_kernels() -> dict[str, str]:
 def _eager_gated_norm_on_cpu(module_class) -> str:
     """megatron wraps the output norm + gate in its JIT fuser (torch.compile): on a host without
     CUDA that only costs compile time (~30 s per process here), so run it eagerly there."""
-    fn = module_class.__dict__["_apply_gated_norm"]
+    fn = module_class.__dict__.get("_apply_gated_norm")
     eager = getattr(fn, "_torchdynamo_orig_callable", None)
     if torch.cuda.is_available() or eager is None:
         return "megatron's JIT fuser" if eager is not None else "eager"

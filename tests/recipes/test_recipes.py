@@ -71,7 +71,9 @@ def scale_down(recipe, data_dir, out_dir):
         f"data.max_seq_length={min(raw.data.max_seq_length, CAP_SEQ)}",
         f"logging.output_dir={out_dir}", "logging.progress_bar=false"]
     if "init_from" in required:  # as users pass a large checkpoint: an extracted folder
-        overrides.append(f"init_from={_tiny_of_family(raw.model, data_dir)}")
+        tiny = _tiny_linear_attention(data_dir) if raw.model.get("linear_attention") else \
+            _tiny_of_family(raw.model, data_dir)
+        overrides.append(f"init_from={tiny}")
     steps_per_epoch = None
     if "data.train_path" in required:
         steps_per_epoch = raw.optim.warmup_steps + EXTRA_STEPS
@@ -146,6 +148,21 @@ def _fresh_nemo(cfg, tiny_dir, out_dir):
 def data_dir_file(directory, name):
     os.makedirs(directory, exist_ok=True)
     return os.path.join(directory, name)
+
+
+def _tiny_linear_attention(data_dir):
+    """A recipe for a hybrid Gated DeltaNet model starts from a tiny random one of the same
+    family (converted from transformers' Qwen3.5), extracted like the tiny policy."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "unit"))
+    from test_conversion_families import save_hf
+    from test_conversion_qwen35 import build_qwen35_hf
+
+    from nemo_aot.conversion import hf_to_nemo
+    from nemo_aot.models.nemo_format import extract_nemo
+
+    nemo = str(data_dir / "tiny_qwen35.nemo")
+    hf_to_nemo(save_hf(build_qwen35_hf(), data_dir / "tiny_qwen35_hf"), nemo, dtype="fp32")
+    return extract_nemo(nemo, str(data_dir / "tiny_qwen35"))
 
 
 def _bundled(kind, n):

@@ -245,3 +245,18 @@ def test_lora_on_attention_and_gdn_exports_to_peft(converted, tmp_path):
     back = read_peft_adapter(folder, cfg, 4, 8.0, LORA_TARGETS)
     assert back.keys() == adapters.keys()
     assert all(torch.equal(back[k][i], adapters[k][i]) for k in back for i in (0, 1))
+
+
+def test_recipe_resolves_and_packing_is_refused_with_the_reason():
+    from nemo_aot.algorithms.resolve import World, resolve_run
+
+    base = ["recipe=qwen3_5_9b", "init_from=null", "data.train_path=x",
+            "data.validation_path=null", "data.tokenizer_path=bundled:tokenizer"]
+    run = resolve_run(base, world=World.planned())
+    assert run.config.model.linear_attention.pattern(32)[:4] == [1, 1, 1, 0]
+    with pytest.raises(ValueError, match="pack_sequences.*GatedDeltaNet takes no document"):
+        resolve_run([*base, "data.pack_sequences=true"], world=World.planned())
+    with pytest.raises(ValueError, match="transformer_impl=local"):
+        from nemo_aot.models.gpt import _block_spec
+
+        _block_spec(run.config.model, None, "transformer_engine", None, None, None)
