@@ -22,8 +22,10 @@ Ranks: this runs while a run is resolved, before torch.distributed exists, on ev
 process per cache entry downloads and converts, under an exclusive file lock beside the entry;
 the others block on the lock and then read the finished file (written to a temporary name and
 renamed, so a reader never sees half a file). With the cache on a node-local disk each node
-converts once; on a shared file system, once for the job. The conversion runs in a child
-process of one rank (megatron's single-process world cannot be built inside a launched rank).
+converts once; on a shared file system, once for the job (where the file system refuses
+locks, each process without a finished copy converts its own and renames it into place).
+The conversion runs in a child process of one rank (megatron's single-process world cannot be
+built inside a launched rank).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -209,7 +212,13 @@ def _locked(path: str) -> Iterator[None]:
     file system honours flock)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(f"{path}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:  # e.g. Lustre mounted without flock: correct, only not shared
+            logger.warning("%s: the file system refuses locks (%s); processes that find no "
+                           "finished copy each make their own (renamed into place)", path, err)
+            yield
+            return
         try:
             yield
         finally:
@@ -219,7 +228,7 @@ def _locked(path: str) -> Iterator[None]:
 def _convert(folder: str, target: str, dtype: str, source: CheckpointSource) -> None:
     """``nemo-aot convert hf-to-nemo`` in a child process without the launch's rank variables,
     into a temporary name renamed into place."""
-    temporary = f"{target}.partial-{os.getpid()}"
+    temporary = f"{target}.partial-{socket.gethostname()}-{os.getpid()}"
     env = {k: v for k, v in os.environ.items()
            if k not in _LAUNCH_ENV and not k.startswith(_LAUNCH_PREFIXES)}
     command = [sys.executable, "-m", "nemo_aot.conversion.cli", "convert", "hf-to-nemo",
