@@ -167,9 +167,9 @@ def grads_into_params(chunks):
                     p.copy_(p.main_grad)
 
 
-def full_state(directory, peft=None):
+def full_state(directory, peft=None, model_cfg=TINY):
     """Canonical full tensors of a checkpoint, read into a TP=1, PP=1 model (1-rank worker)."""
-    chunks, _ = setup(peft=peft)
+    chunks, _ = setup(peft=peft, model_cfg=model_cfg)
     load(chunks, directory)
     return {k: v.detach().clone() for k, v in chunks[0].module.state_dict().items()
             if not k.endswith("_extra_state")}
