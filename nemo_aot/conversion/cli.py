@@ -21,7 +21,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     """Add ``convert`` with its two subcommands to an argparse ``add_subparsers()`` object."""
     convert = subparsers.add_parser(
         "convert", help="convert checkpoints between Hugging Face and .nemo",
-        description="Convert Llama 2/3/3.x, Mistral and Qwen2/2.5 checkpoints between Hugging "
+        description="Convert Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3 and Gemma 3 (text) "
+                    "checkpoints (nemo_aot.conversion.families) between Hugging "
                     "Face (safetensors) and .nemo (megatron-core dist checkpoint). Runs in one "
                     "process; CPU is fine.")
     sub = convert.add_subparsers(dest="convert_command", metavar="{hf-to-nemo,nemo-to-hf}")

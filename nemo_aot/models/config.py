@@ -102,7 +102,8 @@ class LinearAttention:
 
 @dataclass
 class GPTModelConfig:
-    """Architecture of a decoder-only Llama-family model (Llama 2/3/3.x, Mistral, Qwen2)."""
+    """Architecture of a decoder-only model: the Llama layout (Llama 2/3/3.x, Mistral, Qwen2)
+    plus the options of newer families (Qwen3, Gemma 3), each off by default."""
 
     num_layers: int = 2
     """Transformer layers."""
