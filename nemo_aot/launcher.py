@@ -274,6 +274,45 @@ def rank_coordinates(rank: int, tp: int, pp: int, world_size: int) -> dict:
     return {"tp": rank % tp, "dp": (rank // tp) % dp, "pp": rank // (tp * dp)}
 
 
+def expert_groups(world_size: int, etp: int, ep: int, pp: int) -> list[list[int]]:
+    """The expert-parallel groups (ranks that exchange tokens) in megatron-core's expert order
+    tp-ep-dp-pp over the same ranks as the dense layout: ETP fastest, then EP, then the
+    experts' data parallelism, pipeline stages outermost."""
+    edp = world_size // (etp * ep * pp)
+    return [[t + etp * e + etp * ep * d + etp * ep * edp * s for e in range(ep)]
+            for s in range(pp) for d in range(edp) for t in range(etp)]
+
+
+def _expert_lines(run, launch: LaunchEnv) -> list[str]:
+    """The dry-run lines of a mixture-of-experts layout (none for a dense model)."""
+    layout, model = run.layout, run.config.model
+    if model.num_moe_experts is None:
+        return []
+    groups = expert_groups(launch.world_size, layout.expert_tensor, layout.expert,
+                           layout.pipeline)
+    shown = "; ".join(_span(g) for g in groups[:8]) + (
+        f"; ... ({len(groups)} groups)" if len(groups) > 8 else "")
+    per_node = launch.local_world_size
+    crossing = [g for g in groups if g[0] // per_node != g[-1] // per_node]
+    lines = [f"  experts      ETP {layout.expert_tensor} x EP {layout.expert} x expert-DP "
+             f"{layout.expert_data_parallel} x PP {layout.pipeline}: "
+             f"{model.num_moe_experts // layout.expert} of {model.num_moe_experts} experts per "
+             f"rank and layer, {model.moe_token_dispatcher_type} dispatcher",
+             f"  EP groups    {shown}"]
+    if crossing:
+        lines.append(f"  warning      {len(crossing)} expert-parallel group(s) span nodes: the "
+                     "token exchange crosses the network; keep EP x ETP within a node")
+    return lines
+
+
+def _span(ranks: list[int]) -> str:
+    step = ranks[1] - ranks[0] if len(ranks) > 1 else 1
+    if len(ranks) > 2 and ranks == list(range(ranks[0], ranks[-1] + 1, step)):
+        return f"[{ranks[0]}-{ranks[-1]}]" if step == 1 else \
+            f"[{ranks[0]}-{ranks[-1]} step {step}]"
+    return "[" + ",".join(map(str, ranks)) + "]"
+
+
 def describe(run, launch: LaunchEnv, train_argv: Sequence[str], warnings: Sequence[str]) -> str:
     """The dry-run report of a ``ResolvedRun``: full on rank 0, one line per other rank."""
     cfg, layout = run.config, run.layout
@@ -301,6 +340,7 @@ def describe(run, launch: LaunchEnv, train_argv: Sequence[str], warnings: Sequen
         f"  layout       TP {tp} x PP {pp} x DP {dp} = {launch.world_size} (sequence parallel "
         f"{'on' if p.sequence_parallel else 'off'}, virtual pipeline "
         f"{p.virtual_pipeline_model_parallel_size or 'off'}; megatron order tp-cp-ep-dp-pp)",
+        *_expert_lines(run, launch),
         f"  this rank    {where}",
         f"  batches      global {t.global_batch_size} = micro {t.micro_batch_size} x DP {dp} x "
         f"{accumulation} accumulation step(s)",

@@ -30,7 +30,10 @@ def check_rules(cfg: AOTConfig, world_size: Optional[int]) -> None:
                          "tokenizer from; set data.tokenizer_path to a tokenizer folder")
     p = cfg.parallel
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-    p.validate(world_size if world_size is not None else model_parallel, cfg.model)
+    # not launched: the smallest world the layout fits (experts: ETP x EP x PP ranks)
+    smallest = math.lcm(model_parallel, p.expert_tensor * p.expert_model_parallel_size
+                        * p.pipeline_model_parallel_size)
+    p.validate(world_size if world_size is not None else smallest, cfg.model)
     dp = None if world_size is None else p.data_parallel_size(world_size)
     _check_batches(cfg, dp)
     _check_sequences(cfg)

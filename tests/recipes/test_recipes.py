@@ -2,7 +2,10 @@
 script runs, scaled down only where it must be to run on 2 CPU cores:
 
 * model: the bundled tiny policy (``bundled:tiny_sft.nemo``) as ``init_from``, extracted into a
-  folder (as large checkpoints are passed);
+  folder (as large checkpoints are passed); a mixture-of-experts recipe instead trains a tiny
+  random-init model of its own family (its router, top-k, query/key norms and router losses;
+  4 experts of the tiny width) with the bundled tokenizer, since the bundled policy is dense;
+* expert parallelism: capped at 2;
 * layout and world size: TP and PP capped at 2, DP at 2, at most 4 gloo ranks; sequence
   parallelism kept where TP stays above 1; ``trainer.num_nodes x devices`` set to match;
 * batch sizes: micro-batch capped at 2, at most 2 accumulation steps;
@@ -61,8 +64,10 @@ def scale_down(recipe, data_dir, out_dir):
         p.tensor_model_parallel_size * p.pipeline_model_parallel_size), 1)), CAP_ACCUMULATION)
     gbs = micro * dp * max(accumulation, 1)
     ranks = tp * pp * dp
+    ep = min(p.expert_model_parallel_size, 2)
     overrides = [
         f"recipe={recipe}", f"parallel.tensor_model_parallel_size={tp}",
+        f"parallel.expert_model_parallel_size={ep}",
         f"parallel.pipeline_model_parallel_size={pp}",
         "parallel.virtual_pipeline_model_parallel_size=null",
         f"parallel.sequence_parallel={str(bool(p.sequence_parallel and tp > 1)).lower()}",
@@ -70,7 +75,9 @@ def scale_down(recipe, data_dir, out_dir):
         f"trainer.micro_batch_size={micro}", f"trainer.global_batch_size={gbs}",
         f"data.max_seq_length={min(raw.data.max_seq_length, CAP_SEQ)}",
         f"logging.output_dir={out_dir}", "logging.progress_bar=false"]
-    if "init_from" in required:  # as users pass a large checkpoint: an extracted folder
+    if raw.model.get("num_moe_experts") is not None:
+        overrides += _tiny_moe(raw.model)
+    elif "init_from" in required:  # as users pass a large checkpoint: an extracted folder
         tiny = _tiny_linear_attention(data_dir) if raw.model.get("linear_attention") else \
             _tiny_of_family(raw.model, data_dir)
         overrides.append(f"init_from={tiny}")
@@ -86,6 +93,16 @@ def scale_down(recipe, data_dir, out_dir):
     if t.max_steps is not None and t.max_steps < epoch_steps:
         return overrides, ranks, "max_steps", t.max_steps
     return overrides, ranks, "max_epochs", epoch_steps
+
+
+def _tiny_moe(model):
+    """A random-init MoE model of the recipe's family at the tiny policy's size."""
+    return ["init_from=null", "data.tokenizer_path=bundled:tokenizer", "model.num_layers=2",
+            "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
+            "model.num_query_groups=2", "model.kv_channels=16", "model.vocab_size=512",
+            "model.encoder_seq_length=256", "model.max_position_embeddings=256",
+            "model.num_moe_experts=4", f"model.moe_router_topk={min(model.moe_router_topk, 2)}",
+            "model.moe_ffn_hidden_size=32"]
 
 
 def _extracted_tiny(data_dir):

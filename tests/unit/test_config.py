@@ -29,7 +29,9 @@ GROUP_OPTIONS = sorted(os.path.relpath(p, CONF)[:-len(".yaml")]
 DEMO = DEMO_WITHOUT_CHECKPOINT
 # Group options are composed on top of it; parallel layouts need a model they divide
 # (llama3_70b: 64 heads, 8 KV groups, 80 layers).
-CONTEXT = {"parallel": ["model=llama3_70b"]}
+CONTEXT = {"parallel": ["model=llama3_70b"],
+           # expert-parallel layouts need a mixture-of-experts model (128 experts, 48 layers)
+           "parallel/ep8_pp2": ["model=qwen3_30b_a3b"]}
 
 
 def compose(*overrides, world_size=None):
@@ -79,7 +81,8 @@ def test_group_option_composes(option, tmp_path):
     group, name = option.split("/")
     base = [] if group == "recipe" else DEMO
     # resolved for its planned world (trainer.num_nodes x trainer.devices, when set)
-    _compose_all("gpt_aot", base + CONTEXT.get(group, []) + [f"{group}={name}"], tmp_path)
+    context = CONTEXT.get(f"{group}/{name}", CONTEXT.get(group, []))
+    _compose_all("gpt_aot", base + context + [f"{group}={name}"], tmp_path)
 
 
 def test_train_needs_a_recipe():
