@@ -28,20 +28,6 @@ from nemo_aot.models.layer_specs import RMSNorm, SDPAttention
 logger = logging.getLogger(__name__)
 
 
-class ZeroCenteredRMSNorm(RMSNorm):
-    """y = (1 + w) * x / sqrt(mean(x^2) + eps), all in fp32 (Qwen3.5's ``Qwen3_5RMSNorm``:
-    the stored weight is the offset from 1, initialized to zero)."""
-
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
-        super().__init__(config, hidden_size, eps)
-        torch.nn.init.zeros_(self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).to(x.dtype)
-
-
 class HeadSharedRMSNorm(RMSNorm):
     """GatedDeltaNet's output norm (a plain RMSNorm, like Hugging Face's ``RMSNormGated``): one
     weight of value_head_dim shared by every value head. Under tensor parallelism each rank
@@ -53,6 +39,8 @@ class HeadSharedRMSNorm(RMSNorm):
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
         super().__init__(config, hidden_size, eps)
+        self.zero_centered = False  # a plain weight (Hugging Face's RMSNormGated), never (1 + w)
+        torch.nn.init.ones_(self.weight)
         self.weight.sequence_parallel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,18 +56,14 @@ class HeadSharedRMSNorm(RMSNorm):
         return weight * x.to(dtype)
 
 
-def _norm(config: TransformerConfig):
-    return ZeroCenteredRMSNorm if config.layernorm_zero_centered_gamma else RMSNorm
-
-
 def _attention_spec(config: TransformerConfig, attention_backend: str) -> ModuleSpec:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
     attention = spec.submodules.self_attention
     if config.qk_layernorm:
-        attention.submodules.q_layernorm = _norm(config)
-        attention.submodules.k_layernorm = _norm(config)
+        attention.submodules.q_layernorm = RMSNorm
+        attention.submodules.k_layernorm = RMSNorm
     if attention_backend == "sdpa":
         attention.submodules.core_attention = SDPAttention
     return spec
@@ -114,7 +98,7 @@ def hybrid_block_spec(config: TransformerConfig, attention_backend: str = "sdpa"
     if is_rank_zero() and not getattr(hybrid_block_spec, "_logged", False):
         logger.info(describe_gdn_kernels(report))
         hybrid_block_spec._logged = True
-    norm = _norm(config)
+    norm = RMSNorm  # zero-centred where config.layernorm_zero_centered_gamma says so
     attention = _attention_spec(config, attention_backend)
     attention.submodules.input_layernorm = norm
     attention.submodules.pre_mlp_layernorm = norm
@@ -130,5 +114,4 @@ def hybrid_block_spec(config: TransformerConfig, attention_backend: str = "sdpa"
         layer_specs=layers, layer_norm=norm))
 
 
-__all__ = ["hybrid_block_spec", "ZeroCenteredRMSNorm",
-           "HeadSharedRMSNorm"]
+__all__ = ["hybrid_block_spec", "HeadSharedRMSNorm"]
