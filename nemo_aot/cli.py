@@ -4,6 +4,7 @@
     nemo-aot train recipe=R [KEY=VALUE ...] a recipe + Hydra overrides of conf/gpt_aot.yaml
     nemo-aot convert hf-to-nemo|nemo-to-hf checkpoint conversion
     nemo-aot score --model M.nemo --data F --out scores.jsonl
+    nemo-aot generate --model M.nemo --prompts F.jsonl [--out completions.jsonl]
     nemo-aot launch [--dry-run] -- train ...  SLURM/torchrun-aware launcher (docs/cluster.md)
     nemo-aot --version
 
@@ -28,6 +29,7 @@ from nemo_aot.algorithms.rules import OPTION_RULES, check_option
 from nemo_aot.algorithms.run import run_training
 from nemo_aot.algorithms.trainer import COMPLETE_REASONS
 from nemo_aot.conversion.cli import register as register_convert
+from nemo_aot.generation import register_generate
 from nemo_aot.launcher import register as register_launch
 from nemo_aot.progress import configure_logging
 from nemo_aot.scoring import register_score
@@ -85,6 +87,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     register_convert(sub)
     register_score(sub)
+    register_generate(sub)
     register_export(sub)
     register_launch(sub)
     return parser

@@ -15,8 +15,10 @@ config appends it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from typing import Iterator
 
 import torch
 
@@ -55,9 +57,13 @@ def register_score(subparsers) -> None:
     score.set_defaults(func=run_score)
 
 
-def run_score(args) -> int:
+@contextlib.contextmanager
+def restored_policy(args) -> Iterator[tuple]:
+    """``(model, model_cfg, tokenizer_dir)`` of ``args.model`` at ``--tp``/``--pp`` (collective;
+    score's and generate's model): a hub id or HF folder converted once, the .nemo extracted once
+    per node, ``args.tokenizer`` checked against the stored tokenizer. The tokenizer folder may
+    lie inside the extracted .nemo: load it within the block."""
     from nemo_aot.models.aot_model import MegatronGPTAOTModel
-    from nemo_aot.models.reference import score_into_table
 
     model_path = local_nemo(checkpoint_source(resolve_path(args.model), "--model"), "--model")
     model_cfg, full = read_nemo_config(model_path)
@@ -73,14 +79,21 @@ def run_score(args) -> int:
                                  load_tokenizer(stored_dir) if stored_dir else None,
                                  model_cfg.vocab_size, option=f"--tokenizer {args.tokenizer}",
                                  model=args.model, unset="drop --tokenizer")
+        precision = PrecisionConfig(precision="bf16" if torch.cuda.is_available() else "fp32")
+        model = MegatronGPTAOTModel.restore_from(extracted, precision=precision,
+                                                 parallel=parallel)
+        yield model, model_cfg, tokenizer_dir
+
+
+def run_score(args) -> int:
+    from nemo_aot.models.reference import score_into_table
+
+    with restored_policy(args) as (model, model_cfg, tokenizer_dir):
         data_cfg = DataConfig(format=args.format, train_path=args.data,
                               train_negatives_path=args.negatives, tokenizer_path=tokenizer_dir,
                               validation_path=None,
                               max_seq_length=args.max_seq_length or model_cfg.encoder_seq_length,
                               shuffle=False)
-        precision = PrecisionConfig(precision="bf16" if torch.cuda.is_available() else "fp32")
-        model = MegatronGPTAOTModel.restore_from(extracted, precision=precision,
-                                                 parallel=parallel)
         tokenizer = load_tokenizer(tokenizer_dir)
         data = load_preference_data(data_cfg, "train", tokenizer, drop_identical=False)
     from megatron.core import parallel_state

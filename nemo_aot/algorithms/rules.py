@@ -325,6 +325,10 @@ OPTION_RULES: dict[str, Range] = {
     "--pp": _count(),
     "--max-seq-length": _count(2, nullable=True, null_means="the model's encoder_seq_length"),
     "--step": _count(0, nullable=True, null_means="the newest complete step"),  # `export`
+    "--max-new-tokens": _count(),  # `generate`
+    "--temperature": _NON_NEGATIVE,  # 0: greedy
+    "--top-p": Range(low=0, high=1, low_open=True),
+    "--seed": _SEED,
 }
 
 

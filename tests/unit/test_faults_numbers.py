@@ -4,8 +4,8 @@ refuses NaN, infinities, wrong signs and out-of-range values with one line namin
 
 Tiers: the schema walk (a numeric key without a rule fails here), every rule against a table of
 bad values on the typed config (no Hydra, no model), the same values through each command's
-parser in process (train, demo, --plan, --print-config, export, score, the launcher; ``convert``
-has no numeric options and there is no ``generate`` command), and one launched CLI.
+parser in process (train, demo, --plan, --print-config, export, score, generate, the launcher;
+``convert`` has no numeric options), and one launched CLI.
 """
 
 import argparse
@@ -175,6 +175,9 @@ OPTIONS = [
     (["score", "--model", "m.nemo", "--data", "d.jsonl", "--out", "o.jsonl", opt, v], opt)
     for opt, v in (("--micro-batch-size", "0"), ("--tp", "-1"), ("--pp", "0"),
                    ("--max-seq-length", "1"))] + [
+    (["generate", "--model", "m.nemo", "--prompt", "hi", opt, v], opt)
+    for opt, v in (("--max-new-tokens", "0"), ("--temperature", "nan"), ("--top-p", "1.5"),
+                   ("--seed", "-1"), ("--tp", "0"))] + [
     (["export", "--checkpoint", "run", "--out", "p.nemo", "--step", "-2"], "--step")]
 
 
