@@ -113,6 +113,7 @@ def hf_to_nemo(hf_dir: str, out_path: str, dtype: str = "bf16",
     arch, model_cfg = model_config_from_hf(hf_cfg, source=config_path)
     files, weight_map = hf_io.weight_files(hf_dir)
     headers = hf_io.tensor_headers(files, weight_map)
+    arch = arch.for_checkpoint(headers)
     mappings = expand(arch.mappings(model_cfg), model_cfg.num_layers)
     check_source(mappings, {n: shape for n, (shape, _) in headers.items()},
                  arch.hf_shapes(model_cfg), hf_dir, arch.ignorable_suffixes,
@@ -148,6 +149,9 @@ def nemo_to_hf(nemo_path: str, out_dir: str, max_shard_bytes: int = MAX_SHARD_BY
         stored = _stored_json(extracted, HF_CONFIG_MEMBER)
         arch = family_for_model(model_cfg, stored)
         if arch.export_as:  # a wrapper layout read for its text model: export that alone
+            logger.warning("%s was converted from %s without its %s; writing the text-only "
+                           "%s", nemo_path, arch.hf_class,
+                           ", ".join(arch.dropped_prefixes), arch.export_as)
             arch, stored = REGISTRY[arch.export_as], None
         dtype = nemo_format.checkpoint_dtype(extracted)
         with single_process_world():

@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_conversion_families import (
     FAMILIES,
+    WRAPPED,
     build_hf,
     hf_class,
     hf_logits,
@@ -18,6 +19,7 @@ from test_conversion_families import (
     random_tokens,
     read_safetensors_dir,
     save_hf,
+    save_wrapped_v5,
 )
 
 TOLERANCE = 1e-4
@@ -29,9 +31,10 @@ def converted(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("families")
     out = {}
-    for family in FAMILIES:
+    for family in [*FAMILIES, *WRAPPED]:
         model = build_hf(family)
-        hf_dir = save_hf(model, root / family / "hf")
+        save = save_wrapped_v5 if family == "gemma3_vl_v5" else save_hf
+        hf_dir = save(model, root / family / "hf")
         nemo = str(root / family / "model.nemo")
         hf_to_nemo(hf_dir, nemo, dtype="fp32")
         out[family] = (model, hf_dir, nemo)
@@ -49,7 +52,7 @@ def _load_single(nemo, tmp_path):
     return model
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [*FAMILIES, *WRAPPED])
 def test_megatron_logits_equal_hf(converted, family, tmp_path):
     from nemo_aot.conversion.convert import single_process_world
 
@@ -100,6 +103,47 @@ def test_round_trip_is_bitwise_and_loads_in_transformers(converted, family, tmp_
     assert torch.equal(hf_logits(again, tokens), hf_logits(model, tokens))
     assert transformers.AutoTokenizer.from_pretrained(back)("a1+2")["input_ids"]
     assert os.path.isfile(os.path.join(back, "generation_config.json"))
+
+
+@pytest.mark.parametrize("family", list(WRAPPED))
+def test_vision_language_gemma3_exports_its_text_model(converted, family, tmp_path, caplog):
+    """Gemma3ForConditionalGeneration -> .nemo (vision tower and projector left out, and said
+    so) -> a text-only Gemma3ForCausalLM whose logits equal the wrapper's text-only forward."""
+    import logging
+
+    import transformers
+
+    from nemo_aot.conversion import hf_to_nemo, nemo_to_hf
+
+    model, hf_dir, _ = converted[family]
+    source = read_safetensors_dir(hf_dir)
+    towers = ("vision_tower.", "multi_modal_projector.")
+    if family == "gemma3_vl_v5":
+        towers = tuple("model." + t for t in towers)
+    with caplog.at_level(logging.WARNING, logger="nemo_aot.conversion"):
+        hf_to_nemo(hf_dir, str(tmp_path / "again.nemo"), dtype="fp32")
+        back = str(tmp_path / "back")
+        nemo_to_hf(str(tmp_path / "again.nemo"), back)
+    for tower in towers:
+        count = sum(n.startswith(tower) for n in source)
+        assert count and f"left out {count} tensors under {tower}" in caplog.text
+    assert "writing the text-only Gemma3ForCausalLM" in caplog.text
+    with open(os.path.join(back, "config.json")) as f:
+        assert json.load(f)["architectures"] == ["Gemma3ForCausalLM"]
+    prefix = "model.language_model." if family == "gemma3_vl_v5" else "language_model.model."
+    result = read_safetensors_dir(back)
+    assert sorted(result) == sorted("model." + n[len(prefix):] for n in source
+                                    if n.startswith(prefix))
+    for name, tensor in result.items():
+        assert torch.equal(tensor, source[prefix + name[len("model."):]]), name
+    text_only = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+    assert type(text_only).__name__ == "Gemma3ForCausalLM"
+    tokens = random_tokens(seed=3)
+    ref = hf_logits(model, tokens)  # the wrapper, input_ids only
+    diff = (hf_logits(text_only, tokens) - ref).abs().max().item()
+    print(f"{family}: exported Gemma3ForCausalLM vs Gemma3ForConditionalGeneration text "
+          f"forward: max abs logit diff {diff:.3e}")
+    assert diff <= TOLERANCE
 
 
 def test_bf16_sharded_source_round_trips_bitwise(tmp_path):

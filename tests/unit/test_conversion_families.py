@@ -40,9 +40,21 @@ FAMILIES = {
                                         rope_scaling={"rope_type": "linear", "factor": 8.0})),
 }
 HF_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM"}
+# The vision-language Gemma 3 (how 4B/12B/27B are published), read for its text model: a tiny
+# vision tower and projector that conversion leaves out. "gemma3_vl" is as transformers saves it
+# (language_model.model.*, settings in text_config); "gemma3_vl_v5" re-keys it to 5.x's module
+# names (model.language_model.*, model.vision_tower.*, a stored tied lm_head) and moves the RoPE
+# and sliding-window settings to the top level of config.json.
+WRAPPED = {"gemma3_vl": "Gemma3ForConditionalGeneration",
+           "gemma3_vl_v5": "Gemma3ForConditionalGeneration"}
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                   num_attention_heads=2, image_size=28, patch_size=14, vision_use_head=False)
+MOVED_TO_TOP = ("rope_parameters", "sliding_window", "layer_types")
 
 
 def hf_class(family: str) -> str:
+    if family in WRAPPED:
+        return WRAPPED[family]
     class_name = FAMILIES[family][0]
     return HF_CLASSES.get(class_name, class_name.replace("Config", "ForCausalLM"))
 
@@ -50,10 +62,15 @@ def hf_class(family: str) -> str:
 def build_hf(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     import transformers
 
-    class_name, extra = FAMILIES[family]
-    config = getattr(transformers, class_name)(**{**COMMON, **extra})
+    if family in WRAPPED:
+        config = transformers.Gemma3Config(text_config={**COMMON, **FAMILIES["gemma3"][1]},
+                                           vision_config=TINY_VISION, mm_tokens_per_image=4)
+    else:
+        class_name, extra = FAMILIES[family]
+        config = getattr(transformers, class_name)(**{**COMMON, **extra})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    assert type(model).__name__ == hf_class(family)
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.normal_(1.0 if "norm" in name else 0.0, 0.08)
@@ -65,6 +82,32 @@ def save_hf(model, directory, **kwargs) -> str:
     model.save_pretrained(directory, **kwargs)
     for name in os.listdir(TOKENIZER_DIR):
         shutil.copyfile(os.path.join(TOKENIZER_DIR, name), os.path.join(directory, name))
+    return directory
+
+
+def save_wrapped_v5(model, directory) -> str:
+    """``model`` (a WRAPPED one) saved with 5.x module names and top-level RoPE/window keys."""
+    import json
+
+    from safetensors.torch import save_file
+
+    directory = save_hf(model, directory)
+    path = os.path.join(directory, "model.safetensors")
+    renames = {"language_model.model.": "model.language_model.",
+               "vision_tower.": "model.vision_tower.",
+               "multi_modal_projector.": "model.multi_modal_projector."}
+    tensors = {}
+    for name, tensor in read_safetensors_dir(directory).items():
+        prefix = next(p for p in renames if name.startswith(p))
+        tensors[renames[prefix] + name[len(prefix):]] = tensor
+    tensors["lm_head.weight"] = tensors["model.language_model.embed_tokens.weight"].clone()
+    save_file(tensors, path, metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    for key in MOVED_TO_TOP:
+        config[key] = config["text_config"].pop(key)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f)
     return directory
 
 
@@ -122,3 +165,38 @@ def test_families_translate_to_the_expected_config():
             assert (cfg.sliding_window, cfg.window_attn_skip_freq) == (8, 2)
             assert (cfg.rotary_base_local, cfg.softmax_scale) == (10000.0, 24 ** -0.5)
             assert (cfg.rope_scaling.rope_type, cfg.rope_scaling.factor) == ("linear", 8.0)
+
+
+def test_vision_language_gemma3_text_config_defaults_are_transformers():
+    """A text_config that leaves a key out means Gemma3TextConfig's default; the hub's 4B config
+    spells only six keys, and must read as the 4B text model."""
+    import pytest
+    import transformers
+
+    from nemo_aot.conversion.architectures import model_config_from_hf
+    from nemo_aot.conversion.families.gemma3 import TEXT_DEFAULTS
+
+    defaults = transformers.Gemma3TextConfig().to_dict()
+    assert {k: defaults[k] for k in TEXT_DEFAULTS} == TEXT_DEFAULTS
+    hub_4b = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+              "mm_tokens_per_image": 256, "image_token_index": 262144,
+              "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                              "model_type": "gemma3_text", "num_hidden_layers": 34,
+                              "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                              "sliding_window": 1024},
+              "vision_config": {"hidden_size": 1152, "model_type": "siglip_vision_model"}}
+    arch, cfg = model_config_from_hf(hub_4b, "gemma-3-4b-it")
+    assert (arch.hf_class, arch.export_as) == ("Gemma3ForConditionalGeneration",
+                                               "Gemma3ForCausalLM")
+    assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size) == (34, 2560, 10240)
+    assert (cfg.num_attention_heads, cfg.query_groups, cfg.head_dim) == (8, 4, 256)
+    assert (cfg.vocab_size, cfg.max_position_embeddings) == (262208, 131072)
+    assert (cfg.sliding_window, cfg.window_attn_skip_freq) == (1024, 6)
+    assert (cfg.rotary_base, cfg.rotary_base_local, cfg.softmax_scale) == (1e6, 1e4, 256 ** -.5)
+    assert (cfg.rope_scaling.rope_type, cfg.rope_scaling.factor) == ("linear", 8.0)
+    assert cfg.share_embeddings_and_output_weights and cfg.layernorm_epsilon == 1e-6
+    both = {**hub_4b, "sliding_window": 512}
+    with pytest.raises(ValueError, match="sliding_window differs between the top level"):
+        model_config_from_hf(both, "x")
+    with pytest.raises(ValueError, match="needs a text_config"):
+        model_config_from_hf({"architectures": ["Gemma3ForConditionalGeneration"]}, "x")

@@ -1,7 +1,8 @@
 """The model families we convert, one file each, found by their Hugging Face class names.
 
 Supported: Llama 2/3/3.x (``llama``), Mistral without an active sliding window (``mistral``),
-Qwen2/2.5 (``qwen2``), Qwen3 dense (``qwen3``), Gemma 3 text (``gemma3``). The engine
+Qwen2/2.5 (``qwen2``), Qwen3 dense (``qwen3``), Gemma 3 text (``gemma3``: also the text model
+of the vision-language ``Gemma3ForConditionalGeneration``), Qwen3.5 (``qwen3_5``). The engine
 (:mod:`nemo_aot.conversion.engine`, :mod:`nemo_aot.conversion.convert`) never names a family.
 
 Adding a family is one new file in this package plus tests:

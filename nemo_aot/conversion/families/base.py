@@ -9,7 +9,7 @@ transformers 4.x (``rope_theta`` + ``rope_scaling``, ``torch_dtype``) and 5.x
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from nemo_aot.conversion.engine import Mapping
 from nemo_aot.models.config import GPTModelConfig, RopeScaling
@@ -274,6 +274,11 @@ class Family:
         return out
 
     # -- tensors
+    def for_checkpoint(self, names: Iterable[str]) -> "Family":
+        """This family as it reads a checkpoint holding these tensor names (a layout spelled
+        more than one way picks its spelling here)."""
+        return self
+
     def mappings(self, cfg: GPTModelConfig) -> list[Mapping]:
         """Hugging Face <-> megatron tensors; ``{i}`` rows repeat per layer."""
         table = [EMBEDDING, FINAL_NORM, *LLAMA_NORMS, *ATTENTION, *MLP]

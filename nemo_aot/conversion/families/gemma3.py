@@ -18,14 +18,23 @@ Differences from Llama, each a GPTModelConfig option the model is built with:
 Refused: logit soft-capping (``final_logit_softcapping``/``attn_logit_softcapping``, null in
 every Gemma 3 release), bidirectional attention, attention biases, layer_types that no single
 period N describes. Gemma 2 (soft-capping in every layer and at the output, which the fused
-log-prob path and SDPA do not express) and the vision-language
-``Gemma3ForConditionalGeneration`` are refused by name.
+log-prob path and SDPA do not express) is refused by name.
+
+The published 4B/12B/27B checkpoints are the vision-language ``Gemma3ForConditionalGeneration``:
+its text model is read (``Gemma3VisionLanguage``) and exported as the text-only
+``Gemma3ForCausalLM``. The text config sits under ``text_config``; keys it leaves out take
+transformers' ``Gemma3TextConfig`` defaults (the hub's 4B/12B configs spell only a few keys),
+and RoPE / sliding-window keys may also sit at the top level. The language model's tensors are
+``language_model.model.*`` (what transformers writes, 4.x and 5.x alike) or
+``model.language_model.*`` (5.x's in-memory names, found in some saves); the vision tower and
+the multimodal projector are left out, and the conversion logs how many tensors of each.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Optional
+from typing import Iterable, Optional
 
 from nemo_aot.conversion.engine import Mapping
 from nemo_aot.conversion.families.base import (
@@ -169,10 +178,83 @@ class Gemma3(Family):
                 L + "post_feedforward_layernorm.weight": (h,)}
 
 
+TEXT_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+    "hidden_activation": ACTIVATION, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "attention_bias": False,
+    "final_logit_softcapping": None, "attn_logit_softcapping": None,
+}
+"""transformers' ``Gemma3TextConfig`` defaults: what a ``text_config`` that leaves a key out
+means (RoPE and the layer pattern keep the defaults ``Gemma3.config_from_hf`` reads with)."""
+TOP_LEVEL_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rope_local_base_freq",
+                  "sliding_window", "sliding_window_pattern", "layer_types",
+                  "query_pre_attn_scalar", "final_logit_softcapping", "attn_logit_softcapping",
+                  "tie_word_embeddings")
+"""Text-model settings some configs carry at the top level instead of in ``text_config``."""
+_SPELLINGS = {  # language-model prefix -> (output prefix, vision/projector prefixes)
+    "language_model.model.": ("language_model.", ("vision_tower.", "multi_modal_projector.")),
+    "model.language_model.": ("", ("model.vision_tower.", "model.multi_modal_projector.")),
+}
+
+
+class Gemma3VisionLanguage(Gemma3):
+    """The text model of ``Gemma3ForConditionalGeneration``, exported as ``Gemma3ForCausalLM``."""
+
+    hf_classes = ("Gemma3ForConditionalGeneration",)
+    model_type = "gemma3"
+    specificity = 0  # a text-only model with no stored config exports as Gemma3ForCausalLM
+    export_as: Optional[str] = "Gemma3ForCausalLM"
+    text_prefix = "language_model.model."
+    """Where the language model's tensors live (``model.`` in Gemma3ForCausalLM)."""
+
+    def __init__(self, text_prefix: str = "language_model.model.") -> None:
+        self.text_prefix = text_prefix
+        self.dropped_prefixes = _SPELLINGS[text_prefix][1]
+
+    def for_checkpoint(self, names: Iterable[str]) -> "Gemma3VisionLanguage":
+        names = list(names)
+        found = [p for p in _SPELLINGS if any(n.startswith(p) for n in names)]
+        if len(found) == 1:
+            return Gemma3VisionLanguage(found[0])
+        if found:
+            raise ValueError(f"{self.hf_class} checkpoint holds language-model tensors under "
+                             f"both {found[0]}* and {found[1]}*; keep one spelling")
+        return self  # the tensor check names what is missing
+
+    def text_config(self, hf: dict, source: str) -> dict:
+        text = hf.get("text_config")
+        if not isinstance(text, dict):
+            raise ValueError(f"{source}: {self.hf_class} needs a text_config section (the "
+                             "language model's config)")
+        merged = dict(TEXT_DEFAULTS)
+        for key in TOP_LEVEL_KEYS:
+            if key in hf and hf[key] is not None:
+                if key in text and text[key] != hf[key]:
+                    raise ValueError(f"{source}: {key} differs between the top level "
+                                     f"({hf[key]!r}) and text_config ({text[key]!r}); keep one")
+                merged[key] = hf[key]
+        merged.update(text)
+        return merged
+
+    def config_from_hf(self, hf: dict, source: str) -> GPTModelConfig:
+        return super().config_from_hf(self.text_config(hf, source), f"{source} text_config")
+
+    def _rename(self, name: str) -> str:
+        if name.startswith("model."):
+            return self.text_prefix + name[len("model."):]
+        return _SPELLINGS[self.text_prefix][0] + name  # lm_head
+
+    def mappings(self, cfg: GPTModelConfig) -> list[Mapping]:
+        return [dataclasses.replace(m, hf=tuple(self._rename(n) for n in m.hf))
+                for m in super().mappings(cfg)]
+
+    def hf_shapes(self, cfg: GPTModelConfig) -> dict[str, tuple[int, ...]]:
+        return {self._rename(n): s for n, s in super().hf_shapes(cfg).items()}
+
+
 GEMMA3 = register(Gemma3())
-REFUSED["Gemma3ForConditionalGeneration"] = (
-    "the vision-language Gemma 3 is not converted; convert a text-only Gemma3ForCausalLM "
-    "checkpoint (e.g. google/gemma-3-1b-it)")
+GEMMA3_VL = register(Gemma3VisionLanguage())
 REFUSED["Gemma2ForCausalLM"] = (
     "Gemma 2 soft-caps attention and output logits (attn_logit_softcapping, "
     "final_logit_softcapping), which this package's SDPA attention and fused log-probs do not "
