@@ -266,9 +266,36 @@ NUMBER_RULES: dict[str, Range] = {
     "model.rope_scaling.original_max_position_embeddings": _count(),
     "model.layernorm_epsilon": _POSITIVE,
     "model.init_method_std": _POSITIVE,
+    # newer families (Qwen3, Gemma 3)
+    "model.softmax_scale": Range(low=0, low_open=True, nullable=True,
+                                 null_means="1/sqrt(head_dim)"),
+    "model.sliding_window": _count(nullable=True, null_means="full causal attention"),
+    "model.window_attn_skip_freq": _count(2, nullable=True, null_means="every layer slides"),
+    "model.rotary_base_local": Range(low=0, low_open=True, nullable=True,
+                                     null_means="rotary_base"),
+    # mixture of experts
+    "model.num_moe_experts": _count(nullable=True, null_means="a dense MLP"),
+    "model.moe_router_topk": _count(),
+    "model.moe_ffn_hidden_size": _count(nullable=True, null_means="ffn_hidden_size"),
+    "model.moe_router_topk_scaling_factor": Range(low=0, low_open=True, nullable=True,
+                                                  null_means="1"),
+    "model.moe_shared_expert_intermediate_size": _count(nullable=True,
+                                                        null_means="no shared expert"),
+    "model.moe_aux_loss_coeff": _NON_NEGATIVE,
+    "model.moe_z_loss_coeff": _NON_NEGATIVE,
+    # hybrid linear attention (Qwen3.5's Gated DeltaNet layers)
+    "model.linear_attention.full_attention_interval": _count(),
+    "model.linear_attention.conv_kernel_dim": _count(),
+    "model.linear_attention.key_head_dim": _count(),
+    "model.linear_attention.value_head_dim": _count(),
+    "model.linear_attention.num_key_heads": _count(),
+    "model.linear_attention.num_value_heads": _count(),
     "precision.fp8_amax_history_len": _count(),
     "parallel.tensor_model_parallel_size": _count(),
     "parallel.pipeline_model_parallel_size": _count(),
+    "parallel.expert_model_parallel_size": _count(),
+    "parallel.expert_tensor_parallel_size": _count(nullable=True,
+                                                   null_means="= tensor_model_parallel_size"),
     "parallel.virtual_pipeline_model_parallel_size": _count(2, nullable=True,
                                                             null_means="no interleaving"),
     "data.max_seq_length": _count(2),
@@ -314,6 +341,8 @@ NUMBER_RULES: dict[str, Range] = {
 
 # What a value of 0 means where 0 is allowed and special (said in the message).
 _ZERO_MEANS = {"trainer.grad_clip": "0 disables clipping",
+               "model.moe_aux_loss_coeff": "0 switches the load-balancing loss off",
+               "model.moe_z_loss_coeff": "0 switches the router z-loss off",
                "checkpoint.save_interval": "0 saves only on signals, time budget and the end"}
 
 

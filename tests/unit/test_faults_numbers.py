@@ -27,7 +27,7 @@ from nemo_aot.algorithms.rules import (
     check_option,
     numeric_keys,
 )
-from nemo_aot.models.config import RopeScaling
+from nemo_aot.models.config import LinearAttention, RopeScaling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,7 +62,8 @@ def test_every_numeric_command_line_option_has_a_rule():
 
 def _valid() -> AOTConfig:
     cfg = AOTConfig()
-    cfg.model.rope_scaling = RopeScaling()  # reach the optional section's keys too
+    cfg.model.rope_scaling = RopeScaling()  # reach the optional sections' keys too
+    cfg.model.linear_attention = LinearAttention()
     return cfg
 
 
