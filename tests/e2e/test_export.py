@@ -1,6 +1,7 @@
 """`nemo-aot export`: a .nemo from any complete training checkpoint, at any layout, equal to
 the policy the run itself exported (read back through the independent HF conversion)."""
 
+import json
 import os
 import shutil
 
@@ -89,10 +90,14 @@ def test_bad_requests_name_what_to_do(single, tmp_path):
     proc = run_cli(["export", "--checkpoint", str(single), "--out", out, "parallel.nope=1"],
                    check=False)
     assert proc.returncode == 2 and "nope" in proc.stderr
-    # A checkpoint that carries no config: the run's config.yaml is accepted instead.
+    # A checkpoint that carries no config (written before configs, and file manifests, were
+    # stored with it): the run's config.yaml is accepted instead.
     bare = tmp_path / "bare"
     shutil.copytree(single / "checkpoints" / "step_00000008", bare)
     os.remove(bare / "config.yaml")
+    marker = json.loads((bare / "COMPLETE.json").read_text())
+    del marker["files"]
+    (bare / "COMPLETE.json").write_text(json.dumps(marker))
     proc = run_cli(["export", "--checkpoint", str(bare), "--out", out], check=False)
     assert proc.returncode == 2 and "--config" in proc.stderr
     run_cli(["export", "--checkpoint", str(bare), "--config", str(single / "config.yaml"), "--out",
