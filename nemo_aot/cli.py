@@ -24,6 +24,7 @@ from nemo_aot.algorithms.config import find_config_dir
 from nemo_aot.algorithms.export import register as register_export
 from nemo_aot.algorithms.memory_plan import format_plan
 from nemo_aot.algorithms.resolve import World, resolve_run
+from nemo_aot.algorithms.rules import OPTION_RULES, check_option
 from nemo_aot.algorithms.run import run_training
 from nemo_aot.algorithms.trainer import COMPLETE_REASONS
 from nemo_aot.conversion.cli import register as register_convert
@@ -77,8 +78,9 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gpu-memory-gib", type=float, default=80.0,
                        help="GPU memory the plan fits the micro-batch to (default 80: H100)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                       help="e.g. recipe=llama3_8b init_from=/ckpt/llama3_8b.nemo "
-                            "data.train_path=prefs.jsonl")
+                       help="e.g. recipe=llama3_8b init_from=/ckpt/llama3_8b.nemo (or a "
+                            "Hugging Face folder, or a hub id such as "
+                            "meta-llama/Llama-3.1-8B-Instruct) data.train_path=prefs.jsonl")
     train.set_defaults(func=_train)
 
     register_convert(sub)
@@ -106,7 +108,7 @@ def _demo(args) -> int:
           f"arithmetic preference data, {run.schedule.describe()}, on CPU", flush=True)
     result = run_training(run)
     if result.nemo_path is None:
-        return 0
+        return result.exit_code
     print("\nnemo-aot demo: done", f"after {result.final_step} steps ({result.stop_reason})")
     print(f"  aligned policy  {result.nemo_path}")
     if result.adapter_path:
@@ -123,7 +125,8 @@ def _train(args) -> int:
     # Printing resolves for the planned launch; training for this process's world.
     printing = args.print_config or args.plan
     run = resolve_run(args.overrides, config_name=args.config_name, config_dir=args.config_dir,
-                      world=World.planned() if printing else None)
+                      world=World.planned() if printing else None,
+                      purpose="plan" if args.plan else "print" if printing else "train")
     if args.print_config:
         print(run.describe())
         return 0
@@ -140,7 +143,7 @@ def _train(args) -> int:
     elif result.stop_reason not in COMPLETE_REASONS:
         print(f"nemo-aot train: stopped ({result.stop_reason}) at step {result.final_step}; "
               "run the same command again to resume", file=sys.stderr)
-    return 0
+    return result.exit_code
 
 
 # Noise from optional accelerators being absent (CPU hosts) and deprecations inside megatron /
@@ -157,6 +160,14 @@ def _quiet_known_warnings() -> None:
     logging.getLogger("nv_one_logger").setLevel(logging.ERROR)
 
 
+def _check_numeric_options(args: argparse.Namespace) -> None:
+    """Every numeric option the command has, against its one rule (``rules.OPTION_RULES``)."""
+    for option in OPTION_RULES:
+        attr = option[2:].replace("-", "_")
+        if hasattr(args, attr):
+            check_option(option, getattr(args, attr))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_known_warnings()
     try:
@@ -170,10 +181,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 0
     try:
+        _check_numeric_options(args)
         return int(args.func(args) or 0)
     except ValueError as err:
         print(f"nemo-aot {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before (or after) a run's own handler: nothing to save
+        print(f"nemo-aot {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

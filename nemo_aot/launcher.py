@@ -391,7 +391,8 @@ def launch(args: argparse.Namespace) -> int:
     # the launched world size), then the GPU placement only a launcher sees.
     run = resolve_run(train.overrides, config_name=train.config_name,
                       config_dir=train.config_dir,
-                      world=World(env.world_size, env.num_nodes, env.local_world_size))
+                      world=World(env.world_size, env.num_nodes, env.local_world_size),
+                      purpose="print" if args.dry_run else "train")
     warnings = check_placement(run.config, env)
     if args.dry_run:
         print(describe(run, env, train.argv, warnings), flush=True)
@@ -409,7 +410,7 @@ def launch(args: argparse.Namespace) -> int:
     if result.nemo_path:
         print(f"nemo-aot launch: {result.final_step} steps ({result.stop_reason}); "
               f"policy at {result.nemo_path}", flush=True)
-    return 0
+    return result.exit_code
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,10 @@ import os
 
 import torch
 
+from nemo_aot.conversion.sources import checkpoint_source, local_nemo
 from nemo_aot.data import DataConfig, load_preference_data, load_tokenizer, make_batches
+from nemo_aot.data.config import resolve_path
+from nemo_aot.data.tokenization import check_tokenizer_fits
 from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
 from nemo_aot.models.nemo_format import nemo_artifact, open_nemo, read_nemo_config
 from nemo_aot.models.options import PrecisionConfig
@@ -32,8 +35,10 @@ from nemo_aot.models.options import PrecisionConfig
 def register_score(subparsers) -> None:
     score = subparsers.add_parser(
         "score", help="per-record response log-probs of a preference file under a .nemo")
-    score.add_argument("--model", required=True, metavar="FILE.nemo",
-                       help="policy to score with (a .nemo file or an extracted .nemo folder)")
+    score.add_argument("--model", required=True, metavar="MODEL",
+                       help="policy to score with: a .nemo file, an extracted .nemo folder, a "
+                            "Hugging Face model folder or a hub id org/name[@revision] "
+                            "(converted once and cached)")
     score.add_argument("--data", required=True, metavar="FILE",
                        help="preference data (.jsonl/.json/.parquet or a datasets name)")
     score.add_argument("--negatives", default=None, metavar="FILE",
@@ -54,14 +59,20 @@ def run_score(args) -> int:
     from nemo_aot.models.aot_model import MegatronGPTAOTModel
     from nemo_aot.models.reference import score_into_table
 
-    model_cfg, full = read_nemo_config(args.model)
+    model_path = local_nemo(checkpoint_source(resolve_path(args.model), "--model"), "--model")
+    model_cfg, full = read_nemo_config(model_path)
     parallel = ParallelConfig(args.tp, args.pp)
     initialize_model_parallel(parallel, model_cfg)  # first, so the .nemo is extracted per node
-    with open_nemo(args.model) as extracted:
-        tokenizer_dir = args.tokenizer or nemo_artifact(
-            extracted, (full.get("tokenizer") or {}).get("type"))
+    with open_nemo(model_path) as extracted:
+        stored_dir = nemo_artifact(extracted, (full.get("tokenizer") or {}).get("type"))
+        tokenizer_dir = args.tokenizer or stored_dir
         if tokenizer_dir is None:
             raise ValueError(f"{args.model} carries no tokenizer; pass --tokenizer DIR")
+        if args.tokenizer:  # the same check as train's data.tokenizer_path
+            check_tokenizer_fits(load_tokenizer(args.tokenizer),
+                                 load_tokenizer(stored_dir) if stored_dir else None,
+                                 model_cfg.vocab_size, option=f"--tokenizer {args.tokenizer}",
+                                 model=args.model, unset="drop --tokenizer")
         data_cfg = DataConfig(format=args.format, train_path=args.data,
                               train_negatives_path=args.negatives, tokenizer_path=tokenizer_dir,
                               validation_path=None,
@@ -71,7 +82,7 @@ def run_score(args) -> int:
         model = MegatronGPTAOTModel.restore_from(extracted, precision=precision,
                                                  parallel=parallel)
         tokenizer = load_tokenizer(tokenizer_dir)
-        data = load_preference_data(data_cfg, "train", tokenizer)
+        data = load_preference_data(data_cfg, "train", tokenizer, drop_identical=False)
     from megatron.core import parallel_state
 
     dp_rank = parallel_state.get_data_parallel_rank()

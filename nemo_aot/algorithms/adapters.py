@@ -13,11 +13,13 @@ are small (rank x (in + out) per adapted weight), so this fits any run.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from typing import Optional
 
 from nemo_aot.algorithms.checkpointing import find_checkpoint
+from nemo_aot.conversion.convert import hf_base_of
 from nemo_aot.conversion.peft_adapter import (
     adapter_config,
     is_peft_folder,
@@ -28,6 +30,8 @@ from nemo_aot.data.config import resolve_path
 from nemo_aot.distributed import ranks
 
 # megatron and the model modules that import it are imported where used (see run.py).
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "aot_adapter"  # in the run folder: the PEFT export of a finished LoRA run
 
@@ -66,15 +70,27 @@ def _check_lora_checkpoint(folder: str) -> None:
 
 def export_adapter(chunks, cfg, out_dir: str, base_model: Optional[str] = None) -> str:
     """Write the chunks' adapters as a Hugging Face PEFT folder ``out_dir`` (collective:
-    every rank gathers, rank 0 writes; a failure there raises on every rank)."""
+    every rank gathers, rank 0 writes; a failure there raises on every rank). ``base_model``
+    is the run's init_from (.nemo): ``base_model_name_or_path`` is the Hugging Face folder or
+    hub id it was converted from when known (what ``AutoPeftModelForCausalLM`` loads), else
+    unset, and a warning says what to pass as the base."""
     from nemo_aot.models.lora import full_adapters
 
     adapters = full_adapters(chunks)
     error = None
     if ranks.is_rank_zero():
         p = cfg.peft
+        hf_base = hf_base_of(resolve_path(base_model)) if base_model else None
+        if hf_base is None:
+            logger.warning(
+                "%s: adapter_config.json names no base model (%s); load it with "
+                "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), %r), "
+                "BASE being the Hugging Face folder the base was converted from, or one made "
+                "by `nemo-aot convert nemo-to-hf --nemo %s --out BASE`", out_dir,
+                f"the base .nemo {base_model} records no Hugging Face origin" if base_model
+                else "the run had no init_from", out_dir, base_model or "<base .nemo>")
         config = adapter_config(p.rank, float(p.alpha), float(p.dropout),
-                                list(p.target_modules), base_model)
+                                list(p.target_modules), hf_base)
         try:
             if is_peft_folder(out_dir):  # a finished run exporting again (requeued)
                 shutil.rmtree(out_dir)

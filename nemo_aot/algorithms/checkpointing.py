@@ -25,7 +25,9 @@ on a filesystem every node sees (as megatron dist checkpoints do).
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
 import re
@@ -39,6 +41,8 @@ import numpy as np
 import torch
 
 from nemo_aot.distributed.ranks import any_rank, is_rank_zero
+
+log = logging.getLogger(__name__)
 
 # megatron imported lazily: `nemo-aot --help` and config validation must not load it.
 
@@ -111,6 +115,11 @@ class CheckpointManager:
         except Exception as err:  # noqa: BLE001 - reported on every rank below
             error = err
         if any_rank(error is not None, self.group):
+            full = error is not None and _no_space(error)
+            if any_rank(full, self.group):
+                if rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+                raise DiskFullError(self._disk_full_message(step, tmp))
             if error is not None:
                 raise error
             raise RuntimeError(f"checkpoint step {step}: another rank failed while writing {tmp}")
@@ -123,13 +132,43 @@ class CheckpointManager:
     def _publish(self, step: int, tmp: str, metadata: dict) -> None:
         # The manager's step and time win over same-named metadata keys: the marker must name
         # its own folder for latest_valid() to accept it.
-        marker = {**metadata, "format_version": FORMAT_VERSION, "step": step, "time": time.time()}
+        marker = {**metadata, "format_version": FORMAT_VERSION, "step": step, "time": time.time(),
+                  "files": manifest(tmp)}
         _write_json_durably(os.path.join(tmp, MARKER), marker)
         final = self.step_dir(step)
         if os.path.exists(final):  # re-saving a step (e.g. after a resume): swap atomically
             self._discard(final)
         os.rename(tmp, final)
         _fsync_dir(self.root)
+
+    def _disk_full_message(self, step: int, tmp: str) -> str:
+        previous = self.complete()
+        free = shutil.disk_usage(self.root).free
+        if previous:
+            last = previous[-1]
+            size = folder_bytes(last.path)
+            kept = (f"checkpoint step {last.step} ({last.path}) is intact, so nothing is lost; "
+                    f"a checkpoint of this run takes about {_gib(size)}")
+        else:
+            kept = "no earlier checkpoint exists"
+        return (f"no space left on the device of {self.root} while writing checkpoint step "
+                f"{step} ({_gib(free)} free now, the partial {tmp} removed); {kept}. Free space "
+                f"there (or set checkpoint.dir to a larger filesystem) and run the same command "
+                f"again to resume")
+
+    def free_space_problem(self) -> Optional[str]:
+        """Before a (resumed) run: whether the next save would fit, judged by the newest
+        complete checkpoint's size; None when it fits or nothing is known."""
+        previous = self.complete()
+        if not previous:
+            return None
+        need, free = folder_bytes(previous[-1].path), shutil.disk_usage(self.root).free
+        if free >= need:
+            return None
+        return (f"{self.root} has {_gib(free)} free, but a checkpoint of this run (step "
+                f"{previous[-1].step}) takes {_gib(need)}: the next save would fail. Free at least "
+                f"{_gib(need - free)} there (or set checkpoint.dir to a larger filesystem), "
+                f"then resume")
 
     def _prune(self) -> None:
         if self.keep_last is None:
@@ -144,27 +183,45 @@ class CheckpointManager:
         shutil.rmtree(trash, ignore_errors=True)
 
     # ------------------------------------------------------------------ find
-    def complete(self) -> list[SavedCheckpoint]:
-        """Complete checkpoints under root, oldest first (this rank's view of the filesystem)."""
+    def complete(self, problems: Optional[list] = None) -> list[SavedCheckpoint]:
+        """Complete checkpoints under root, oldest first (this rank's view of the filesystem):
+        a marker that parses and names its step, and every file its manifest lists, at its
+        size. ``problems`` collects (folder, what is wrong) for the step folders that fail."""
         if not os.path.isdir(self.root):
             return []
         found = []
         for name in os.listdir(self.root):
             match = _STEP_DIR.match(name)
-            if match:
-                meta = read_marker(os.path.join(self.root, name))
-                if meta is not None and meta.get("step") == int(match.group(1)):
-                    found.append(SavedCheckpoint(os.path.join(self.root, name), meta["step"], meta))
+            if not match:
+                continue
+            path = os.path.join(self.root, name)
+            meta = read_marker(path)
+            if meta is None or meta.get("step") != int(match.group(1)):
+                bad = f"its {MARKER} is missing or unreadable"
+            else:
+                bad = verify_manifest(path, meta)
+            if bad is None:
+                found.append(SavedCheckpoint(path, meta["step"], meta))
+            elif problems is not None:
+                problems.append((path, bad))
         return sorted(found, key=lambda c: c.step)
 
     def latest_valid(self) -> Optional[SavedCheckpoint]:
-        """The newest complete checkpoint (the same on every rank), or None."""
+        """The newest complete checkpoint (the same on every rank), or None. A step folder
+        newer than it that is damaged (truncated or missing files, an unreadable marker) is
+        named in a warning and left in place."""
         rank = self._rank()
         latest = None
         if rank == 0:
             self.remove_leftovers()
-            complete = self.complete()
+            problems: list = []
+            complete = self.complete(problems)
             latest = complete[-1] if complete else None
+            for path, bad in sorted(problems):
+                if latest is None or path > latest.path:
+                    log.warning("checkpoint %s is damaged (%s): resuming from %s instead",
+                                path, bad, latest.path if latest else "the start (no other "
+                                "complete checkpoint)")
         dist = _dist()
         if dist:
             box = [latest]
@@ -181,6 +238,56 @@ class CheckpointManager:
         for path in removed:
             shutil.rmtree(path, ignore_errors=True)
         return removed
+
+
+class DiskFullError(ValueError):
+    """A checkpoint did not fit on its filesystem (the previous checkpoints are intact)."""
+
+
+def manifest(folder: str) -> dict[str, int]:
+    """{relative path: size in bytes} of every file under ``folder`` (the marker excluded)."""
+    files = {}
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(directory, name)
+            rel = os.path.relpath(path, folder)
+            if rel != MARKER:
+                files[rel] = os.path.getsize(path)
+    return files
+
+
+def verify_manifest(folder: str, meta: dict) -> Optional[str]:
+    """What is wrong with ``folder`` against its marker's manifest, or None (also for
+    checkpoints written before manifests were kept)."""
+    listed = meta.get("files")
+    if not isinstance(listed, dict):
+        return None
+    for rel, size in sorted(listed.items()):
+        path = os.path.join(folder, rel)
+        if not os.path.isfile(path):
+            return f"{rel} is missing"
+        actual = os.path.getsize(path)
+        if actual != size:
+            return f"{rel} has {actual} bytes, {size} were written (truncated or overwritten)"
+    return None
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(folder)
+               for n in names)
+
+
+def _no_space(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a full disk or quota."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
 
 
 def read_marker(path: str) -> Optional[dict]:
@@ -203,16 +310,26 @@ def find_checkpoint(path: str, step: Optional[int] = None) -> str:
         if step is not None and marker["step"] != step:
             raise ValueError(f"{path} is the checkpoint of step {marker['step']}, not --step "
                              f"{step}; pass its parent folder to choose a step")
+        bad = verify_manifest(path, marker)
+        if bad is not None:
+            raise ValueError(f"checkpoint {path} is damaged: {bad}. It was changed after it was "
+                             "written (a partial copy, a full disk, a storage fault); export an "
+                             "earlier step (--step) from its parent folder")
         return path
     if os.path.exists(os.path.join(path, MARKER)):
         raise ValueError(f"{path}: its {MARKER} is unreadable, so the checkpoint is incomplete")
+    problems: list = []
     for root in (path, os.path.join(path, "checkpoints")):
-        complete = CheckpointManager(root, keep_last=None).complete()  # read-only listing
+        complete = CheckpointManager(root, keep_last=None).complete(problems)  # read-only
         if complete:
             break
     else:
         raise ValueError(f"no complete checkpoint under {path} (a checkpoint folder holds "
                          f"{MARKER}; pass a run's checkpoints/ folder or one step folder)")
+    for bad_path, bad in sorted(problems):
+        if step is None and bad_path > complete[-1].path or \
+                step is not None and bad_path.endswith(f"step_{step:08d}"):
+            log.warning("checkpoint %s is damaged (%s); skipped", bad_path, bad)
     if step is None:
         return complete[-1].path
     chosen = [c.path for c in complete if c.step == step]
@@ -220,6 +337,10 @@ def find_checkpoint(path: str, step: Optional[int] = None) -> str:
         raise ValueError(f"no complete checkpoint of step {step} under {root}; complete steps: "
                          f"{[c.step for c in complete]}")
     return chosen[0]
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 27 else f"{n / 2 ** 20:.1f} MiB"
 
 
 def _write_json_durably(path: str, payload: dict) -> None:
@@ -274,6 +395,8 @@ class RunCheckpointer:
         self.scheduler, self.train_batches = scheduler, train_batches
         self.config_text, self.config_hash = config_text, config_hash
         self.tokenizer_dir = tokenizer_dir
+        self.resume_record: Optional[dict] = None
+        """The config changes this run resumed with (resume_check.record), kept in markers."""
 
     def _template(self, is_loading: bool) -> dict:
         model_sd = self.model.sharded_state_dict()
@@ -300,8 +423,11 @@ class RunCheckpointer:
                 write_text(os.path.join(tmp_dir, CONFIG_FILE), self.config_text)
                 _copy_files(self.tokenizer_dir, os.path.join(tmp_dir, TOKENIZER_COPY))
 
-        self.manager.save(trainer.state.step, write,
-                          metadata={**trainer.state.to_dict(), "config_hash": self.config_hash})
+        metadata = {**trainer.state.to_dict(), "config_hash": self.config_hash,
+                    "megatron_core": megatron_core_version()}
+        if self.resume_record is not None:
+            metadata["resumed_with_config_changes"] = self.resume_record
+        self.manager.save(trainer.state.step, write, metadata=metadata)
 
     def restore(self, checkpoint: SavedCheckpoint, trainer) -> None:
         """Load ``checkpoint`` into the model, optimizer, RNG, scheduler, sampler and
@@ -309,16 +435,65 @@ class RunCheckpointer:
         from megatron.core import dist_checkpointing
 
         materialize_optimizer_state(self.optimizer)
-        state = dist_checkpointing.load(self._template(is_loading=True), checkpoint.path)
-        self.model.load_sharded_state(state["model"])
-        with torch.no_grad():  # the distributed optimizer copies into views of its parameters
-            self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            state = dist_checkpointing.load(self._template(is_loading=True), checkpoint.path)
+            self.model.load_sharded_state(state["model"])
+            with torch.no_grad():  # the distributed optimizer copies into views of its params
+                self.optimizer.load_state_dict(state["optimizer"])
+        except Exception as err:
+            reason = newer_megatron_reason(checkpoint.metadata.get("megatron_core"),
+                                           checkpoint.path)
+            if reason is None:
+                raise
+            raise RuntimeError(f"{checkpoint.path} could not be loaded: {reason}") from err
+        for group in self.optimizer.param_groups:  # the stored groups carry the stored LR range
+            for key in ("max_lr", "min_lr"):
+                if key in group:
+                    group[key] = getattr(self.scheduler, key)
         _restore_step_counts(self.optimizer)
         restore_rng_state(state["rng"])
+        # The run's own LR schedule at the checkpoint's step: equal to the stored one unless the
+        # resume changed optim.* or the run's length (resume_check allowed and recorded it).
+        self.scheduler.override_opt_param_scheduler = True
         self.scheduler.load_state_dict(state["common"]["scheduler"])
         self.train_batches.load_state_dict(state["common"]["sampler"])
         for k, v in state["common"]["train"].items():
             setattr(trainer.state, k, v)
+
+
+def megatron_core_version() -> str:
+    """Recorded in every checkpoint's marker: which megatron-core wrote it (its distribution's
+    version: ``package_info.__version__`` appends the commit of any git repository around the
+    installed files)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("megatron-core")
+    except metadata.PackageNotFoundError:  # a source tree on the path
+        from megatron.core import package_info
+
+        return ".".join(map(str, package_info.VERSION[:3])) + str(package_info.VERSION[3])
+
+
+def newer_megatron_reason(saved: Optional[str], path: str = "") -> Optional[str]:
+    """Why a checkpoint written by megatron-core ``saved`` may not load here: None unless it
+    comes from a newer release than the installed one (older checkpoints load forward, checked
+    by the compatibility tier; checkpoints from before the version was recorded say nothing)."""
+    from packaging.version import Version
+
+    if not saved:
+        return None
+    installed = megatron_core_version()
+    if Version(saved).release[:2] <= Version(installed).release[:2]:
+        return None
+    detail = "whose checkpoint format or optimizer layout may lack what it saved"
+    if path and not os.path.exists(os.path.join(path, "common.pt")):
+        # megatron-core 0.19 moved the common (unsharded) state into the torch_dist files
+        detail = ("which reads the common (unsharded) state from a common.pt file; this "
+                  "checkpoint keeps it inside its torch_dist files, as megatron-core 0.19+ do")
+    return (f"it was written by megatron-core {saved}, and this environment has the older "
+            f"{installed}, {detail}. Resume it with megatron-core >= {saved} (as the "
+            "environment that wrote it), or start a new run from its policy (nemo-aot export).")
 
 
 def materialize_optimizer_state(optimizer) -> None:
@@ -428,6 +603,6 @@ def sharded_rng_state(key: str = "rng_state"):
 
 
 __all__ = ["CheckpointManager", "RunCheckpointer", "SavedCheckpoint", "find_checkpoint",
-           "read_marker", "MARKER",
+           "read_marker", "MARKER", "DiskFullError", "manifest", "verify_manifest",
            "CONFIG_FILE", "TOKENIZER_COPY", "capture_rng_state", "restore_rng_state",
            "sharded_rng_state", "write_text"]

@@ -159,6 +159,11 @@ class CheckpointConfig:
     """On SIGTERM/SIGUSR1 (e.g. SLURM preemption), finish the step, save, and exit 0."""
     export_nemo_at_end: bool = True
     """Write <logging.output_dir>/aot_policy.nemo when training finishes."""
+    allow_config_change: bool = False
+    """Resume even when the checkpoint was trained with another config (loss, lr, data...;
+    the run's length, cadences and outputs may always change): the changed keys are logged and
+    recorded in <logging.output_dir>/config_changes.jsonl, and the run continues with its new
+    config (the LR schedule rebuilt at the checkpoint's step)."""
 
     def validate(self) -> None:
         if self.save_interval < 0:

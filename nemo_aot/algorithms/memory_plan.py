@@ -12,7 +12,10 @@ for this project's model and step):
 * activations of one micro-batch per layer, saved for backward (Llama layer: norms, QKV,
   attention output and its fp32 log-sum-exp, SwiGLU input and output; SDPA's flash kernel keeps
   no [s, s] scores), times the micro-batches a 1F1B pipeline keeps in flight on its first stage,
-  with and without the configured recomputation;
+  with and without the configured recomputation; a Gated DeltaNet layer (model.linear_attention)
+  instead saves its projections, the causal convolution's input and output (the conv buffers)
+  and, on the torch gated-delta path, fp32 copies, the per-chunk transforms and one recurrent
+  state [heads, key_dim, value_dim] per 64-token chunk (fla recomputes those states: less);
 * mixture-of-experts layers: the router (replicated), this rank's num_moe_experts / EP experts
   (split by ETP) and the shared expert; the experts' optimizer state is split over the
   expert-data-parallel ranks (world / (ETP x EP x PP)) by the distributed optimizer; their
@@ -66,6 +69,9 @@ class MemoryPlan:
     """Mixture of experts: one layer's token dispatcher buffers (transient)."""
     expert_params: int = 0
     """Mixture of experts: this rank's routed-expert parameters on the heaviest stage."""
+    linear_attention_state: int = 0
+    """Of the activations without recomputation: Gated DeltaNet recurrent states and conv
+    buffers (0 without linear attention)."""
 
     @property
     def static(self) -> int:
@@ -101,6 +107,70 @@ def _expert_params(m, p) -> int:
     return local * 3 * m.hidden_size * m.expert_ffn_hidden_size // p.expert_tensor
 
 
+def _gdn_dims(m) -> tuple[int, int, int, int, int]:
+    """(q/k width, value width, value heads, key head dim, value head dim) of a GDN layer."""
+    la = m.linear_attention
+    return (la.num_key_heads * la.key_head_dim, la.num_value_heads * la.value_head_dim,
+            la.num_value_heads, la.key_head_dim, la.value_head_dim)
+
+
+def _layer_kinds(m) -> list[int]:
+    """Per layer 1 = Gated DeltaNet, 0 = softmax attention."""
+    la = m.linear_attention
+    return la.pattern(m.num_layers) if la is not None else [0] * m.num_layers
+
+
+def _hybrid_layer_params(m, tp: int, linear: bool) -> tuple[int, int]:
+    """(sharded, replicated) parameters of one layer of a linear-attention model."""
+    h, f, d, nq = m.hidden_size, m.ffn_hidden_size, m.head_dim, m.num_attention_heads
+    mlp = h * 2 * f + f * h
+    if linear:
+        qk, v, nv, _, dv = _gdn_dims(m)
+        conv = (2 * qk + v) * m.linear_attention.conv_kernel_dim
+        return (h * (2 * qk + 2 * v + 2 * nv) + conv + 2 * nv + v * h + mlp) // tp, 2 * h + dv
+    nkv = m.num_query_groups or nq
+    q = nq * d * (2 if m.attention_output_gate else 1)
+    norms = 2 * d if m.qk_layernorm else 0
+    return (h * (q + 2 * nkv * d) + nq * d * h + mlp) // tp, 2 * h + norms
+
+
+def _stage_layer_params(m, p) -> int:
+    """Layer parameters of the heaviest pipeline stage on one TP rank."""
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    layers = -(-m.num_layers // pp)
+    if m.linear_attention is None:
+        sharded, replicated = _layer_params(m, tp)
+        return layers * (sharded + _expert_params(m, p) + replicated)
+    per_layer = [sum(_hybrid_layer_params(m, tp, bool(k))) for k in _layer_kinds(m)]
+    return max(sum(per_layer[i:i + layers]) for i in range(0, m.num_layers, layers))
+
+
+def gdn_layer_activation_bytes(cfg, tokens: int, rows: int) -> tuple[int, int]:
+    """(all, recurrent states + conv buffers) bytes a Gated DeltaNet layer saves for backward
+    over ``tokens`` tokens in ``rows`` sequences on one TP rank, on the torch gated-delta path
+    (an upper estimate where fla runs). Per token: in TP, the in_proj output, the conv input and
+    output (conv buffers), the l2-normed and head-repeated q/k, fp32 copies of q/k/v/g/beta, the
+    UT-transformed values and keys, three chunk-square matrices (C per token), the fp32 output,
+    the gated norm's input and gate, the out_proj input and five ffn-sized SwiGLU tensors; outside
+    it, the 6 hidden-sized norm/residual tensors; and per 64-token chunk of a sequence one fp32
+    recurrent state [value heads, key dim, value dim]."""
+    from nemo_aot.models.gdn_kernels import DEFAULT_CHUNK_SIZE as C
+
+    m, p = cfg.model, cfg.parallel
+    tp, act = p.tensor_model_parallel_size, DTYPE_BYTES[cfg.precision.precision]
+    sp = tp if p.sequence_parallel else 1
+    qk, v, nv, dk, dv = _gdn_dims(m)
+    conv = 2 * (2 * qk + v) * act
+    kernel = (6 * nv * dk + 4 * v + 2 * nv) * 4 + 6 * nv * C * 4  # fp32, chunk squares
+    gated_norm = 5 * v * 4 + 2 * v * act
+    sharded = ((2 * qk + 2 * v + 2 * nv) * act + conv + 2 * qk * act + 2 * nv * dk * act
+               + kernel + gated_norm + 5 * m.ffn_hidden_size * act)
+    chunks = rows * -(-(tokens // max(rows, 1)) // C)
+    states = chunks * nv * dk * dv * 4 // tp
+    whole = tokens * (6 * m.hidden_size * act // sp + sharded // tp) + states
+    return whole, states + tokens * conv // tp
+
+
 def _adapter_params(m, peft, tp: int) -> int:
     """LoRA parameters of one layer on one TP rank (column base: B sharded, row base: A)."""
     if peft is None or not peft.enabled:
@@ -128,15 +198,13 @@ def stage_params(cfg) -> tuple[int, int]:
     """(all parameters, trained parameters) of the heaviest pipeline stage on one rank."""
     m, p = cfg.model, cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    sharded, replicated = _layer_params(m, tp)
-    sharded += _expert_params(m, p)
     adapters = _adapter_params(m, cfg.peft, tp)
     layers = -(-m.num_layers // pp)
     vocab = m.padded_vocab_size(tp) // tp * m.hidden_size
     first = vocab
     last = m.hidden_size + (0 if m.share_embeddings_and_output_weights and pp == 1 else vocab)
     ends = first + last if pp == 1 else max(first, last)
-    base = layers * (sharded + replicated) + ends
+    base = _stage_layer_params(m, p) + ends
     lora = layers * adapters
     trained = lora if cfg.peft.enabled else base
     return base + lora, trained
@@ -175,6 +243,10 @@ def layer_activation_bytes(cfg, tokens: int) -> int:
         mlp = (k * 5 * fe + 5 * (m.moe_shared_expert_intermediate_size or 0)) * act
         replicated += 2 * k * h * act + 2 * m.num_moe_experts * 4
     sharded = (2 * (nq + 2 * nkv) * d) * act + mlp + attention
+    if getattr(m, "qk_layernorm", False):  # the query/key norms' inputs and outputs
+        sharded += 2 * (nq + nkv) * d * act
+    if getattr(m, "post_sublayer_norms", False):  # two more norms' inputs and outputs (Gemma)
+        replicated += 4 * h * act
     perf = cfg.performance
     if perf.recompute_granularity == "selective":
         if "core_attn" in perf.recompute_modules:
@@ -215,14 +287,20 @@ def activation_bytes(cfg, micro_batch_size: int, num_microbatches: int,
     plain = dataclasses.replace(cfg, performance=dataclasses.replace(
         perf, recompute_granularity=None))
     whole_layer = layer_activation_bytes(cfg if mode == "selective" else plain, tokens)
+    kinds = _layer_kinds(m)[:layers]  # the first stage's layers
+    if 1 in kinds:  # Gated DeltaNet layers save other tensors than attention layers
+        gdn = gdn_layer_activation_bytes(cfg, tokens, _rows(cfg, micro_batch_size))[0]
+        per_layer = [gdn if k else whole_layer for k in kinds]
+    else:
+        per_layer = [whole_layer] * layers
     if mode == "full":
         if method == "block":
-            stored = min(group, layers) * layer_input + max(layers - group, 0) * whole_layer
+            stored = min(group, layers) * layer_input + sum(per_layer[group:])
         else:
             stored = -(-layers // group) * layer_input
-        transient = min(group, layers) * whole_layer  # a recomputed group, again in backward
+        transient = min(group, layers) * max(per_layer)  # a recomputed group, in backward
     else:
-        stored, transient = layers * whole_layer + layer_input, 0
+        stored, transient = sum(per_layer) + layer_input, 0
     return int(stored * _in_flight(cfg, num_microbatches)), int(transient)
 
 
@@ -277,10 +355,23 @@ def memory_plan(cfg, world_size: int, micro_batch_size: Optional[int] = None) ->
     full = sum(activation_bytes(cfg, mbs, num_microbatches, recompute="full"))
     workspace = logprob_workspace_bytes(cfg, mbs)
     plan = MemoryPlan(weights, gradients, optimizer, activations, rebuilt, plain, full,
-                      workspace, trained, params, 0, dispatcher_bytes(cfg, mbs), experts)
+                      workspace, trained, params, 0, dispatcher_bytes(cfg, mbs), experts,
+                      _linear_attention_state(cfg, mbs, num_microbatches))
     if micro_batch_size is None:
         plan.per_micro_batch = memory_plan(cfg, world_size, mbs + 1).total - plan.total
     return plan
+
+
+def _linear_attention_state(cfg, micro_batch_size: int, num_microbatches: int) -> int:
+    """GDN recurrent states + conv buffers of the first stage, all micro-batches in flight."""
+    m = cfg.model
+    layers = -(-m.num_layers // cfg.parallel.pipeline_model_parallel_size)
+    count = sum(_layer_kinds(m)[:layers])
+    if not count:
+        return 0
+    tokens = _rows(cfg, micro_batch_size) * cfg.data.max_seq_length
+    one = gdn_layer_activation_bytes(cfg, tokens, _rows(cfg, micro_batch_size))[1]
+    return int(count * one * _in_flight(cfg, num_microbatches))
 
 
 def _moe_rows(cfg, plan: MemoryPlan, world_size: int) -> list:
@@ -317,6 +408,9 @@ def largest_micro_batch(cfg, world_size: int, gpu_bytes: float,
 
 def format_plan(cfg, world_size: int, gpu_memory_gib: float) -> str:
     """The table ``nemo-aot train --plan`` prints."""
+    from nemo_aot.algorithms.rules import check_option
+
+    check_option("--gpu-memory-gib", gpu_memory_gib)
     plan = memory_plan(cfg, world_size)
     p = cfg.parallel
     dp = p.data_parallel_size(world_size)
@@ -336,6 +430,9 @@ def format_plan(cfg, world_size: int, gpu_memory_gib: float) -> str:
         ("  without recompute", plan.activations_no_recompute, ""),
         ("  full recompute", plan.activations_full_recompute,
          "every layer's input kept, one layer rebuilt at a time"),
+        *([("  of which GDN state", plan.linear_attention_state,
+            "Gated DeltaNet recurrent states + conv buffers, without recompute")]
+          if plan.linear_attention_state else []),
         ("recompute workspace", plan.recompute_workspace,
          "one recomputed group, during its backward"),
         ("log-prob workspace", plan.logprob_workspace,

@@ -7,8 +7,13 @@ re-opens ``init_from`` for its architecture. In order:
 
 1. compose the recipe and overrides over the typed schema (``config.compose_raw`` and
    ``typed_config``: unknown keys, unset required keys and bad types fail here);
-2. the starting checkpoint: ``init_from`` (``bundled:`` expanded) must exist and defines the
-   architecture; a ``model.*`` override that contradicts it is refused;
+2. the starting checkpoint: ``init_from`` (``bundled:`` expanded) - a .nemo, a Hugging Face
+   model folder or a hub id ``org/name[@revision]`` (``nemo_aot.conversion.sources``) - defines
+   the architecture; a ``model.*`` override that contradicts it is refused. Training converts a
+   Hugging Face source once (cached) and loads that .nemo; printing and planning read its
+   ``config.json`` only (``purpose``). ``--plan`` needs neither data nor a checkpoint: data keys a
+   recipe requires are filled with a marker it never opens, and without ``init_from`` the
+   recipe's ``model`` is planned;
 3. the world: the launched world size (the ``World`` a launcher or ``WORLD_SIZE`` gives) must
    match ``trainer.num_nodes`` x ``trainer.devices`` when those are set; unknown (printing a
    config or a plan on a login node) only the rules that do not depend on it run;
@@ -27,8 +32,22 @@ import functools
 import os
 from typing import Any, Mapping, Optional, Sequence
 
-from nemo_aot.algorithms.config import AOTConfig, compose_raw, config_hash, to_yaml, typed_config
+from nemo_aot.algorithms.config import (
+    AOTConfig,
+    compose_raw,
+    config_hash,
+    required_keys,
+    to_yaml,
+    typed_config,
+)
 from nemo_aot.algorithms.rules import check_rules, sort_group_size
+from nemo_aot.conversion.sources import (
+    HUB_ID,
+    CheckpointSource,
+    checkpoint_source,
+    local_nemo,
+    read_architecture,
+)
 from nemo_aot.data.config import resolve_path
 from nemo_aot.losses import get_loss_spec
 from nemo_aot.models.nemo_format import read_nemo_config
@@ -189,6 +208,9 @@ class ResolvedRun:
     output_dir: str
     checkpoint_dir: str
     reference_cache_dir: str
+    init_source: Optional[CheckpointSource] = None
+    """How ``init_from`` was named (.nemo, Hugging Face folder or hub id); ``init_from`` is None
+    for a Hugging Face source resolved for printing or planning (nothing converted)."""
 
     @functools.cached_property
     def config_yaml(self) -> str:
@@ -210,27 +232,49 @@ class ResolvedRun:
             f"#   layout      {self.layout.describe()}",
             f"#   schedule    {self.schedule.describe()}",
             f"#   objective   {a.loss_type} on {kind} data; sort scope {a.sort_scope}: {sort}",
-            f"#   init_from   {self.init_from or 'none (random init of model)'}",
+            f"#   init_from   {self._describe_init()}",
             f"#   outputs     {self.output_dir} (checkpoints {self.checkpoint_dir}, reference "
             f"cache {self.reference_cache_dir})",
         ]
         return "\n".join(lines) + "\n" + self.config_yaml
 
+    def _describe_init(self) -> str:
+        source = self.init_source
+        if source is None or source.kind == "nemo":
+            return self.init_from or "none (random init of model)"
+        where = f"converted copy {self.init_from}" if self.init_from else \
+            "architecture from its config.json; converted once when training starts"
+        return f"{source.describe()}: {where}"
+
+
+PURPOSES = ("train", "print", "plan")
+"""What a run is resolved for: ``train`` (init_from's weights made local: a Hugging Face source
+converted, cached), ``print`` (the architecture from its config only), ``plan`` (as ``print``,
+and neither data nor ``init_from`` needed)."""
+PLAN_MARKER = "<not read by --plan>"
+
 
 def resolve_run(overrides: Sequence[str] = (), *, config_name: str = "gpt_aot",
-                config_dir: Optional[str] = None, world: Optional[World] = None) -> ResolvedRun:
+                config_dir: Optional[str] = None, world: Optional[World] = None,
+                purpose: str = "train") -> ResolvedRun:
     """Compose ``conf/<config_name>.yaml`` with Hydra command-line ``overrides`` and resolve it
     for ``world`` (default: this process's world: the launcher's ranks, else one process;
-    ``World.planned()`` to print a config or plan for a launch that has not happened)."""
+    ``World.planned()`` to print a config or plan for a launch that has not happened) and
+    ``purpose`` (``PURPOSES``)."""
     raw = compose_raw(config_name, overrides, config_dir)
-    return resolve_composed(raw, overrides, world=world)
+    return resolve_composed(raw, overrides, world=world, purpose=purpose)
 
 
 def resolve_composed(raw: Any, overrides: Sequence[str] = (), *,
-                     world: Optional[World] = None) -> ResolvedRun:
+                     world: Optional[World] = None, purpose: str = "train") -> ResolvedRun:
     """Resolve an already composed config (e.g. the one ``@hydra.main`` hands a script);
     ``overrides`` are checked against init_from's architecture."""
-    return _resolve(typed_config(raw), world, raw=raw, overrides=overrides)
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
+    if purpose == "plan":
+        raw = _unset_for_plan(raw)
+    return _resolve(typed_config(raw), world, raw=raw, overrides=overrides,
+                    weights=purpose == "train")
 
 
 def resolve_config(cfg: AOTConfig, *, world: Optional[World] = None) -> ResolvedRun:
@@ -263,18 +307,24 @@ def compose_config(config_name: str = "gpt_aot", overrides: Sequence[str] = (),
     ``world_size`` ranks or else ``World.planned()``."""
     world = World(world_size) if world_size is not None else World.planned()
     return resolve_run(overrides, config_name=config_name, config_dir=config_dir,
-                       world=world).config
+                       world=world, purpose="print").config
 
 
 def _resolve(cfg: AOTConfig, world: Optional[World], *, raw: Any = None,
-             overrides: Sequence[str] = (), adopt: bool = True) -> ResolvedRun:
-    init_from = None
+             overrides: Sequence[str] = (), adopt: bool = True,
+             weights: bool = True) -> ResolvedRun:
+    init_from, source = None, None
     if cfg.init_from and str(cfg.init_from).strip() and not adopt:
         init_from = resolve_path(cfg.init_from)  # a stored run's: may be gone, checked at use
+        if not os.path.exists(init_from) and HUB_ID.match(str(cfg.init_from).strip()):
+            source = checkpoint_source(init_from)  # a hub id: its converted copy
+            init_from = local_nemo(source)
+        elif os.path.isfile(os.path.join(init_from, "config.json")):
+            source = checkpoint_source(init_from)
+            init_from = local_nemo(source)
     elif cfg.init_from and str(cfg.init_from).strip():
-        init_from = _init_source(cfg.init_from)
+        source, init_from, stored = _init_source(cfg.init_from, weights)
         # the checkpoint defines the architecture; the run chooses how it executes and trains
-        stored = read_nemo_config(init_from)[0]
         chosen = {key: getattr(cfg.model, key) for key in stored.RUN_KEYS}
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(stored, **chosen))
         _check_model_overrides(raw, cfg, overrides)
@@ -293,17 +343,41 @@ def _resolve(cfg: AOTConfig, world: Optional[World], *, raw: Any = None,
         output_dir=output_dir,
         checkpoint_dir=cfg.checkpoint.dir or os.path.join(output_dir, "checkpoints"),
         reference_cache_dir=(cfg.alignment.reference_cache_dir
-                             or os.path.join(output_dir, "reference_cache")))
+                             or os.path.join(output_dir, "reference_cache")),
+        init_source=source)
 
 
-def _init_source(init_from: str) -> str:
-    """The local checkpoint ``init_from`` names: a .nemo file or an extracted .nemo folder."""
-    path = resolve_path(init_from)
-    if not (os.path.isfile(path) or os.path.isdir(path)):
-        raise ValueError(f"init_from: {init_from} does not exist; point it at a .nemo file or an "
-                         "extracted .nemo folder (convert Hugging Face checkpoints with "
-                         "`nemo-aot convert hf-to-nemo`)")
-    return path
+def _init_source(init_from: str, weights: bool) -> tuple[CheckpointSource, Optional[str], Any]:
+    """The checkpoint ``init_from`` names, its local .nemo (None: a Hugging Face source read for
+    its architecture only) and its architecture. With ``weights`` a Hugging Face source is
+    converted (once: ``nemo_aot.conversion.sources.local_nemo``) and the .nemo's config used,
+    so a hub id trains exactly as its converted .nemo does."""
+    source = checkpoint_source(resolve_path(init_from))
+    if source.kind != "nemo" and not weights:
+        return source, None, read_architecture(source)
+    path = local_nemo(source)
+    return source, path, read_nemo_config(path)[0]
+
+
+def _unset_for_plan(raw: Any) -> Any:
+    """``--plan`` reads no data and no weights: data keys the recipe requires and the user left
+    unset get ``PLAN_MARKER`` (validation paths: null), an unset ``init_from`` becomes null (the
+    recipe's ``model`` is planned), and with neither init_from nor a tokenizer the tokenizer is
+    the marker too."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    raw = copy.deepcopy(raw)
+    for key in required_keys(raw):
+        if key == "init_from":
+            OmegaConf.update(raw, key, None)
+        elif key.startswith("data."):
+            OmegaConf.update(raw, key, None if "validation" in key else PLAN_MARKER)
+    if not OmegaConf.select(raw, "init_from") and not OmegaConf.select(raw,
+                                                                       "data.tokenizer_path"):
+        OmegaConf.update(raw, "data.tokenizer_path", PLAN_MARKER)
+    return raw
 
 
 def _check_model_overrides(raw: Any, cfg: AOTConfig, overrides: Sequence[str]) -> None:

@@ -31,13 +31,15 @@ from nemo_aot.algorithms.checkpointing import (
 )
 from nemo_aot.algorithms.reporting import RunReporter
 from nemo_aot.algorithms.rules import check_data_kind
+from nemo_aot.algorithms.run_lock import RunLock
 from nemo_aot.algorithms.signals import PreemptionHandler
 from nemo_aot.algorithms.trainer import COMPLETE_REASONS, AOTTrainer, build_optimizer
 from nemo_aot.data import load_preference_data, load_tokenizer, make_batches
 from nemo_aot.data.collate import slot_efficiency
 from nemo_aot.data.config import resolve_path
+from nemo_aot.data.tokenization import check_tokenizer_fits
 from nemo_aot.distributed.parallel import initialize_model_parallel
-from nemo_aot.distributed.ranks import StopRequested, rank, stop_point
+from nemo_aot.distributed.ranks import StopRequested, from_rank0, rank, stop_point
 from nemo_aot.models.nemo_format import extract_tokenizer
 
 # megatron and the model modules that import it (models.aot_model, models.reference) are
@@ -45,10 +47,6 @@ from nemo_aot.models.nemo_format import extract_tokenizer
 # validation must not load megatron.
 
 logger = logging.getLogger(__name__)
-
-# Padding a checkpoint's vocabulary beyond its tokenizer: HF configs round up by up to a few
-# percent (e.g. 151936 rows for 151665 tokens); more than this is another model's tokenizer.
-VOCAB_SLACK = (1024, 0.05)
 
 
 @dataclasses.dataclass
@@ -62,6 +60,15 @@ class RunResult:
     plots: list
     adapter_path: Optional[str] = None
     """A finished LoRA run's adapters in the Hugging Face PEFT layout (rank 0)."""
+    signal: Optional[str] = None
+    """The signal this rank received (SIGTERM, SIGUSR1, SIGINT), if any: a SIGINT'd run
+    saved like a SIGTERM'd one and its command exits 130."""
+
+    @property
+    def exit_code(self) -> int:
+        from nemo_aot.algorithms.signals import INTERRUPT_EXIT_CODE
+
+        return INTERRUPT_EXIT_CODE if self.signal == "SIGINT" else 0
 
 
 @dataclasses.dataclass
@@ -93,34 +100,12 @@ def policy_tokenizer(run, scratch: str):
         return load_tokenizer(stored_dir), stored_dir
     given_dir = resolve_path(cfg.data.tokenizer_path)
     tokenizer = load_tokenizer(given_dir)
-    if stored_dir is not None:
-        _same_vocabulary(tokenizer, load_tokenizer(stored_dir), cfg)
-    _fits_model(tokenizer, cfg)
+    check_tokenizer_fits(
+        tokenizer, load_tokenizer(stored_dir) if stored_dir else None, cfg.model.vocab_size,
+        option=f"data.tokenizer_path={cfg.data.tokenizer_path}",
+        model=f"init_from {cfg.init_from}" if cfg.init_from else "model.vocab_size",
+        unset="set data.tokenizer_path=null")
     return tokenizer, given_dir
-
-
-def _same_vocabulary(given, stored, cfg) -> None:
-    ours, theirs = given.get_vocab(), stored.get_vocab()
-    if ours == theirs:
-        return
-    differs = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[:3]
-    raise ValueError(
-        f"data.tokenizer_path={cfg.data.tokenizer_path} has a different vocabulary ({len(ours)} "
-        f"tokens) from the tokenizer stored in init_from {cfg.init_from} ({len(theirs)} tokens; "
-        f"e.g. {differs}); set data.tokenizer_path=null to use the stored one")
-
-
-def _fits_model(tokenizer, cfg) -> None:
-    size, vocab = len(tokenizer), cfg.model.vocab_size
-    where = f"init_from {cfg.init_from}" if cfg.init_from else "model.vocab_size"
-    if size > vocab:
-        raise ValueError(f"data.tokenizer_path={cfg.data.tokenizer_path} has {size} tokens but "
-                         f"the model's vocabulary ({where}) has {vocab}; use the model's own "
-                         "tokenizer")
-    if vocab - size > max(VOCAB_SLACK[0], VOCAB_SLACK[1] * vocab):
-        raise ValueError(f"data.tokenizer_path={cfg.data.tokenizer_path} has {size} tokens, far "
-                         f"fewer than the model's vocabulary of {vocab} ({where}): it belongs to "
-                         "another model; use the model's own tokenizer")
 
 
 def build_data(run, scratch: str, dp_rank: int, dp_size: int) -> RunData:
@@ -261,24 +246,38 @@ def run_training(run) -> RunResult:
     """Train the ``ResolvedRun`` (every rank calls it)."""
     cfg = run.config
     started = time.monotonic()  # the time budget includes set-up
+    lock = RunLock(run.output_dir)
     with PreemptionHandler(enabled=cfg.checkpoint.save_on_signal) as preemption, \
             tempfile.TemporaryDirectory(prefix="nemo_aot_run_") as scratch:
         try:
-            return _run(run, preemption, started, scratch)
+            result = _run(run, preemption, started, scratch, lock)
         except StopRequested as stop:
             if rank() == 0:
                 logger.warning("%s received during %s: stopping before training; nothing was "
                                "trained or exported, a requeued job starts over from here",
                                preemption.signal_name or "a signal on another rank", stop)
-            return RunResult(cfg.logging.output_dir, None, "signal", None, None, [])
+            result = RunResult(cfg.logging.output_dir, None, "signal", None, None, [])
+        finally:
+            lock.release()
+        result.signal = preemption.signal_name
+        return result
 
 
-def _run(run, preemption, started: float, scratch: str) -> RunResult:
+def _run(run, preemption, started: float, scratch: str, lock: RunLock) -> RunResult:
     """The wiring: parts are built (and stop points agreed) in order, then fit and export."""
     from nemo_aot.algorithms.objective import PreferenceObjective
 
     cfg = run.config
     dp_rank, dp_size = setup_run(run)
+    _take_lock(lock)
+    # Which checkpoint to resume, and whether it was trained with this config: decided before
+    # anything is built or written (a refused resume leaves the run folder as it was).
+    manager = CheckpointManager(run.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
+    latest = manager.latest_valid() if cfg.checkpoint.resume == "auto" else None
+    resume_record = _check_resume(run, latest) if latest is not None else None
+    no_room = from_rank0(manager.free_space_problem() if rank() == 0 else None)
+    if no_room is not None:
+        raise ValueError(no_room)
     if rank() == 0:
         write_text(os.path.join(run.output_dir, CONFIG_FILE), run.config_yaml)
     data = build_data(run, scratch, dp_rank, dp_size)
@@ -289,10 +288,9 @@ def _run(run, preemption, started: float, scratch: str) -> RunResult:
     reference = build_reference(run, model, data, dp_rank, dp_size, lambda: preemption.requested)
     optimizer, scheduler = build_optimizer(cfg, schedule, model)
     checkpointer = RunCheckpointer(
-        CheckpointManager(run.checkpoint_dir, keep_last=cfg.checkpoint.keep_last), model,
-        optimizer, scheduler, data.train_batches, config_text=run.config_yaml,
+        manager, model, optimizer, scheduler, data.train_batches, config_text=run.config_yaml,
         config_hash=run.config_hash, tokenizer_dir=data.tokenizer_dir)
-    latest = checkpointer.manager.latest_valid() if cfg.checkpoint.resume == "auto" else None
+    checkpointer.resume_record = resume_record
     reporter = RunReporter(cfg, cfg.model, schedule.total_steps, dp_size,
                            torch.distributed.get_world_size(),
                            resume_step=latest.step if latest is not None else None,
@@ -321,6 +319,52 @@ def _run(run, preemption, started: float, scratch: str) -> RunResult:
     return RunResult(run.output_dir, trainer.state.step, trainer.stop_reason,
                      nemo_path if rank() == 0 else None, reporter.metrics_path, reporter.plots,
                      adapter_path if rank() == 0 else None)
+
+
+def _take_lock(lock: RunLock) -> None:
+    """Rank 0 takes the output folder's lock; every rank raises when another run holds it."""
+    error = None
+    if rank() == 0:
+        try:
+            lock.acquire()
+        except ValueError as err:
+            error = str(err)
+    error = from_rank0(error)
+    if error is not None:
+        raise ValueError(error)
+
+
+def _check_resume(run, latest) -> Optional[dict]:
+    """Compare the checkpoint's config with this run's (rank 0 reads, every rank gets the
+    same answer): refuse a change beyond the resume-free keys unless
+    checkpoint.allow_config_change; record what changed. Returns the record, or None."""
+    from nemo_aot.algorithms import resume_check
+
+    cfg = run.config
+    changes, error = {}, None
+    if rank() == 0 and latest.metadata.get("config_hash") != run.config_hash:
+        stored = resume_check.stored_config(latest.path)
+        if stored is None:
+            changes = {"(unknown: the checkpoint stores no config.yaml)": (None, run.config_hash)}
+        else:
+            changes = resume_check.config_changes(stored, cfg)
+        try:
+            resume_check.check_resume(changes, latest.path, cfg.checkpoint.allow_config_change)
+        except ValueError as err:
+            error = str(err)
+    changes, error = from_rank0((changes, error))
+    if error is not None:
+        raise ValueError(error)
+    if not changes:
+        return None
+    entry = None
+    if rank() == 0:
+        entry = resume_check.record(run.output_dir, latest.step, latest.path, changes,
+                                    cfg.checkpoint.allow_config_change)
+        logger.warning("resuming %s with config changes (recorded in %s): %s", latest.path,
+                       resume_check.CHANGES_FILE,
+                       "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items()))
+    return from_rank0(entry)
 
 
 def _export(run, model, trainer, tokenizer_dir: str) -> Optional[str]:

@@ -1,7 +1,8 @@
 """Graceful preemption: a signal sets a flag; the run asks, at agreed points, whether to stop.
 
-Contract: ``PreemptionHandler`` installs handlers for SIGTERM and SIGUSR1 that only record the
-signal (no I/O, no exceptions inside the handler), and restores the previous handlers on
+Contract: ``PreemptionHandler`` installs handlers for SIGTERM, SIGUSR1 and SIGINT that only
+record the signal (no exceptions inside the handler; a Ctrl-C writes one line, a second Ctrl-C
+ends the process at once with exit code 130), and restores the previous handlers on
 ``close()``. A run installs it before any long set-up work (data loading, weight loading,
 reference scoring) and acts on it only at points every rank reaches: the local flag
 (``requested``) is all-reduced with MAX over the default process group, so a signal that reached
@@ -21,8 +22,10 @@ Schedulers:
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Optional, Sequence
 
@@ -30,7 +33,11 @@ from nemo_aot.distributed.ranks import any_rank
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGINT (Ctrl-C) is a stop like SIGTERM: finish the step, save, exit 130; a second Ctrl-C
+# aborts at once (nothing saved since the last checkpoint).
+DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
+SECOND_INTERRUPT_S = 1.0  # a SIGINT this soon after the first is the same Ctrl-C, forwarded
 
 
 class PreemptionHandler:
@@ -40,6 +47,7 @@ class PreemptionHandler:
         self.signals = tuple(signals)
         self.enabled = enabled
         self.received: Optional[int] = None  # the first signal number received, if any
+        self._received_at = 0.0
         self._previous: dict[int, object] = {}
 
     def install(self) -> "PreemptionHandler":
@@ -66,8 +74,19 @@ class PreemptionHandler:
         self.close()
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            # A Ctrl-C reaches every process of the terminal's group, and torchrun forwards it
+            # to its workers once more within milliseconds: only a later one is a second Ctrl-C.
+            if time.monotonic() - self._received_at < SECOND_INTERRUPT_S:
+                return
+            os.write(2, b"\nsecond interrupt: aborting now, without saving\n")
+            os._exit(INTERRUPT_EXIT_CODE)
         if self.received is None:
             self.received = signum
+            self._received_at = time.monotonic()
+            if signum == signal.SIGINT:
+                os.write(2, b"\ninterrupt: stopping after this step and saving a checkpoint "
+                            b"(Ctrl-C again to abort at once)\n")
 
     @property
     def signal_name(self) -> Optional[str]:
@@ -83,4 +102,4 @@ class PreemptionHandler:
         return any_rank(self.requested, group)
 
 
-__all__ = ["PreemptionHandler", "any_rank", "DEFAULT_SIGNALS"]
+__all__ = ["PreemptionHandler", "any_rank", "DEFAULT_SIGNALS", "INTERRUPT_EXIT_CODE"]

@@ -149,12 +149,13 @@ class AOTTrainer:
         grad_finite = grad_norm is None or math.isfinite(grad_norm)
         if not (loss_finite and grad_finite) or not success:
             self.state.skipped_steps += 1
+            # the step being taken: state.step counts the steps done before it (logs say +1)
             if self.cfg.trainer.nonfinite == "abort":
                 raise FloatingPointError(
-                    f"step {self.state.step}: non-finite loss ({metrics.get('loss')}) or grad norm "
-                    f"({grad_norm}); weights were not updated. Lower optim.lr, check the data, or "
-                    "set trainer.nonfinite=skip to skip such steps")
-            logger.warning("step %d: skipped (loss %s, grad norm %s)", self.state.step,
+                    f"step {self.state.step + 1}: non-finite loss ({metrics.get('loss')}) or grad "
+                    f"norm ({grad_norm}); weights were not updated. Lower optim.lr, check the "
+                    "data, or set trainer.nonfinite=skip to skip such steps")
+            logger.warning("step %d: skipped (loss %s, grad norm %s)", self.state.step + 1,
                            metrics.get("loss"), grad_norm)
         else:
             self.scheduler.step(increment=self.cfg.trainer.global_batch_size)

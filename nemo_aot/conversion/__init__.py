@@ -1,4 +1,4 @@
-"""Hugging Face <-> .nemo conversion (Llama 2/3/3.x, Mistral, Qwen2/2.5).
+"""Hugging Face <-> .nemo conversion, one file per model family (:mod:`.families`).
 
 Importing this package is cheap; megatron-core loads when a conversion runs.
 """

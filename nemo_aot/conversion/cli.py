@@ -10,25 +10,29 @@ code; user errors (ValueError) are printed as one line and give exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from nemo_aot.conversion.convert import hf_to_nemo, nemo_to_hf
+from nemo_aot.conversion.sources import HUB_ID, checkpoint_source, hf_folder
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``convert`` with its two subcommands to an argparse ``add_subparsers()`` object."""
     convert = subparsers.add_parser(
         "convert", help="convert checkpoints between Hugging Face and .nemo",
-        description="Convert Llama 2/3/3.x, Mistral and Qwen2/2.5 checkpoints between Hugging "
+        description="Convert Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3 and Gemma 3 (text) "
+                    "checkpoints (nemo_aot.conversion.families) between Hugging "
                     "Face (safetensors) and .nemo (megatron-core dist checkpoint). Runs in one "
                     "process; CPU is fine.")
     sub = convert.add_subparsers(dest="convert_command", metavar="{hf-to-nemo,nemo-to-hf}")
     sub.required = True
 
     to_nemo = sub.add_parser("hf-to-nemo", help="Hugging Face directory -> .nemo file")
-    to_nemo.add_argument("--hf", required=True, metavar="DIR",
+    to_nemo.add_argument("--hf", required=True, metavar="DIR|ORG/NAME",
                          help="Hugging Face checkpoint directory (config.json, *.safetensors, "
-                              "tokenizer files)")
+                              "tokenizer files) or a hub id org/name[@revision] (through the "
+                              "huggingface_hub cache; HF_HUB_OFFLINE=1: the cache only)")
     to_nemo.add_argument("--out", required=True, metavar="FILE.nemo", help="output .nemo file")
     to_nemo.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                          help="weight dtype inside the .nemo (default: bf16)")
@@ -43,7 +47,11 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run_hf_to_nemo(args: argparse.Namespace) -> int:
-    return _report(lambda: hf_to_nemo(args.hf, args.out, dtype=args.dtype), args.out)
+    def convert():
+        hub_id = not os.path.exists(args.hf) and HUB_ID.match(args.hf)
+        hf_dir = hf_folder(checkpoint_source(args.hf, "--hf")) if hub_id else args.hf
+        hf_to_nemo(hf_dir, args.out, dtype=args.dtype)
+    return _report(convert, args.out)
 
 
 def run_nemo_to_hf(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ the source dtype (the conversions only reshape, concatenate and split).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -24,15 +25,14 @@ from typing import Optional
 import torch
 
 from nemo_aot.conversion import hf_io
-from nemo_aot.conversion.architectures import (
-    IGNORABLE_SUFFIXES,
-    Architecture,
-    architecture_for_model,
+from nemo_aot.conversion.engine import Mapping, check_source, expand, export, hf_nbytes, load_into
+from nemo_aot.conversion.families import (
+    REGISTRY,
+    Family,
+    family_for_model,
     hf_config_from_model,
-    hf_shapes,
     model_config_from_hf,
 )
-from nemo_aot.conversion.engine import Mapping, check_source, expand, export, hf_nbytes, load_into
 from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
 from nemo_aot.models import nemo_format
 from nemo_aot.models.config import GPTModelConfig, to_transformer_config
@@ -47,6 +47,7 @@ _PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp1
 _HF_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 HF_CONFIG_MEMBER = "hf_config/config.json"
 HF_GENERATION_MEMBER = "hf_config/generation_config.json"
+HF_SOURCE_MEMBER = "hf_config/source.json"  # where the weights came from (PEFT base_model)
 MAX_SHARD_BYTES = 2 * 1024**3  # peak export memory: the model plus one shard
 _ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -113,13 +114,15 @@ def hf_to_nemo(hf_dir: str, out_path: str, dtype: str = "bf16",
     files, weight_map = hf_io.weight_files(hf_dir)
     headers = hf_io.tensor_headers(files, weight_map)
     mappings = expand(arch.mappings(model_cfg), model_cfg.num_layers)
-    check_source(mappings, {n: shape for n, (shape, _) in headers.items()}, hf_shapes(model_cfg),
-                 hf_dir, IGNORABLE_SUFFIXES)
+    check_source(mappings, {n: shape for n, (shape, _) in headers.items()},
+                 arch.hf_shapes(model_cfg), hf_dir, arch.ignorable_suffixes,
+                 arch.dropped_prefixes)
     tokenizer = hf_io.tokenizer_files(tokenizer_dir or hf_dir)
     if not tokenizer:
         raise ValueError(f"no tokenizer files ({', '.join(hf_io.TOKENIZER_FILES[:5])}, ...) in "
                          f"{tokenizer_dir or hf_dir}; copy them there or pass tokenizer_dir")
-    extra = {HF_CONFIG_MEMBER: _read_bytes(config_path)}
+    extra = {HF_CONFIG_MEMBER: _read_bytes(config_path),
+             HF_SOURCE_MEMBER: json.dumps(hf_source(hf_dir, hf_cfg)).encode()}
     generation = os.path.join(hf_dir, hf_io.GENERATION_CONFIG)
     if os.path.isfile(generation):
         extra[HF_GENERATION_MEMBER] = _read_bytes(generation)
@@ -143,7 +146,9 @@ def nemo_to_hf(nemo_path: str, out_dir: str, max_shard_bytes: int = MAX_SHARD_BY
             tempfile.TemporaryDirectory(dir=parent, prefix=".nemo-extract-") as extracted:
         nemo_format.extract_nemo(nemo_path, extracted)
         stored = _stored_json(extracted, HF_CONFIG_MEMBER)
-        arch = architecture_for_model(model_cfg, stored)
+        arch = family_for_model(model_cfg, stored)
+        if arch.export_as:  # a wrapper layout read for its text model: export that alone
+            arch, stored = REGISTRY[arch.export_as], None
         dtype = nemo_format.checkpoint_dtype(extracted)
         with single_process_world():
             model = build_single_model(model_cfg, dtype)
@@ -151,7 +156,7 @@ def nemo_to_hf(nemo_path: str, out_dir: str, max_shard_bytes: int = MAX_SHARD_BY
             source = {k: v for k, v in model.state_dict().items()
                       if not k.endswith("_extra_state")}
             mappings = expand(arch.mappings(model_cfg), model_cfg.num_layers)
-            shards = plan_shards(mappings, model_cfg, dtype, max_shard_bytes)
+            shards = plan_shards(mappings, model_cfg, dtype, max_shard_bytes, arch)
             hf_io.write_shards(staging, [export(group, source, model_cfg) for group in shards])
             del model, source
         config = export_config(model_cfg, arch, stored, dtype)
@@ -165,9 +170,10 @@ def nemo_to_hf(nemo_path: str, out_dir: str, max_shard_bytes: int = MAX_SHARD_BY
 
 
 def plan_shards(mappings: list[Mapping], cfg: GPTModelConfig, dtype: torch.dtype,
-                limit: int) -> list[list[Mapping]]:
+                limit: int, family: Optional[Family] = None) -> list[list[Mapping]]:
     """Group mappings into shards of at most ``limit`` bytes (a mapping is never split)."""
-    shapes, groups, current, size = hf_shapes(cfg), [], [], 0
+    family = family or family_for_model(cfg)
+    shapes, groups, current, size = family.hf_shapes(cfg), [], [], 0
     for mapping in (m for m in mappings if m.kind != "tied"):
         nbytes = hf_nbytes(mapping, shapes, dtype)
         if current and size + nbytes > limit:
@@ -184,7 +190,7 @@ def _same_architecture(a: GPTModelConfig, b: GPTModelConfig) -> bool:
     return dataclasses.replace(a, **neutral) == dataclasses.replace(b, **neutral)
 
 
-def export_config(cfg: GPTModelConfig, arch: Architecture, stored: Optional[dict],
+def export_config(cfg: GPTModelConfig, arch: Family, stored: Optional[dict],
                   dtype: torch.dtype) -> dict:
     """The source config.json when it still describes the weights, else a generated one.
 
@@ -205,7 +211,7 @@ def export_config(cfg: GPTModelConfig, arch: Architecture, stored: Optional[dict
                        "writing a generated config.json")
         return generated
     out = dict(stored)
-    for key in ("rope_theta", "rope_scaling"):
+    for key in arch.legacy_keys:
         out.setdefault(key, generated[key])
     out["torch_dtype"] = _HF_DTYPE[dtype]
     if "dtype" in out:
@@ -227,6 +233,53 @@ def _copy_tokenizer(extracted: str, full_cfg: dict, out_dir: str) -> None:
                        "add tokenizer_config.json before loading it with transformers")
         return
     logger.warning("the .nemo holds no tokenizer files; the export has none")
+
+
+def hf_source(hf_dir: str, hf_cfg: dict) -> dict:
+    """What a converted .nemo records of its Hugging Face origin: the folder, and the hub id
+    its config.json names (``_name_or_path``), when it names one."""
+    name = hf_cfg.get("_name_or_path")
+    return {"folder": os.path.abspath(hf_dir),
+            "hub_id": name if isinstance(name, str) and _looks_like_hub_id(name) else None}
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and \
+        not os.path.isabs(name)
+
+
+def hf_base_of(nemo_path: str) -> Optional[str]:
+    """The Hugging Face model a .nemo was converted from, for ``base_model_name_or_path``: its
+    folder while it still holds a config.json, else its hub id; None when unknown (a .nemo
+    trained or converted before this was recorded, or a folder gone and no hub id)."""
+    source = _nemo_member_json(nemo_path, HF_SOURCE_MEMBER) or {}
+    folder = source.get("folder")
+    if folder and os.path.isfile(os.path.join(folder, hf_io.CONFIG)):
+        return folder
+    if source.get("hub_id"):
+        return source["hub_id"]
+    name = (_nemo_member_json(nemo_path, HF_CONFIG_MEMBER) or {}).get("_name_or_path")
+    return name if isinstance(name, str) and _looks_like_hub_id(name) else None
+
+
+def _nemo_member_json(nemo_path: str, member: str) -> Optional[dict]:
+    """One small JSON member of a .nemo file or extracted folder, read without unpacking it."""
+    import tarfile
+
+    try:
+        if os.path.isdir(nemo_path):
+            return _stored_json(nemo_path, member)
+        with tarfile.open(nemo_path, "r:") as tar:
+            for name in (member, f"./{member}"):
+                try:
+                    f = tar.extractfile(name)
+                except KeyError:
+                    continue
+                return json.loads(f.read()) if f is not None else None
+    except (OSError, tarfile.TarError, ValueError):
+        return None
+    return None
 
 
 def _stored_json(extracted: str, member: str) -> Optional[dict]:

@@ -16,6 +16,7 @@ Every source tensor must be consumed and every target produced; both are checked
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
@@ -25,6 +26,7 @@ import torch
 from nemo_aot.conversion import tensor_ops as ops
 from nemo_aot.models.config import GPTModelConfig
 
+logger = logging.getLogger(__name__)
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -36,7 +38,8 @@ class Mapping:
     mcore: str
     kind: str = "direct"
     """direct | vocab (pad rows) | qkv (per-group interleave) | gate_up (concat) | tied (an
-    optional HF copy of a tied weight: checked equal, produces nothing)."""
+    optional HF copy of a tied weight: checked equal, produces nothing) | qkv_gated (gated
+    attention's query+gate rows) | concat (rows stacked: Gated DeltaNet's in_proj)."""
 
     def for_layer(self, i: int) -> "Mapping":
         return Mapping(tuple(n.format(i=i) for n in self.hf), self.mcore.format(i=i), self.kind)
@@ -47,6 +50,9 @@ _TO_MCORE: dict[str, Callable[[Sequence[torch.Tensor], GPTModelConfig], torch.Te
     "vocab": lambda ts, cfg: ops.pad_vocab(ts[0], cfg.padded_vocab_size(1)),
     "qkv": lambda ts, cfg: ops.merge_qkv(*ts, cfg.query_groups),
     "gate_up": lambda ts, cfg: ops.merge_gate_up(*ts),
+    "qkv_gated": lambda ts, cfg: ops.merge_gated_qkv(*ts, cfg.num_attention_heads,
+                                                     cfg.query_groups),
+    "concat": lambda ts, cfg: torch.cat(list(ts), dim=0),
 }
 _TO_HF: dict[str, Callable[[torch.Tensor, GPTModelConfig], Sequence[torch.Tensor]]] = {
     "direct": lambda t, cfg: (t,),
@@ -54,6 +60,9 @@ _TO_HF: dict[str, Callable[[torch.Tensor, GPTModelConfig], Sequence[torch.Tensor
     "qkv": lambda t, cfg: ops.split_qkv(t, cfg.num_attention_heads, cfg.query_groups,
                                         cfg.head_dim),
     "gate_up": lambda t, cfg: ops.split_gate_up(t),
+    "qkv_gated": lambda t, cfg: ops.split_gated_qkv(t, cfg.num_attention_heads,
+                                                    cfg.query_groups, cfg.head_dim),
+    "concat": lambda t, cfg: ops.split_gdn_in_proj(t, cfg),
 }
 
 
@@ -78,10 +87,18 @@ def _listing(names: Sequence[str], limit: int = 8) -> str:
 
 def check_source(mappings: Sequence[Mapping], available: dict[str, tuple[int, ...]],
                  expected_shapes: dict[str, tuple[int, ...]], source: str,
-                 ignorable_suffixes: tuple[str, ...] = ()) -> None:
-    """Refuse a checkpoint whose tensor names or shapes do not fit the config, naming all."""
+                 ignorable_suffixes: tuple[str, ...] = (),
+                 dropped_prefixes: tuple[str, ...] = ()) -> None:
+    """Refuse a checkpoint whose tensor names or shapes do not fit the config, naming all.
+    Tensors under ``dropped_prefixes`` are left out on purpose; how many is logged."""
     required = {n for m in mappings if m.kind != "tied" for n in m.hf}
     optional = {n for m in mappings if m.kind == "tied" for n in m.hf}
+    for prefix in dropped_prefixes:
+        dropped = [n for n in available if n.startswith(prefix)]
+        if dropped:
+            logger.warning("%s: left out %d tensors under %s (not part of the converted "
+                           "model)", source, len(dropped), prefix)
+    available = {n: s for n, s in available.items() if not n.startswith(dropped_prefixes)}
     problems = []
     missing = sorted(required - available.keys())
     if missing:

@@ -31,23 +31,46 @@ HF_MODULES = {
     "linear_proj": (("self_attn.o_proj",), "direct"),
     "linear_fc1": (("mlp.gate_proj", "mlp.up_proj"), "gate_up"),
     "linear_fc2": (("mlp.down_proj",), "direct"),
+    "in_proj": (("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_b",
+                 "linear_attn.in_proj_a"), "gdn_in_proj"),
+    "out_proj": (("linear_attn.out_proj",), "direct"),
 }
 
 
 def _split_b(b: torch.Tensor, kind: str, cfg: GPTModelConfig) -> tuple[torch.Tensor, ...]:
+    if kind == "qkv" and cfg.attention_output_gate:
+        return ops.split_gated_qkv(b, cfg.num_attention_heads, cfg.query_groups, cfg.head_dim)
     if kind == "qkv":
         return ops.split_qkv(b, cfg.num_attention_heads, cfg.query_groups, cfg.head_dim)
     if kind == "gate_up":
         return ops.split_gate_up(b)
+    if kind == "gdn_in_proj":
+        return ops.split_gdn_in_proj(b, cfg)
     return (b,)
 
 
 def _merge_b(parts: list[torch.Tensor], kind: str, cfg: GPTModelConfig) -> torch.Tensor:
+    if kind == "qkv" and cfg.attention_output_gate:
+        return ops.merge_gated_qkv(*parts, cfg.num_attention_heads, cfg.query_groups)
     if kind == "qkv":
         return ops.merge_qkv(*parts, cfg.query_groups)
     if kind == "gate_up":
         return ops.merge_gate_up(*parts)
+    if kind == "gdn_in_proj":
+        return torch.cat(parts, dim=0)
     return parts[0]
+
+
+def layer_targets(cfg: GPTModelConfig, layer: int, targets: list[str]) -> list[str]:
+    """The targets a layer has: Gated DeltaNet layers have in_proj/out_proj, attention layers
+    linear_qkv/linear_proj (both have the MLP's)."""
+    if cfg.linear_attention is None:
+        absent = ("in_proj", "out_proj")
+    elif cfg.linear_attention.pattern(cfg.num_layers)[layer]:
+        absent = ("linear_qkv", "linear_proj")
+    else:
+        absent = ("in_proj", "out_proj")
+    return [t for t in targets if t not in absent]
 
 
 def adapter_config(rank: int, alpha: float, dropout: float, targets: list[str],
@@ -101,7 +124,7 @@ def read_peft_adapter(folder: str, cfg: GPTModelConfig, rank: int, alpha: float,
     tensors = {k.replace(".default.", "."): v for k, v in load_file(path).items()}
     adapters, used = {}, set()
     for layer in range(cfg.num_layers):
-        for target in targets:
+        for target in layer_targets(cfg, layer, targets):
             names, kind = HF_MODULES[target]
             keys = [_PREFIX.format(i=layer) + n for n in names]
             wanted = [f"{k}.lora_{s}.weight" for k in keys for s in "AB"]
@@ -149,5 +172,5 @@ def _check_config(config: dict, folder: str, rank: int, alpha: float,
                f"({expected})")
 
 
-__all__ = ["adapter_config", "to_peft_tensors", "write_peft_adapter", "read_peft_adapter",
-           "is_peft_folder", "HF_MODULES", "CONFIG", "WEIGHTS"]
+__all__ = ["layer_targets", "adapter_config", "to_peft_tensors", "write_peft_adapter",
+           "read_peft_adapter", "is_peft_folder", "HF_MODULES", "CONFIG", "WEIGHTS"]

@@ -48,6 +48,35 @@ def split_qkv(qkv: torch.Tensor, num_attention_heads: int, num_query_groups: int
     return q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
 
 
+def merge_gated_qkv(q_gate: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    num_attention_heads: int, num_query_groups: int) -> torch.Tensor:
+    """Gated attention (Qwen3.5): Hugging Face ``q_proj`` holds per head [query; gate] rows;
+    megatron's ``linear_qkv`` (attention_output_gate) holds per query group
+    [queries; gates; key; value]."""
+    tail = q_gate.shape[1:]
+    pairs = q_gate.reshape(num_attention_heads, 2, -1, *tail)
+    q, gate = (pairs[:, j].reshape(-1, *tail) for j in (0, 1))
+    parts = [t.reshape(num_query_groups, -1, *tail) for t in (q, gate, k, v)]
+    return torch.cat(parts, dim=1).reshape(-1, *tail)
+
+
+def split_gated_qkv(qkv: torch.Tensor, num_attention_heads: int, num_query_groups: int,
+                    head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`merge_gated_qkv`."""
+    per_group = num_attention_heads // num_query_groups
+    rows = (2 * num_attention_heads + 2 * num_query_groups) * head_dim
+    if num_attention_heads % num_query_groups or qkv.shape[0] != rows:
+        raise ValueError(f"gated linear_qkv has {qkv.shape[0]} rows; {num_attention_heads} heads "
+                         f"in {num_query_groups} groups of head_dim {head_dim} need {rows}")
+    tail = qkv.shape[1:]
+    grouped = qkv.reshape(num_query_groups, -1, *tail)
+    sizes = [per_group * head_dim, per_group * head_dim, head_dim, head_dim]
+    q, gate, k, v = (t.reshape(-1, *tail) for t in torch.split(grouped, sizes, dim=1))
+    pairs = torch.stack([q.reshape(num_attention_heads, head_dim, *tail),
+                         gate.reshape(num_attention_heads, head_dim, *tail)], dim=1)
+    return pairs.reshape(-1, *tail), k, v
+
+
 def merge_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate_proj [F, h], up_proj [F, h] -> megatron ``linear_fc1`` [2F, h] = [gate; up]."""
     if gate.shape != up.shape:
@@ -82,5 +111,17 @@ def unpad_vocab(weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return weight[:vocab_size]
 
 
-__all__ = ["merge_qkv", "split_qkv", "merge_gate_up", "split_gate_up", "pad_vocab",
-           "unpad_vocab"]
+def split_gdn_in_proj(in_proj: torch.Tensor, cfg) -> tuple[torch.Tensor, ...]:
+    """megatron GatedDeltaNet ``in_proj`` (TP=1: [q; k; v; z; beta; alpha] rows) -> Hugging Face
+    ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``, ``in_proj_a``."""
+    la = cfg.linear_attention
+    qk, v = la.num_key_heads * la.key_head_dim, la.num_value_heads * la.value_head_dim
+    sizes = [2 * qk + v, v, la.num_value_heads, la.num_value_heads]
+    if in_proj.shape[0] != sum(sizes):
+        raise ValueError(f"in_proj has {in_proj.shape[0]} rows, the linear_attention config "
+                         f"needs {sum(sizes)}")
+    return tuple(torch.split(in_proj, sizes, dim=0))
+
+
+__all__ = ["merge_qkv", "split_qkv", "merge_gated_qkv", "split_gated_qkv", "split_gdn_in_proj",
+           "merge_gate_up", "split_gate_up", "pad_vocab", "unpad_vocab"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled")
 BUNDLED_PREFIX = "bundled:"
@@ -22,6 +22,9 @@ FORMAT_KINDS = {"nemo_dpo": "paired", "trl_paired": "paired", "trl_unpaired": "u
 FORMATS = ("auto", *FORMAT_KINDS)
 LENGTH_POLICIES = ("error", "drop", "truncate_prompt_left")
 CHAT_TEMPLATE_MODES = ("auto", "always", "never")
+# apply_chat_template arguments the tokenization sets itself (data.chat_template_kwargs may not).
+RESERVED_TEMPLATE_KWARGS = ("conversation", "tokenize", "add_generation_prompt",
+                            "continue_final_message", "return_dict", "return_tensors")
 # Canonical field names a user can remap with `columns`.
 CANONICAL_FIELDS = ("prompt", "chosen", "rejected", "completion", "label", "chosen_reward",
                     "rejected_reward")
@@ -81,8 +84,16 @@ class DataConfig:
     used as is; always: plain text is wrapped as one user turn + one assistant turn first;
     never: text is used as is and conversational records are refused."""
 
-    message_roles: list[str] = field(default_factory=lambda: ["system", "user", "assistant"])
-    """Roles accepted in conversational prompts (responses must be assistant messages)."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of ``tokenizer.apply_chat_template`` for every record, as TRL's
+    ``chat_template_kwargs``: e.g. {enable_thinking: false} for Qwen3's template, or
+    {tools: [...]} (JSON schemas) for templates that list tools. A record's own ``tools`` column
+    (TRL's conversational format) takes precedence over ``tools`` here."""
+
+    message_roles: list[str] = field(
+        default_factory=lambda: ["system", "user", "assistant", "tool"])
+    """Roles accepted in conversational prompts (responses must be assistant messages; an
+    assistant message may carry ``tool_calls``, a tool message the tool's output)."""
 
     max_seq_length: int = 256
     """Longest prompt + response, in tokens (EOS included)."""
@@ -145,6 +156,14 @@ class DataConfig:
         if unknown:
             raise ValueError(f"data.columns has unknown fields {unknown}; allowed: "
                              f"{list(CANONICAL_FIELDS)}")
+        if not isinstance(self.chat_template_kwargs, dict):
+            raise ValueError("data.chat_template_kwargs must be a mapping, e.g. "
+                             "{enable_thinking: false}")
+        reserved = sorted(set(self.chat_template_kwargs) & set(RESERVED_TEMPLATE_KWARGS))
+        if reserved:
+            raise ValueError(f"data.chat_template_kwargs sets {reserved}, which the tokenization "
+                             "sets itself (the prompt with a generation prompt, prompt + response "
+                             "without); remove them")
         if not self.message_roles or "assistant" not in self.message_roles:
             raise ValueError("data.message_roles must include 'assistant'")
         self._validate_negatives()

@@ -29,6 +29,10 @@ TOKENIZE_CHUNK = 1024  # records per batched tokenizer call; progress is counted
 DROP_REASONS = {  # LoadSummary.dropped key -> why, as the summary line says it
     "too_long": "longer than data.max_seq_length={limit} under data.length_policy=drop",
     "response_too_long": "whose response alone does not fit data.max_seq_length={limit}",
+    # A pair whose chosen and rejected responses tokenize identically has a margin of exactly 0
+    # under every policy: no preference to learn, only a constant in the loss. Dropped (not
+    # refused: a mined preference set has a few such pairs), each one named in a warning.
+    "identical": "whose chosen and rejected responses are identical",
 }
 
 
@@ -56,6 +60,7 @@ class LoadSummary:
     negatives: Optional[int] = None
     lengths: dict = field(default_factory=dict)  # sequence|prompt|response -> {p50, p90, p99, max}
     max_seq_length: Optional[int] = None  # the limit the length policy applied
+    dropped_at: dict = field(default_factory=dict)  # reason -> file:line of the first dropped
 
     @property
     def num_dropped(self) -> int:
@@ -97,11 +102,12 @@ class PreferenceData:
 
 
 def load_preference_data(config: DataConfig, split: str = "train",
-                         tokenizer=None) -> PreferenceData:
+                         tokenizer=None, drop_identical: bool = True) -> PreferenceData:
     """Load the ``train`` or ``validation`` split described by ``config``.
 
     ``tokenizer`` is a loaded Hugging Face tokenizer; when None, ``config.tokenizer_path`` is
-    loaded.
+    loaded. ``drop_identical``: drop pairs whose chosen and rejected responses are identical
+    (training; named in a warning); scoring keeps every record.
     """
     config.validate()
     if split not in ("train", "validation"):
@@ -116,15 +122,22 @@ def load_preference_data(config: DataConfig, split: str = "train",
     source = path if negatives is None else f"{path} + {negatives}"
     encoder = PromptResponseTokenizer(
         tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer_path),
-        config.apply_chat_template, config.add_eos)
+        config.apply_chat_template, config.add_eos, config.chat_template_kwargs)
     problems = _Problems()
     fmt, records = _read_records(config, path, negatives, hf_split, problems)
     problems.raise_if_any(source)
     summary = LoadSummary(source=source, format=fmt, records=len(records),
                           max_seq_length=config.max_seq_length)
-    examples = _tokenize(records, encoder, config, summary, problems, f"tokenizing {split} split")
+    examples = _tokenize(records, encoder, config, summary, problems, f"tokenizing {split} split",
+                         drop_identical)
     problems.raise_if_any(source)
     paired = FORMAT_KINDS[fmt] == "paired"
+    _warn_identical(summary, split)
+    if paired and summary.dropped.get("identical", 0) == len(records):
+        raise ValueError(f"{source}: every one of its {len(records)} pairs has identical chosen "
+                         f"and rejected responses (e.g. {summary.dropped_at['identical'][0]}); "
+                         "there is no preference to learn. Fix: check the chosen/rejected "
+                         "columns (data.columns)")
     streams = _streams(records, examples, paired, source, config.length_policy)
     if not paired:
         summary.positives, summary.negatives = len(streams[0]), len(streams[1])
@@ -199,8 +212,8 @@ def _require_rows(rows: list, path: str) -> None:
 
 
 def _tokenize(records: list[Record], encoder: PromptResponseTokenizer, config: DataConfig,
-              summary: LoadSummary, problems: _Problems,
-              what: str) -> list[Optional[TokenizedExample]]:
+              summary: LoadSummary, problems: _Problems, what: str,
+              drop_identical: bool = True) -> list[Optional[TokenizedExample]]:
     """Render, tokenize (one batched call per chunk) and apply the length policy; once a record
     is invalid, the rest are only rendered, to report every problem at once."""
     examples: list[Optional[TokenizedExample]] = [None] * len(records)
@@ -211,7 +224,7 @@ def _tokenize(records: list[Record], encoder: PromptResponseTokenizer, config: D
             if not problems.count:
                 for i, (prompt, responses) in zip(rendered_at, encoder.encode(rendered)):
                     examples[i] = _example(records[i], prompt, responses, encoder, config, summary,
-                                           problems)
+                                           problems, drop_identical)
             progress.update(len(chunk))
     return examples
 
@@ -224,7 +237,8 @@ def _render(records: list[Record], chunk: range, encoder: PromptResponseTokenize
         responses = ((record.chosen, record.rejected) if isinstance(record, PreferencePair)
                      else (record.completion,))
         try:
-            rendered.append(encoder.render(record.prompt, responses, record.location))
+            rendered.append(encoder.render(record.prompt, responses, record.location,
+                                           record.tools))
             rendered_at.append(i)
         except RecordError as e:
             problems.add(e)
@@ -232,8 +246,12 @@ def _render(records: list[Record], chunk: range, encoder: PromptResponseTokenize
 
 
 def _example(record: Record, prompt: np.ndarray, responses: list, encoder: PromptResponseTokenizer,
-             config: DataConfig, summary: LoadSummary,
-             problems: _Problems) -> Optional[TokenizedExample]:
+             config: DataConfig, summary: LoadSummary, problems: _Problems,
+             drop_identical: bool = True) -> Optional[TokenizedExample]:
+    if drop_identical and isinstance(record, PreferencePair) and \
+            np.array_equal(responses[0], responses[1]):
+        _drop(summary, "identical", record.location)
+        return None
     try:
         prompt = _apply_length_policy(prompt, responses, config, encoder.bos_id, record.location,
                                       summary)
@@ -265,12 +283,29 @@ def _apply_length_policy(prompt: np.ndarray, responses: list, config: DataConfig
     head = 1 if bos_id is not None and prompt[0] == bos_id else 0
     budget = limit - longest - head  # prompt tokens we can keep after BOS
     if config.length_policy == "drop" or budget < 1:
-        reason = "too_long" if config.length_policy == "drop" else "response_too_long"
-        summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
+        _drop(summary, "too_long" if config.length_policy == "drop" else "response_too_long",
+              location)
         return None
     summary.kept += 1
     summary.truncated += 1
     return np.concatenate([prompt[:head], prompt[len(prompt) - budget:]])
+
+
+def _drop(summary: LoadSummary, reason: str, location: str) -> None:
+    summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
+    summary.dropped_at.setdefault(reason, [])
+    if len(summary.dropped_at[reason]) < MAX_REPORTED:
+        summary.dropped_at[reason].append(location)
+
+
+def _warn_identical(summary: LoadSummary, split: str) -> None:
+    count = summary.dropped.get("identical", 0)
+    if count:
+        at = summary.dropped_at["identical"]
+        more = f" and {count - len(at)} more" if count > len(at) else ""
+        logger.warning("%s split: dropped %d of %d records of %s whose chosen and rejected "
+                       "responses are identical (no preference to learn): %s%s", split, count,
+                       summary.records, summary.source, ", ".join(at), more)
 
 
 def _streams(records, examples, paired: bool, source: str, policy: str) -> tuple:

@@ -12,17 +12,24 @@ Formats (canonical field -> default column):
 Texts are plain strings or conversational: lists of ``{"role", "content"}`` messages. When any
 part of a record is conversational, plain-string parts are wrapped (prompt as a user turn,
 responses as an assistant turn), so ``prompt: [...], chosen: "42"`` is accepted.
+Conversations follow TRL's conversational format: system, user, assistant and tool messages; an
+assistant message may carry ``tool_calls`` (its content may then be empty) and
+``reasoning_content``, a tool message ``name`` / ``tool_call_id``; a record's ``tools`` column
+(a list of JSON schemas, or a JSON string of one) goes to the chat template with the messages.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
 from nemo_aot.data.readers import RecordError
 
-Messages = tuple  # tuple of {"role": str, "content": str} dicts
+Messages = tuple  # tuple of {"role": str, "content": str, ...} dicts
+MESSAGE_KEYS = ("tool_calls", "name", "tool_call_id", "reasoning_content")
+"""Message keys kept besides role and content (TRL's conversational format)."""
 Text = Union[str, Messages]
 
 DEFAULT_COLUMNS = {
@@ -52,6 +59,8 @@ class PreferencePair:
     location: str
     chosen_reward: Optional[float] = None
     rejected_reward: Optional[float] = None
+    tools: Optional[tuple] = None
+    """The record's ``tools`` column (JSON schemas for the chat template), if any."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ class LabeledCompletion:
     completion: Text
     label: bool
     location: str
+    tools: Optional[tuple] = None
 
 
 Record = Union[PreferencePair, LabeledCompletion]
@@ -109,6 +119,7 @@ def parse_record(fmt: str, row: dict, overrides: dict[str, str], roles: list[str
     conversational = any(isinstance(v, (list, tuple))
                          for n, v in fields.items() if n in TEXT_FIELDS)
     prompt = _text(fields["prompt"], mapping["prompt"], location, roles, conversational, "user")
+    tools = _tools(row.get("tools"), location)
     if fmt in ("nemo_dpo", "trl_paired"):
         return PreferencePair(
             prompt=prompt,
@@ -121,6 +132,7 @@ def parse_record(fmt: str, row: dict, overrides: dict[str, str], roles: list[str
                                   location),
             rejected_reward=_reward(fields.get("rejected_reward"), mapping.get("rejected_reward"),
                                     location),
+            tools=tools,
         )
     completion = _text(fields["completion"], mapping["completion"], location, ["assistant"],
                        conversational, "assistant")
@@ -133,7 +145,8 @@ def parse_record(fmt: str, row: dict, overrides: dict[str, str], roles: list[str
             raise RecordError(location, f"{mapping['label']!r} is {label} in the {which} file",
                               "move the record to the other file, or drop the label column")
         label = file_label
-    return LabeledCompletion(prompt=prompt, completion=completion, label=label, location=location)
+    return LabeledCompletion(prompt=prompt, completion=completion, label=label, location=location,
+                             tools=tools)
 
 
 def _implicit_prompt_row(row: dict, mapping: dict[str, str]) -> bool:
@@ -196,6 +209,8 @@ def _messages(value, key: str, location: str, roles: list[str]) -> Messages:
                               f"got {message!r:.80}",
                               "write each message as {\"role\": ..., \"content\": ...}")
         role, content = message["role"], message["content"]
+        if content is None and message.get("tool_calls"):
+            content = ""  # an assistant turn that only calls tools
         if role not in roles:
             fix = ("responses hold only assistant messages; move other turns into the prompt"
                    if roles == ["assistant"]
@@ -206,11 +221,31 @@ def _messages(value, key: str, location: str, roles: list[str]) -> Messages:
             raise RecordError(location, f"{where}.content must be a string, got "
                               f"{type(content).__name__}",
                               "flatten multi-part content into one string")
-        out.append({"role": role, "content": content})
-    if not any(m["content"].strip() for m in out):
+        extra = {k: message[k] for k in MESSAGE_KEYS if message.get(k) is not None}
+        if "tool_calls" in extra and role != "assistant":
+            raise RecordError(location, f"{where} has tool_calls but role {role!r}",
+                              "only assistant messages call tools")
+        out.append({"role": role, "content": content, **extra})
+    if not any(m["content"].strip() or m.get("tool_calls") for m in out):
         raise RecordError(location, f"{key!r} has only empty messages",
                           f"give {key!r} text or remove the record")
     return tuple(out)
+
+
+def _tools(value, location: str) -> Optional[tuple]:
+    """TRL's ``tools`` column: a list of JSON schemas (or a JSON string of one); None if absent."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise RecordError(location, f"'tools' is a string but not JSON ({err})",
+                              "store tools as a list of JSON schemas") from None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, dict) for t in value):
+        raise RecordError(location, f"'tools' must be a list of JSON schemas (objects), got "
+                          f"{type(value).__name__}", "store tools as a list of objects")
+    return tuple(value) or None
 
 
 def _reward(value, key: Optional[str], location: str) -> Optional[float]:

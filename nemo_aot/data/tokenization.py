@@ -4,7 +4,9 @@ The prompt and each response are tokenized *separately* (``add_special_tokens=Fa
 concatenated, so no token straddles the boundary and the label mask covers exactly the response
 tokens; the prompt ids are the ones the model is given at generation time.
 
-Conversational records go through the tokenizer's chat template: the prompt is rendered with
+Conversational records go through the tokenizer's own chat template (``data.tokenizer_path``,
+else the tokenizer stored in ``init_from``), with ``data.chat_template_kwargs`` (e.g. Qwen3's
+``enable_thinking``) and the record's ``tools``, as TRL renders them: the prompt is rendered with
 ``add_generation_prompt=True`` and the response text is what the template adds when the
 response follows (``render(prompt + response)`` minus the rendered prompt; a template for which
 the rendered prompt is not such a prefix is refused). Whitespace the template writes after the
@@ -18,7 +20,7 @@ repeated leading BOS are collapsed. With ``add_eos`` each response ends with exa
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -48,8 +50,10 @@ def load_tokenizer(path: str):
 class PromptResponseTokenizer:
     """Turns a prompt and its responses into token id arrays (int32) with an exact boundary."""
 
-    def __init__(self, tokenizer, apply_chat_template: str = "auto", add_eos: bool = True):
+    def __init__(self, tokenizer, apply_chat_template: str = "auto", add_eos: bool = True,
+                 chat_template_kwargs: Optional[dict] = None):
         self.tokenizer = tokenizer
+        self.template_kwargs = dict(chat_template_kwargs or {})
         self.mode = apply_chat_template
         self.add_eos = add_eos
         self.bos_id = tokenizer.bos_token_id
@@ -62,9 +66,10 @@ class PromptResponseTokenizer:
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         self.plain_adds_bos = self.bos_id is not None and probe[:1] == [self.bos_id]
 
-    def render(self, prompt: Text, responses: Sequence[Text],
-               location: str) -> tuple[str, list[str], bool]:
-        """Return ``(prompt_text, response_texts, templated)`` for one record."""
+    def render(self, prompt: Text, responses: Sequence[Text], location: str,
+               tools: Optional[Sequence[dict]] = None) -> tuple[str, list[str], bool]:
+        """Return ``(prompt_text, response_texts, templated)`` for one record (``tools``: the
+        record's tool schemas for the template)."""
         conversational = not isinstance(prompt, str)
         if not conversational and self.mode != "always":
             return prompt, list(responses), False
@@ -74,15 +79,17 @@ class PromptResponseTokenizer:
                               "set data.apply_chat_template to auto, or store pre-rendered text")
         if not self.has_template:
             raise RecordError(location,
-                              "the tokenizer has no chat template to render messages with",
-                              "use a tokenizer with a chat_template, or set "
-                              "data.apply_chat_template=never with plain-text records")
+                              "the tokenizer has no chat template to render this "
+                              "conversational record with (the tokenizer of data.tokenizer_path, "
+                              "else the one stored in init_from)",
+                              "use a tokenizer with a chat_template (tokenizer_config.json or "
+                              "chat_template.jinja), or store the data as plain text")
         messages = _as_messages(prompt, "user")
-        prompt_text = self._apply(messages, location, add_generation_prompt=True)
+        prompt_text = self._apply(messages, location, True, tools)
         response_texts = []
         for response in responses:
-            full = self._apply(messages + _as_messages(response, "assistant"), location,
-                               add_generation_prompt=False)
+            full = self._apply(messages + _as_messages(response, "assistant"), location, False,
+                               tools)
             if not full.startswith(prompt_text):
                 raise RecordError(location, "the chat template renders the prompt differently once "
                                   "a response follows (the rendered prompt is not a prefix of "
@@ -106,10 +113,16 @@ class PromptResponseTokenizer:
             out.append((prompt, [self._finish_response(next(responses)) for _ in texts]))
         return out
 
-    def _apply(self, messages: list[dict], location: str, add_generation_prompt: bool) -> str:
+    def _apply(self, messages: list[dict], location: str, add_generation_prompt: bool,
+               tools: Optional[Sequence[dict]]) -> str:
+        kwargs = dict(self.template_kwargs)
+        if tools:  # a record's own tools win; an empty list renders as no tools (as in TRL)
+            kwargs["tools"] = [dict(t) for t in tools]
+        kwargs["tools"] = kwargs.get("tools") or None
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      **kwargs)
         except Exception as e:  # noqa: BLE001 - jinja raises template-defined errors
             raise RecordError(location, f"the chat template failed on this record "
                               f"({type(e).__name__}: {e})",
@@ -139,6 +152,37 @@ class PromptResponseTokenizer:
                 ids.append(self.eos_id)
         assert ids, "a non-empty response tokenizes to at least one token"
         return np.asarray(ids, dtype=np.int32)
+
+
+# Padding a checkpoint's vocabulary beyond its tokenizer: HF configs round up by up to a few
+# percent (e.g. 151936 rows for 151665 tokens); more than this is another model's tokenizer.
+VOCAB_SLACK = (1024, 0.05)
+
+
+def check_tokenizer_fits(given, stored, vocab_size: int, *, option: str, model: str,
+                         unset: str) -> None:
+    """The one check of a tokenizer given next to a model (``train``'s data.tokenizer_path,
+    ``score``'s --tokenizer): it must have the vocabulary of the tokenizer stored with the model
+    (``stored``; None when the model stores none), and its size must fit the model's embedding
+    rows (``vocab_size``) up to padding. ``option`` names the setting (e.g.
+    ``data.tokenizer_path=DIR``), ``model`` the checkpoint and ``unset`` how to use the stored
+    one instead, in the messages."""
+    if stored is not None:
+        ours, theirs = given.get_vocab(), stored.get_vocab()
+        if ours != theirs:
+            differs = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[:3]
+            raise ValueError(
+                f"{option} has a different vocabulary ({len(ours)} tokens) from the tokenizer "
+                f"stored in {model} ({len(theirs)} tokens; e.g. {differs}): its token ids would "
+                f"mean other tokens to the model; {unset} to use the stored one")
+    size = len(given)
+    if size > vocab_size:
+        raise ValueError(f"{option} has {size} tokens but the model's vocabulary ({model}) has "
+                         f"{vocab_size}; use the model's own tokenizer")
+    if vocab_size - size > max(VOCAB_SLACK[0], VOCAB_SLACK[1] * vocab_size):
+        raise ValueError(f"{option} has {size} tokens, far fewer than the model's vocabulary of "
+                         f"{vocab_size} ({model}): it belongs to another model; use the model's "
+                         "own tokenizer")
 
 
 def _as_messages(text: Text, role: str) -> list[dict]:

@@ -12,6 +12,8 @@ what megatron-core does                 what happens on a CPU-only host
 tensor ``device=``                      memory buffer, rotary ``inv_freq``, p2p shape exchange)
 ``tensor.cuda()``                       returns the tensor (broadcast helpers, param hashes)
 ``torch.cuda.synchronize()``            no-op (p2p communication, DDP buffer management)
+``torch.cuda.current_stream()``         a stream object whose waits are no-ops (0.19's DDP
+                                        ``start_grad_sync`` waits for CUDA-graph events on it)
 CUDA RNG tracker (``fork`` for TP       a tracker with the same seeding scheme over the CPU
 dropout/init, ``add`` per seed)         generator, so TP-region dropout and init stay
                                         reproducible and rank-dependent exactly as on GPU
@@ -31,8 +33,14 @@ gradient and vice versa - silently, since both have the same shape (seen as wron
 PP=2 x VPP=2 with 4+ micro-batches). The unbatched path orders sends and receives by rank
 parity, which pairs them correctly.
 
-Written for and checked against megatron-core 0.15 - 0.16; any other version is refused with a
-clear message rather than half-patched. Nothing here is ever active on a machine with a GPU.
+Run against megatron-core 0.16.x - 0.19.x (``make test-compat`` runs the multi-rank layouts,
+LoRA, a checkpoint resume and the demo under each against 0.16.1's numbers). Entries of the
+redirect lists that a release does not have are skipped (feature detection: 0.19 added
+``has_grad_norm_group``, older releases lack it), so one list serves the whole range. A release
+outside the tested range is refused on CPU with a message naming the range (set
+``NEMO_AOT_ALLOW_UNTESTED_MEGATRON_CORE=1`` to try it anyway: a new hard-coded CUDA call would
+then fail loudly, not silently); on a GPU, where nothing here is needed, it only warns
+(:func:`check_megatron_core`). Nothing here is ever active on a machine with a GPU.
 """
 
 from __future__ import annotations
@@ -41,13 +49,17 @@ import contextlib
 import functools
 import importlib
 import logging
+import os
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MEGATRON_CORE = ((0, 15), (0, 16))
+# The megatron-core minor releases this package was run with (make test-compat; README support
+# matrix); pyproject.toml's requirement admits exactly these.
+SUPPORTED_MEGATRON_CORE = ((0, 16), (0, 17), (0, 18), (0, 19))
+ALLOW_UNTESTED_ENV = "NEMO_AOT_ALLOW_UNTESTED_MEGATRON_CORE"
 _ENABLED = False
 
 # (module, class or None, attribute) whose tensor factories must allocate on the CPU while
@@ -72,6 +84,10 @@ _DEVICE_REDIRECTED = [
     ("megatron.core.optimizer.optimizer", "FP32Optimizer", "__init__"),
     ("megatron.core.optimizer.grad_scaler", "MegatronGradScaler", "__init__"),
     ("megatron.core.optimizer.grad_scaler", "DynamicGradScaler", "__init__"),
+    # 0.19: a flag tensor on device='cuda' for an all-reduce, cached per norm group
+    ("megatron.core.optimizer.optimizer", "MegatronOptimizer", "has_grad_norm_group"),
+    ("megatron.core.optimizer.layer_wise_optimizer", "LayerWiseDistributedOptimizer",
+     "has_grad_norm_group"),
 ]
 # (module, class or None, attribute) that compare ``tensor.type()`` with CUDA type names.
 _TYPE_REDIRECTED = [
@@ -95,24 +111,45 @@ def cpu_execution_enabled() -> bool:
     return _ENABLED
 
 
+def tested_range() -> str:
+    (a, b), (c, d) = min(SUPPORTED_MEGATRON_CORE), max(SUPPORTED_MEGATRON_CORE)
+    return f"{a}.{b}.x - {c}.{d}.x"
+
+
+def check_megatron_core(on_cpu: bool) -> tuple[int, int, int]:
+    """The installed megatron-core's version, refused on CPU (warned about on GPU) when it is
+    outside the tested range unless ``NEMO_AOT_ALLOW_UNTESTED_MEGATRON_CORE=1``."""
+    version = megatron_core_version()
+    if version[:2] in SUPPORTED_MEGATRON_CORE:
+        return version
+    found = ".".join(map(str, version))
+    allowed = os.environ.get(ALLOW_UNTESTED_ENV, "") == "1"
+    if on_cpu and not allowed:
+        raise RuntimeError(
+            f"nemo_aot's CPU execution support was run with megatron-core {tested_range()}, "
+            f"found {found}: it redirects megatron's hard-coded CUDA calls, and an untested "
+            f"release may have new ones. Install a tested release "
+            f"(pip install 'megatron-core>=0.16,<0.20'), run on a GPU machine, or set "
+            f"{ALLOW_UNTESTED_ENV}=1 to try this one anyway.")
+    logger.warning("megatron-core %s is outside the range nemo_aot was run with (%s)%s; "
+                   "proceeding", found, tested_range(),
+                   f" ({ALLOW_UNTESTED_ENV}=1)" if on_cpu else "")
+    return version
+
+
 def enable_cpu_execution() -> bool:
     """Make megatron-core runnable on this host if it has no GPU. Returns True when active.
 
-    Call it before building models or schedules. Idempotent; a no-op where CUDA is available.
+    Call it before building models or schedules. Idempotent; a no-op where CUDA is available
+    (apart from a warning for a megatron-core outside the tested range).
     """
     global _ENABLED
-    if torch.cuda.is_available():
-        return False
     if _ENABLED:
         return True
-    version = megatron_core_version()
-    if version[:2] not in SUPPORTED_MEGATRON_CORE:
-        supported = " or ".join(f"{a}.{b}.x" for a, b in SUPPORTED_MEGATRON_CORE)
-        raise RuntimeError(
-            f"nemo_aot's CPU execution support was written for megatron-core {supported}, "
-            f"found {'.'.join(map(str, version))}. Install a supported version "
-            f"(pip install 'megatron-core==0.16.1') or run on a GPU machine."
-        )
+    if torch.cuda.is_available():
+        _check_once_on_gpu()
+        return False
+    version = check_megatron_core(on_cpu=True)
     _redirect_current_device()
     _install_cpu_rng_tracker()
     _unbatch_pipeline_p2p()
@@ -126,9 +163,31 @@ def enable_cpu_execution() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
+def _check_once_on_gpu() -> None:
+    check_megatron_core(on_cpu=False)
+
+
+class _NoStream:
+    """Stands in for ``torch.cuda.current_stream()``: CPU work is already in program order."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+
 def _redirect_current_device() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.current_stream = lambda device=None: _NoStream()
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
@@ -234,9 +293,21 @@ def _cpu_types_named_cuda(fn):
 
 
 def _wrap(module_name: str, cls_name: str | None, attr: str, decorator) -> None:
-    module = importlib.import_module(module_name)
-    owner = getattr(module, cls_name) if cls_name else module
-    original = owner.__dict__[attr] if cls_name else getattr(owner, attr)
+    """Wrap ``module.[cls.]attr`` with ``decorator``; skipped where this release lacks it."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        logger.debug("CPU support: %s absent in this megatron-core, skipped", module_name)
+        return
+    owner = getattr(module, cls_name, None) if cls_name else module
+    holder = owner.__dict__ if cls_name and owner is not None else vars(module)
+    if owner is None or attr not in holder:
+        logger.debug("CPU support: %s.%s.%s absent in this megatron-core, skipped",
+                     module_name, cls_name, attr)
+        return
+    original = holder[attr]
     if isinstance(original, (staticmethod, classmethod)):
         setattr(owner, attr, type(original)(decorator(original.__func__)))
     else:

@@ -17,6 +17,7 @@ when the megatron ``TransformerConfig`` is built.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -24,25 +25,85 @@ from typing import Any, Optional
 import torch
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ACTIVATIONS = {
+    "swiglu": torch.nn.functional.silu,  # gated SiLU (Llama, Mistral, Qwen)
+    "geglu": functools.partial(torch.nn.functional.gelu, approximate="tanh"),  # Gemma
+}
+"""Gated MLP activations by config name: act(gate) * up."""
 
 
 @dataclass
 class RopeScaling:
-    """Llama-3.1-style RoPE frequency scaling (``rope_type: llama3`` in Hugging Face configs)."""
+    """RoPE frequency scaling: Llama-3.1-style (``rope_type: llama3`` in Hugging Face configs),
+    or linear position interpolation (``linear``: every frequency divided by ``factor``; Gemma 3's
+    global layers). It applies to the layers that use ``rotary_base``."""
 
     factor: float = 8.0
-    """Wavelength scale for the low-frequency band."""
+    """Wavelength scale (llama3: of the low-frequency band; linear: of every frequency)."""
     low_freq_factor: float = 1.0
     """Wavelengths longer than original_max_position_embeddings / low_freq_factor are scaled."""
     high_freq_factor: float = 4.0
     """Wavelengths shorter than original_max_position_embeddings / high_freq_factor are kept."""
     original_max_position_embeddings: int = 8192
     """Context length the base model was pretrained at."""
+    rope_type: str = "llama3"
+    """'llama3' or 'linear' (only ``factor`` counts)."""
+
+
+LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+@dataclass
+class LinearAttention:
+    """Gated DeltaNet linear attention in place of softmax attention on some layers (Qwen3.5,
+    Qwen3-Next): megatron-core's ``GatedDeltaNet`` (``experimental_attention_variant``
+    gated_delta_net). Field names follow the Hugging Face config (``linear_*``)."""
+
+    full_attention_interval: int = 4
+    """Every N-th layer (1-based) is full softmax attention, the others Gated DeltaNet."""
+    layer_types: Optional[list] = None
+    """Per layer 'linear_attention' or 'full_attention' (Hugging Face layer_types); when set it
+    replaces full_attention_interval."""
+    conv_kernel_dim: int = 4
+    """Width of the causal depthwise convolution over q, k, v."""
+    key_head_dim: int = 128
+    """Query/key head dimension."""
+    value_head_dim: int = 128
+    """Value (and output-gate) head dimension."""
+    num_key_heads: int = 16
+    """Query/key heads."""
+    num_value_heads: int = 32
+    """Value heads: a multiple of num_key_heads (each q/k head serves a group of them)."""
+
+    def pattern(self, num_layers: int) -> list[int]:
+        """Per layer 1 = linear attention, 0 = full attention (megatron's
+        ``linear_attention_freq`` list)."""
+        if self.layer_types is not None:
+            return [int(t == "linear_attention") for t in self.layer_types]
+        return [0 if (i + 1) % self.full_attention_interval == 0 else 1
+                for i in range(num_layers)]
+
+    def validate(self, num_layers: int, bad) -> None:
+        for key in ("full_attention_interval", "conv_kernel_dim", "key_head_dim",
+                    "value_head_dim", "num_key_heads", "num_value_heads"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                bad(f"linear_attention.{key}", f"must be a positive integer, got {value!r}")
+        if self.num_value_heads % self.num_key_heads:
+            bad("linear_attention.num_value_heads", f"{self.num_value_heads} must be a multiple "
+                f"of linear_attention.num_key_heads={self.num_key_heads}")
+        if self.layer_types is not None:
+            wrong = sorted({str(t) for t in self.layer_types} - set(LAYER_TYPES))
+            if wrong or len(self.layer_types) != num_layers:
+                bad("linear_attention.layer_types", f"must list {num_layers} entries (one per "
+                    f"layer) from {list(LAYER_TYPES)}, got {len(self.layer_types)} entries"
+                    + (f" with {wrong}" if wrong else ""))
 
 
 @dataclass
 class GPTModelConfig:
-    """Architecture of a decoder-only Llama-family model (Llama 2/3/3.x, Mistral, Qwen2)."""
+    """Architecture of a decoder-only model: the Llama layout (Llama 2/3/3.x, Mistral, Qwen2)
+    plus the options of newer families (Qwen3, Gemma 3), each off by default."""
 
     num_layers: int = 2
     """Transformer layers."""
@@ -77,11 +138,33 @@ class GPTModelConfig:
     layernorm_epsilon: float = 1e-5
     """Norm epsilon (HF rms_norm_eps)."""
     activation: str = "swiglu"
-    """'swiglu' (gated SiLU MLP)."""
+    """'swiglu' (gated SiLU MLP) or 'geglu' (gated tanh-approximate GELU, Gemma)."""
     bias: bool = False
     """Bias on the linear layers other than QKV."""
     qkv_bias: bool = False
     """Bias on the QKV projection (Qwen2)."""
+    # -- options of newer families (Qwen3, Gemma 3); the defaults are the Llama architecture
+    qk_layernorm: bool = False
+    """RMSNorm over each query and key head before RoPE (Qwen3, Qwen3-MoE, Gemma 3)."""
+    layernorm_zero_centered_gamma: bool = False
+    """Every norm scales by (1 + weight), the stored weight being the offset from 1 (Gemma)."""
+    post_sublayer_norms: bool = False
+    """A norm on the attention output and one on the MLP output, each before its residual add
+    (Gemma 2/3: post_attention_layernorm, post_feedforward_layernorm)."""
+    scale_embeddings: bool = False
+    """Multiply the input embeddings by sqrt(hidden_size), rounded to the parameter dtype
+    (Gemma); the tied output layer uses the unscaled table."""
+    softmax_scale: Optional[float] = None
+    """Attention logit scale; None is 1/sqrt(head_dim) (Gemma: query_pre_attn_scalar**-0.5)."""
+    sliding_window: Optional[int] = None
+    """Sliding-window attention: a token attends to itself and the sliding_window - 1 tokens
+    before it (Hugging Face's sliding_window); None is full causal attention everywhere."""
+    window_attn_skip_freq: Optional[int] = None
+    """With sliding_window: layers N, 2N, ... (1-based) attend globally, the others slide
+    (Gemma 3: 6, its sliding_window_pattern); None: every layer slides."""
+    rotary_base_local: Optional[float] = None
+    """RoPE theta of the sliding-window layers (Gemma 3's rope_local_base_freq, unscaled);
+    None: they use rotary_base (and rope_scaling) like the global layers."""
     share_embeddings_and_output_weights: bool = False
     """Tie the output layer to the input embedding (Llama-3.2-1B/3B, small Qwen2)."""
     init_method_std: float = 0.02
@@ -89,8 +172,6 @@ class GPTModelConfig:
     attention_backend: str = "sdpa"
     """Core attention without TE: 'sdpa' (torch scaled_dot_product_attention) or 'unfused'
     (megatron's DotProductAttention, materializes [b, heads, s, s])."""
-    qk_layernorm: bool = False
-    """RMSNorm over each query and key head before RoPE (Qwen3, Qwen3-MoE)."""
     num_moe_experts: Optional[int] = None
     """Routed experts per layer (mixture of experts); null = a dense SwiGLU MLP."""
     moe_router_topk: int = 2
@@ -136,6 +217,12 @@ class GPTModelConfig:
     @property
     def expert_ffn_hidden_size(self) -> int:
         return self.moe_ffn_hidden_size or self.ffn_hidden_size
+    # -- hybrid linear-attention models (Qwen3.5)
+    attention_output_gate: bool = False
+    """Softmax attention output multiplied by sigmoid of a per-head gate that the query
+    projection also produces (Qwen3.5 / Qwen3-Next gated attention)."""
+    linear_attention: Optional[LinearAttention] = None
+    """Gated DeltaNet layers (see LinearAttention); None: every layer is softmax attention."""
 
     @property
     def query_groups(self) -> int:
@@ -167,8 +254,8 @@ class GPTModelConfig:
             bad("position_embedding_type", "only 'rope' is supported (Llama family)")
         if self.normalization != "RMSNorm":
             bad("normalization", "only 'RMSNorm' is supported (Llama family)")
-        if self.activation != "swiglu":
-            bad("activation", "only 'swiglu' is supported (Llama family)")
+        if self.activation not in ACTIVATIONS:
+            bad("activation", f"must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.attention_backend not in ("sdpa", "unfused"):
             bad("attention_backend", f"must be 'sdpa' or 'unfused', got {self.attention_backend!r}")
         if self.encoder_seq_length > self.max_position_embeddings:
@@ -176,7 +263,32 @@ class GPTModelConfig:
                 f"{self.max_position_embeddings}")
         if self.rope_scaling is not None and self.rope_scaling.factor < 1.0:
             bad("rope_scaling.factor", "must be >= 1")
+        self._validate_family_options(bad)
         self._validate_moe(bad)
+        if not 0.0 < float(self.rotary_percent) <= 1.0:
+            bad("rotary_percent", f"must be in (0, 1], got {self.rotary_percent}")
+        if self.linear_attention is not None:
+            self.linear_attention.validate(self.num_layers, bad)
+
+    def _validate_family_options(self, bad) -> None:
+        if self.rope_scaling is not None and self.rope_scaling.rope_type not in ("llama3",
+                                                                                 "linear"):
+            bad("rope_scaling.rope_type", f"must be 'llama3' or 'linear', got "
+                f"{self.rope_scaling.rope_type!r}")
+        if self.sliding_window is not None:
+            if int(self.sliding_window) <= 0:
+                bad("sliding_window", f"must be a positive integer or null, got "
+                    f"{self.sliding_window}")
+            if self.attention_backend != "sdpa":
+                bad("attention_backend", "sliding_window needs 'sdpa' (or the TE spec)")
+        elif self.window_attn_skip_freq is not None or self.rotary_base_local is not None:
+            bad("sliding_window", "window_attn_skip_freq and rotary_base_local describe "
+                "sliding-window layers; set sliding_window too or leave them null")
+        if self.window_attn_skip_freq is not None and int(self.window_attn_skip_freq) <= 1:
+            bad("window_attn_skip_freq", f"must be >= 2 (every N-th layer global), got "
+                f"{self.window_attn_skip_freq}")
+        if self.softmax_scale is not None and not float(self.softmax_scale) > 0:
+            bad("softmax_scale", f"must be positive, got {self.softmax_scale}")
 
     def _validate_moe(self, bad) -> None:
         if not self.is_moe:
@@ -231,7 +343,18 @@ class GPTModelConfig:
         values = dict(values)
         if isinstance(values.get("rope_scaling"), dict):
             values["rope_scaling"] = RopeScaling(**values["rope_scaling"])
+        if isinstance(values.get("linear_attention"), dict):
+            values["linear_attention"] = _nested(LinearAttention, values["linear_attention"],
+                                                 f"{source}: linear_attention")
         return cls(**values)
+
+
+def _nested(cls, values: dict, source: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
+    return cls(**values)
 
 
 def params_dtype(name: str) -> torch.dtype:
@@ -257,7 +380,7 @@ def to_transformer_config(model: GPTModelConfig, parallel, precision: str = "fp3
         normalization=model.normalization,
         layernorm_epsilon=model.layernorm_epsilon,
         gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
+        activation_func=ACTIVATIONS[model.activation],
         add_bias_linear=model.bias,
         add_qkv_bias=model.qkv_bias,
         hidden_dropout=0.0,
@@ -288,13 +411,24 @@ def to_transformer_config(model: GPTModelConfig, parallel, precision: str = "fp3
         bias_dropout_fusion=False,
         cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=True,
-        qk_layernorm=model.qk_layernorm,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         expert_tensor_parallel_size=parallel.expert_tensor,
     )
+    kwargs.update(_family_options(model))
     kwargs.update(moe_transformer_kwargs(model))
+    kwargs.update(_linear_attention_options(model))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def _family_options(model: GPTModelConfig) -> dict[str, Any]:
+    """megatron-core's own switches for the options of newer families. Its window_size is
+    (left, right) inclusive: Hugging Face's sliding_window w is (w - 1, 0)."""
+    window = None if model.sliding_window is None else (int(model.sliding_window) - 1, 0)
+    return dict(qk_layernorm=model.qk_layernorm,
+                layernorm_zero_centered_gamma=model.layernorm_zero_centered_gamma,
+                softmax_scale=model.softmax_scale, window_size=window,
+                window_attn_skip_freq=model.window_attn_skip_freq)
 
 
 def moe_transformer_kwargs(model: GPTModelConfig) -> dict[str, Any]:
@@ -325,11 +459,29 @@ def moe_transformer_kwargs(model: GPTModelConfig) -> dict[str, Any]:
     )
 
 
+def _linear_attention_options(model: GPTModelConfig) -> dict[str, Any]:
+    """megatron-core's gated attention and Gated DeltaNet fields (its experimental attention
+    variant); nothing for a model without them."""
+    out: dict[str, Any] = {}
+    if model.attention_output_gate:
+        out["attention_output_gate"] = True
+    la = model.linear_attention
+    if la is not None:
+        out.update(experimental_attention_variant="gated_delta_net",
+                   linear_attention_freq=la.pattern(model.num_layers),
+                   linear_conv_kernel_dim=la.conv_kernel_dim,
+                   linear_key_head_dim=la.key_head_dim,
+                   linear_value_head_dim=la.value_head_dim,
+                   linear_num_key_heads=la.num_key_heads,
+                   linear_num_value_heads=la.num_value_heads)
+    return out
+
+
 def default_tiny() -> GPTModelConfig:
     """The embedded default: a Llama-style model small enough to align on a laptop CPU."""
     return GPTModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=176,
                           num_attention_heads=4, num_query_groups=2, vocab_size=512)
 
 
-__all__ = ["GPTModelConfig", "RopeScaling", "to_transformer_config", "params_dtype",
-           "default_tiny", "moe_transformer_kwargs"]
+__all__ = ["GPTModelConfig", "RopeScaling", "LinearAttention", "to_transformer_config",
+           "params_dtype", "default_tiny", "moe_transformer_kwargs"]

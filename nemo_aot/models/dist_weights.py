@@ -167,7 +167,7 @@ def _prepare_request(sub: dict, stored: dict, wdir: str, vocab_keys: tuple) -> d
     (pickled bytes), refuse missing, non-tensor or misshapen entries, and turn a vocabulary
     table padded differently into a whole-table read. Returns {name: original} of those."""
     from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
-    from megatron.core.dist_checkpointing.mapping import is_main_replica
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory, is_main_replica
 
     repad, problems = {}, []
     for name, item in list(sub.items()):
@@ -175,6 +175,9 @@ def _prepare_request(sub: dict, stored: dict, wdir: str, vocab_keys: tuple) -> d
             del sub[name]
             continue
         if not hasattr(item, "key"):  # plain (common) state
+            continue
+        if isinstance(item, ShardedTensorFactory):  # stored as its parts (GatedDeltaNet in_proj)
+            problems += _factory_problems(item, stored)
             continue
         entry = stored.get(item.key)
         size = tuple(getattr(entry, "size", ()))
@@ -196,6 +199,19 @@ def _prepare_request(sub: dict, stored: dict, wdir: str, vocab_keys: tuple) -> d
         raise ValueError(f"{wdir} does not fit the model built from its config: "
                          + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
     return repad
+
+
+def _factory_problems(factory, stored: dict) -> list[str]:
+    """Missing or misshapen stored parts of a tensor megatron saves split into pieces."""
+    problems = []
+    for part in factory.build():
+        entry = stored.get(part.key)
+        if entry is None or not hasattr(entry, "size"):
+            problems.append(f"missing {part.key}")
+        elif tuple(entry.size) != part.global_shape:
+            problems.append(f"{part.key} stored {tuple(entry.size)}, model needs "
+                            f"{part.global_shape}")
+    return problems
 
 
 __all__ = ["load_dist_weights", "check_dist_checkpoint", "read_checkpoint_metadata",

@@ -14,9 +14,15 @@ from megatron.core.tensor_parallel import (
 )
 
 from nemo_aot.models.config import GPTModelConfig
-from nemo_aot.models.layer_specs import decoder_block_spec, local_layer_spec, te_layer_spec
+from nemo_aot.models.family_options import apply_layer_options, apply_model_options
+from nemo_aot.models.layer_specs import (
+    RMSNorm,
+    decoder_block_spec,
+    local_layer_spec,
+    te_layer_spec,
+)
 from nemo_aot.models.lora import apply_to_layer_spec, init_adapters
-from nemo_aot.models.options import PeftConfig
+from nemo_aot.models.options import LINEAR_ATTENTION_LORA_TARGETS, PeftConfig
 
 
 def build_model_chunks(model_cfg: GPTModelConfig, transformer_config,
@@ -48,13 +54,16 @@ def build_gpt_model(model_cfg: GPTModelConfig, transformer_config,
                          f"got {transformer_impl!r}")
     if peft is not None:
         layer_spec = apply_to_layer_spec(layer_spec, peft)
+    layer_spec = apply_layer_options(layer_spec, model_cfg, _norm_class(transformer_impl))
+    block_spec = _block_spec(model_cfg, transformer_config, transformer_impl, layer_spec,
+                             vp_stage, peft)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     scaling = model_cfg.rope_scaling
     model = GPTModel(
         config=transformer_config,
-        transformer_layer_spec=decoder_block_spec(transformer_config, layer_spec, vp_stage),
+        transformer_layer_spec=block_spec,
         vocab_size=model_cfg.padded_vocab_size(tp),
         max_sequence_length=model_cfg.max_position_embeddings,
         pre_process=pre,
@@ -70,7 +79,8 @@ def build_gpt_model(model_cfg: GPTModelConfig, transformer_config,
         # megatron builds its own ColumnParallelLinear; this instance gets the subclass that can
         # hand back its input instead of logits (same parameters and state-dict keys).
         model.output_layer.__class__ = HiddenStatesOutputLayer
-    if scaling is not None:
+    apply_model_options(model, model_cfg)
+    if scaling is not None and scaling.rope_type == "llama3":
         rope = model.rotary_pos_emb
         # megatron's own Llama-3.1 scaling, with every parameter from the config (its GPTModel
         # constructor only forwards the factor and keeps the other three at Llama-3.1's values).
@@ -79,6 +89,35 @@ def build_gpt_model(model_cfg: GPTModelConfig, transformer_config,
             high_freq_factor=scaling.high_freq_factor,
             original_max_position_embeddings=scaling.original_max_position_embeddings)
     return model
+
+
+def _norm_class(transformer_impl: str) -> type:
+    if transformer_impl == "local":
+        return RMSNorm
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    return TENorm
+
+
+def _block_spec(model_cfg: GPTModelConfig, transformer_config, transformer_impl: str,
+                layer_spec, vp_stage: Optional[int], peft: Optional[PeftConfig]):
+    """The decoder block: one layer spec repeated, or the hybrid linear-attention block."""
+    if model_cfg.linear_attention is None:
+        gdn = [t for t in (peft.target_modules if peft is not None and peft.enabled else [])
+               if t in LINEAR_ATTENTION_LORA_TARGETS]
+        if gdn:
+            raise ValueError(f"peft.target_modules {gdn} name Gated DeltaNet layers, which this "
+                             "model (model.linear_attention null) does not have; drop them")
+        return decoder_block_spec(transformer_config, layer_spec, vp_stage)
+    from nemo_aot.models.hybrid_spec import hybrid_block_spec
+
+    if transformer_impl == "transformer_engine":
+        # megatron-core's TE spec for it fuses the input norms into in_proj/linear_qkv and
+        # zero-centres the GDN output norm: other checkpoint keys and values than ours.
+        raise ValueError("model.linear_attention (Gated DeltaNet) is built on the local spec "
+                         "only; set precision.transformer_impl=local")
+    lora = None if peft is None else (lambda spec: apply_to_layer_spec(spec, peft))
+    return hybrid_block_spec(transformer_config, model_cfg.attention_backend, vp_stage, lora)
 
 
 class HiddenStatesOutputLayer(ColumnParallelLinear):

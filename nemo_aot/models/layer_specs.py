@@ -25,15 +25,21 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.utils import is_layer_window_attention
 
 
 class RMSNorm(torch.nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), normalized in fp32 and cast back before the scale."""
+    """y = w * x / sqrt(mean(x^2) + eps), normalized in fp32 and cast back before the scale.
+
+    With ``config.layernorm_zero_centered_gamma`` (Gemma): y = (1 + w) * x / sqrt(...), the
+    scale applied in fp32 before the cast back (Gemma's order of operations); w starts at 0."""
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.zero_centered = bool(getattr(config, "layernorm_zero_centered_gamma", False))
+        init = torch.zeros if self.zero_centered else torch.ones
+        self.weight = torch.nn.Parameter(init(hidden_size, dtype=config.params_dtype))
         # Under sequence parallelism each TP rank sees a slice of the sequence, so each holds a
         # partial weight gradient; megatron sums params marked like this over the TP group.
         self.weight.sequence_parallel = config.sequence_parallel
@@ -42,6 +48,8 @@ class RMSNorm(torch.nn.Module):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.zero_centered:
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
 
@@ -60,6 +68,9 @@ class SDPAttention(MegatronModule):
                           else attention_dropout)
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale or config.softmax_scale or 1.0 / math.sqrt(head_dim)
+        # Sliding-window layers (megatron's window_size: (left, right) inclusive).
+        self.window = (config.window_size if is_layer_window_attention(
+            config.window_size, config.window_attn_skip_freq, layer_number) else None)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -71,6 +82,9 @@ class SDPAttention(MegatronModule):
         mask = None
         if attention_mask is not None:
             mask = ~attention_mask  # megatron: True = masked out; SDPA: True = attend
+        if self.window is not None:
+            window = _window_mask(q.shape[2], k.shape[2], self.window, q.device)
+            mask = window if mask is None else mask & window
         causal = mask is None and mask_type == AttnMaskType.causal
         dropout = self.dropout_p if self.training else 0.0
         with _maybe_fork_rng(dropout > 0):
@@ -79,6 +93,15 @@ class SDPAttention(MegatronModule):
                 scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
         sq, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+def _window_mask(sq: int, sk: int, window: tuple, device) -> torch.Tensor:
+    """[sq, sk] True where query i (aligned to the end of the keys) may attend key j:
+    i - left <= j <= i + right."""
+    left, right = window
+    i = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)
+    j = torch.arange(sk, device=device).unsqueeze(0)
+    return (j >= i - left) & (j <= i + right)
 
 
 def document_attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ generator seeded per (seed, layer, module): the same adapters at every TP/PP lay
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -45,9 +46,11 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel import mappings
 
-from nemo_aot.models.options import LORA_TARGETS, PeftConfig
+from nemo_aot.models.options import LINEAR_ATTENTION_LORA_TARGETS, LORA_TARGETS, PeftConfig
 
-COLUMN_TARGETS = ("linear_qkv", "linear_fc1")
+COLUMN_TARGETS = ("linear_qkv", "linear_fc1", "in_proj")
+SECTION_NAMES = ("query", "key", "value", "z", "beta", "alpha")
+"""megatron GatedDeltaNet's names of the in_proj row sections (its checkpoint splits them)."""
 GATED_TARGET = "linear_fc1"
 ADAPTER = "adapter"
 ADAPTER_KEY = f".{ADAPTER}."
@@ -71,9 +74,13 @@ class LoRAAdapter(torch.nn.Module):
     """``(alpha / r) B (A dropout(x))`` with this rank's shards of A and B (see module doc)."""
 
     def __init__(self, target: str, in_local: int, out_local: int, options: LoRAOptions,
-                 sequence_parallel: bool, gated: bool, dtype, device, tp_group=None):
+                 sequence_parallel: bool, gated: bool, dtype, device, tp_group=None,
+                 sections: Optional[tuple[int, ...]] = None):
         super().__init__()
         self.target, self.options, self.gated = target, options, gated
+        self.sections = sections
+        """Global sizes of the row sections a column-parallel base holds per TP rank (Gated
+        DeltaNet's in_proj: each rank has its slice of every section, in order)."""
         self.column = target in COLUMN_TARGETS
         self.sequence_parallel = sequence_parallel
         self.tp_group = tp_group
@@ -135,6 +142,12 @@ class LoRAAdapter(torch.nn.Module):
         if self.gated:
             key = f"{prefix}linear_out.weight"
             state[key] = apply_swiglu_sharded_factory(state[key], sharded_offsets)
+        if self.sections:
+            from megatron.core.ssm.gated_delta_net import _split_tensor_factory
+
+            key, tp = f"{prefix}linear_out.weight", tp_group.size()
+            state[key] = _split_tensor_factory(state[key], [n // tp for n in self.sections],
+                                               list(SECTION_NAMES), 0)
         return state
 
 
@@ -170,7 +183,8 @@ class _LoRALinearMixin:
             sequence_parallel=bool(config.sequence_parallel),
             gated=self.lora_target == GATED_TARGET and config.gated_linear_unit,
             dtype=config.params_dtype, device=self.weight.device,
-            tp_group=getattr(self, "tp_group", None))
+            tp_group=getattr(self, "tp_group", None),
+            sections=_in_proj_sections(config) if self.lora_target == "in_proj" else None)
 
     def forward(self, x, *args, **kwargs):
         out, bias, adapter_input = _split_output(super().forward(x, *args, **kwargs), x,
@@ -190,6 +204,14 @@ class _LoRALinearMixin:
             return state
         state.update(self.adapter.sharded_state_dict(adapter_prefix, sharded_offsets, metadata))
         return state
+
+
+def _in_proj_sections(config) -> tuple[int, ...]:
+    """GatedDeltaNet in_proj rows: q, k, v, gate, beta, alpha (TransformerConfig linear_*)."""
+    qk = config.linear_num_key_heads * config.linear_key_head_dim
+    v = config.linear_num_value_heads * config.linear_value_head_dim
+    heads = config.linear_num_value_heads
+    return (qk, qk, v, v, heads, heads)
 
 
 def _with_data(entry, data: torch.Tensor):
@@ -212,6 +234,21 @@ def lora_class(base: type, target: str, options: LoRAOptions) -> type:
     return _CLASSES[key]
 
 
+def _submodules_of(entry):
+    """The submodules of one entry of a layer spec: a ``ModuleSpec``'s ``submodules``, or the
+    ``submodules=`` keyword of a factory (megatron-core 0.18 builds the MLP entry as
+    ``functools.partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(...))``)."""
+    while isinstance(entry, functools.partial):
+        if "submodules" in entry.keywords:
+            return entry.keywords["submodules"]
+        entry = entry.func
+    submodules = getattr(entry, "submodules", None)
+    if submodules is None:
+        raise ValueError(f"peft: cannot find the linear layers of this layer spec's {entry!r} "
+                         "(neither a ModuleSpec nor a partial with submodules=)")
+    return submodules
+
+
 def apply_to_layer_spec(spec, peft: PeftConfig):
     """The layer spec with the targeted linear layers swapped for their LoRA classes."""
     import copy
@@ -220,12 +257,15 @@ def apply_to_layer_spec(spec, peft: PeftConfig):
         return spec
     spec = copy.deepcopy(spec)
     options = LoRAOptions(peft.rank, float(peft.alpha), float(peft.dropout))
-    homes = {"linear_qkv": spec.submodules.self_attention.submodules,
-             "linear_proj": spec.submodules.self_attention.submodules,
-             "linear_fc1": spec.submodules.mlp.submodules,
-             "linear_fc2": spec.submodules.mlp.submodules}
+    attention, mlp = (_submodules_of(spec.submodules.self_attention),
+                      _submodules_of(spec.submodules.mlp))
+    mixer = LINEAR_ATTENTION_LORA_TARGETS if hasattr(attention, "in_proj") else \
+        ("linear_qkv", "linear_proj")
+    homes = {**{t: attention for t in mixer}, "linear_fc1": mlp, "linear_fc2": mlp}
     for target in peft.target_modules:
-        home = homes[target]
+        home = homes.get(target)
+        if home is None:  # this kind of layer has no such module (e.g. in_proj in attention)
+            continue
         base = getattr(home, target)
         if not isinstance(base, type):
             raise ValueError(f"peft.target_modules: {target} of this layer spec is "
@@ -274,8 +314,7 @@ def init_adapters(chunks: Sequence[torch.nn.Module], seed: int) -> None:
         adapter = module.adapter
         rank, in_local = adapter.linear_in.weight.shape
         fan_in = in_local if adapter.column else in_local * tp
-        generator = torch.Generator().manual_seed(
-            seed * 1_000_003 + layer_number * len(LORA_TARGETS) + LORA_TARGETS.index(target))
+        generator = torch.Generator().manual_seed(_adapter_seed(seed, layer_number, target))
         bound = 1.0 / math.sqrt(fan_in)
         # Drawn on the host (a CPU generator: the same numbers on every machine), then copied.
         full = torch.empty(rank, fan_in, device="cpu").uniform_(-bound, bound,
@@ -284,6 +323,13 @@ def init_adapters(chunks: Sequence[torch.nn.Module], seed: int) -> None:
         with torch.no_grad():
             adapter.linear_in.weight.copy_(local)
             adapter.linear_out.weight.zero_()
+
+
+def _adapter_seed(seed: int, layer_number: int, target: str) -> int:
+    if target in LORA_TARGETS:
+        return seed * 1_000_003 + layer_number * len(LORA_TARGETS) + LORA_TARGETS.index(target)
+    return seed * 1_000_003 + 500_000 + layer_number * len(LINEAR_ATTENTION_LORA_TARGETS) + \
+        LINEAR_ATTENTION_LORA_TARGETS.index(target)
 
 
 @contextlib.contextmanager
@@ -336,6 +382,10 @@ def full_adapters(chunks: Sequence[torch.nn.Module]) -> dict[tuple[int, str], tu
             if module.adapter.gated:  # [g0; u0; g1; u1] -> [g0; g1; u0; u1]
                 parts = b.chunk(2 * tp, dim=0)
                 b = torch.cat(parts[0::2] + parts[1::2], dim=0)
+            elif module.adapter.sections:  # per rank [q_k; k_k; ...] -> [q; k; ...]
+                local_sizes = [n // tp for n in module.adapter.sections]
+                ranks = [r.split(local_sizes, dim=0) for r in b.chunk(tp, dim=0)]
+                b = torch.cat([r[j] for j in range(len(local_sizes)) for r in ranks], dim=0)
         else:
             a = _tp_gather(a, 1)
         local[(layer_number - 1, target)] = (a.cpu(), b.cpu())
@@ -366,6 +416,9 @@ def load_full_adapters(chunks: Sequence[torch.nn.Module],
             if adapter.gated:
                 gate, up = b.chunk(2, dim=0)
                 b = torch.cat([gate.chunk(tp)[k], up.chunk(tp)[k]], dim=0)
+            elif adapter.sections:
+                b = torch.cat([part.chunk(tp)[k] for part in b.split(list(adapter.sections))],
+                              dim=0)
             else:
                 b = b.chunk(tp, dim=0)[k]
         else:

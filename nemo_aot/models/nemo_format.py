@@ -48,6 +48,7 @@ import shutil
 import tarfile
 import tempfile
 import uuid
+import zlib
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -74,10 +75,16 @@ _SAME_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
               "num_query_groups", "kv_channels", "encoder_seq_length", "max_position_embeddings",
               "position_embedding_type", "rotary_base", "layernorm_epsilon", "bias", "qkv_bias",
               "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
-              "init_method_std", "vocab_size", "attention_backend")
-# Mixture of experts (megatron-core's / NeMo's names) and query/key norms: written when set,
+              "init_method_std", "vocab_size", "attention_backend",
+              # options of newer families (megatron-core / NeMo names where they exist)
+              "qk_layernorm", "layernorm_zero_centered_gamma", "post_sublayer_norms",
+              "scale_embeddings", "softmax_scale", "sliding_window", "window_attn_skip_freq",
+              "rotary_base_local",
+              # hybrid linear-attention models (Qwen3.5)
+              "attention_output_gate", "linear_attention")
+# Mixture of experts (megatron-core's / NeMo's names): written when set,
 # read when present (a dense model's model_config.yaml carries none of them).
-_MOE_KEYS = ("qk_layernorm", "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
+_MOE_KEYS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
              "moe_router_score_function", "moe_router_topk_normalize",
              "moe_router_topk_scaling_factor", "moe_shared_expert_intermediate_size",
              "moe_shared_expert_gate", "moe_aux_loss_coeff", "moe_z_loss_coeff",
@@ -87,7 +94,8 @@ _NEMO_DEFAULTS = {"position_embedding_type": "learned_absolute", "normalization"
                   "activation": "gelu", "bias": True, "share_embeddings_and_output_weights": True,
                   "make_vocab_size_divisible_by": 128}
 _NORMS = {"rmsnorm": "RMSNorm"}
-_ACTIVATIONS = {"fast-swiglu": "swiglu", "swiglu": "swiglu"}
+_ACTIVATIONS = {"fast-swiglu": "swiglu", "swiglu": "swiglu", "fast-geglu": "geglu"}
+_NEMO_ACTIVATIONS = {"swiglu": "fast-swiglu", "geglu": "fast-geglu"}  # fast = tanh GELU
 
 
 # ----------------------------------------------------------------------------- config
@@ -98,13 +106,13 @@ def nemo_config_dict(cfg: GPTModelConfig, tokenizer: Optional[dict] = None,
     out: dict[str, Any] = {"mcore_gpt": True, "transformer_engine": False}
     out.update({k: ours[k] for k in _SAME_KEYS})
     out.update(normalization="rmsnorm" if cfg.normalization == "RMSNorm" else cfg.normalization,
-               activation="fast-swiglu" if cfg.activation == "swiglu" else cfg.activation,
+               activation=_NEMO_ACTIVATIONS.get(cfg.activation, cfg.activation),
                rotary_percentage=cfg.rotary_percent, override_vocab_size=cfg.vocab_size,
                rope_scaling=ours["rope_scaling"],
                scale_positional_embedding=cfg.rope_scaling is not None,
                seq_len_interpolation_factor=None, hidden_dropout=0.0, attention_dropout=0.0,
                ffn_dropout=0.0, apply_query_key_layer_scaling=False, tokenizer=tokenizer)
-    if cfg.is_moe or cfg.qk_layernorm:
+    if cfg.is_moe:
         out.update({k: ours[k] for k in _MOE_KEYS})
     clash = sorted(set(extra_cfg or {}) & set(out))
     if clash:
@@ -173,12 +181,14 @@ def read_nemo_config(path: str) -> tuple[GPTModelConfig, dict]:
 def _read_member(path: str, name: str) -> bytes:
     """Bytes of one member of a .nemo tar (``./`` prefixes allowed) or extracted directory."""
     if os.path.isdir(path):
+        if _parts(name) == [CONFIG_NAME]:
+            _check_folder(path)
         try:
             with open(os.path.join(path, *_parts(name)), "rb") as f:
                 return f.read()
         except OSError as err:
             raise ValueError(f"{path}: cannot read {name}: {err}") from err
-    with _open_tar(path) as tar:
+    with _archive(path) as tar:
         member = next((m for m in tar.getmembers() if _parts(m.name) == _parts(name)), None)
         if member is None or not member.isfile():
             raise ValueError(f"{path}: no {name} in the archive; not a .nemo file?")
@@ -296,17 +306,37 @@ def _parts(name: str) -> list[str]:
 
 def _open_tar(path: str) -> tarfile.TarFile:
     if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a folder where a .nemo file is expected, and has no "
+                             f"{CONFIG_NAME}: point at a .nemo file or an extracted .nemo folder")
         raise ValueError(f".nemo file not found: {path}")
     try:
         return tarfile.open(path, "r:*")
     except tarfile.TarError as err:
-        raise ValueError(f"{path} is not a .nemo (tar) file: {err}") from err
+        raise ValueError(f"{path} is not a .nemo file ({os.path.getsize(path)} bytes, not a tar "
+                         "archive): it was cut short at its start (an interrupted copy or "
+                         f"download?) or is another kind of file ({str(err).splitlines()[0]})"
+                         ) from err
+
+
+@contextlib.contextmanager
+def _archive(path: str) -> Iterator[tarfile.TarFile]:
+    """The one reader of a .nemo archive: a tar whose members end early (a truncated file)
+    fails with one message naming the file and the likely cause, wherever it is read."""
+    with _open_tar(path) as tar:
+        try:
+            yield tar
+        except (tarfile.TarError, EOFError, zlib.error) as err:
+            raise ValueError(f"{path} is damaged or incomplete ({type(err).__name__}: {err}): "
+                             f"the archive ends early ({os.path.getsize(path)} bytes), as an "
+                             "interrupted copy, download or save leaves it; copy or export it "
+                             "again") from err
 
 
 def extract_nemo(path: str, dest: str) -> str:
     """Extract into ``dest`` (new or empty); refuse any member that could land outside it."""
     root = _empty_dir(dest)
-    with _open_tar(path) as tar:
+    with _archive(path) as tar:
         _unpack(tar, _safe_plan(tar, path, dest, root), path)
     return dest
 
@@ -327,7 +357,7 @@ def extract_tokenizer(path: str, dest: str) -> Optional[str]:
         return nemo_artifact(path, ref)
     parts = _artifact_parts(ref)
     root = _empty_dir(dest)
-    with _open_tar(path) as tar:
+    with _archive(path) as tar:
         plan = [p for p in _safe_plan(tar, path, dest, root) if p[2][:len(parts)] == parts]
         if not plan:
             return None

@@ -96,6 +96,9 @@ PEFT_SCHEMES = ("none", "lora")
 # QKV (column-parallel) and output projection (row-parallel), the MLP's fused gate/up
 # (column-parallel) and down projection (row-parallel).
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+# Gated DeltaNet layers (model.linear_attention) have in_proj (column-parallel: q, k, v, gate,
+# beta, alpha) and out_proj (row-parallel) in place of linear_qkv / linear_proj.
+LINEAR_ATTENTION_LORA_TARGETS = ("in_proj", "out_proj")
 
 
 @dataclass
@@ -114,7 +117,8 @@ class PeftConfig:
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     """Which linear layers of every transformer layer get an adapter: any of linear_qkv
     (q/k/v_proj in Hugging Face), linear_proj (o_proj), linear_fc1 (gate/up_proj), linear_fc2
-    (down_proj)."""
+    (down_proj); on models with Gated DeltaNet layers also in_proj (linear_attn.in_proj_qkv/z/
+    b/a) and out_proj (linear_attn.out_proj). A layer without a listed module skips it."""
     adapter_from: Optional[str] = None
     """Start the adapters from a Hugging Face PEFT adapter folder (adapter_config.json +
     adapter_model.safetensors, e.g. one this package exported) or from a LoRA training
@@ -141,10 +145,11 @@ class PeftConfig:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"{prefix}.dropout must be in [0, 1), got {self.dropout!r}")
         targets = list(self.target_modules or [])
-        unknown = [t for t in targets if t not in LORA_TARGETS]
+        known = LORA_TARGETS + LINEAR_ATTENTION_LORA_TARGETS
+        unknown = [t for t in targets if t not in known]
         if unknown or not targets:
             raise ValueError(f"{prefix}.target_modules must be a non-empty subset of "
-                             f"{list(LORA_TARGETS)}, got {targets!r}"
+                             f"{list(known)}, got {targets!r}"
                              + (f" (unknown: {unknown})" if unknown else ""))
         if len(set(targets)) != len(targets):
             raise ValueError(f"{prefix}.target_modules lists a module twice: {targets!r}")

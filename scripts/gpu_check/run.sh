@@ -7,8 +7,8 @@
 # Installs the bundle (.gpu_bundle, built here by `python -m scripts.gpu_check.build_bundle`)
 # into folders of its own with --no-deps (the machine's torch is never touched), then runs, each
 # step with a timeout and going on after a failure:
-#   probe (machine, versions, imports)  ->  in parallel: pytest -m gpu tests/gpu (megatron-core
-#   0.16), the train/convert/logits check, pytest -m gpu tests/gpu (megatron-core 0.19)  ->  the
+#   probe (machine, versions, imports)  ->  in parallel: pytest -m gpu tests/gpu and the
+#   train/convert/logits check, each under megatron-core 0.16 and under 0.19  ->  the
 #   step benchmark (llama-1b, seq 1024, 4 and 8 pairs) alone on the GPU  ->  summary.
 # Results land in --out (default $OUT, else ./gpu_check_out): summary.json, summary.txt,
 # logs.tar.gz and the benchmark JSON files; scratch goes to <out>/work and is removed at the end
@@ -125,7 +125,7 @@ for pass in mcore016 mcore019; do
 done
 wait
 
-# ---- small GPU work, in parallel (tiny models; the GPU and 16 cores have room for all three)
+# ---- small GPU work, in parallel (tiny models; the GPU and 16 cores have room for all four)
 export OMP_NUM_THREADS=4
 step pytest_mcore016 300 "$SITE16" "$PY" -m pytest -m gpu tests/gpu -p no:cacheprovider -rA \
     --junitxml="$WORK/pytest_mcore016.xml" &
@@ -133,6 +133,8 @@ step train_check 300 "$SITE16" "$PY" -m scripts.gpu_check.train_check --work "$W
     --result "$WORK/train_check.json" --steps 20 &
 step pytest_mcore019 300 "$SITE19" "$PY" -m pytest -m gpu tests/gpu -p no:cacheprovider -rA \
     --junitxml="$WORK/pytest_mcore019.xml" &
+step train_check_mcore019 300 "$SITE19" "$PY" -m scripts.gpu_check.train_check \
+    --work "$WORK/train_mcore019" --result "$WORK/train_check_mcore019.json" --steps 20 &
 wait
 unset OMP_NUM_THREADS
 

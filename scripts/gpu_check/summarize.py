@@ -2,10 +2,10 @@
 
     python -m scripts.gpu_check.summarize --work WORK --out OUT [--seconds N] [--gpu-tag h100]
 
-Reads what run.sh left in WORK (steps/*.json, probe_*.json, pytest_*.xml, train_check.json,
+Reads what run.sh left in WORK (steps/*.json, probe_*.json, pytest_*.xml, train_check*.json,
 bundle_manifest.json) and the benchmark files in OUT; writes OUT/summary.json and
 OUT/summary.txt. Standard library only. Exit status 0 when every required step passed (the
-megatron-core 0.19 pass is reported, not required).
+megatron-core 0.19 pass, tests and train check, is reported, not required).
 """
 
 from __future__ import annotations
@@ -90,8 +90,9 @@ def summarize(work: str, out: str, seconds: float | None, tag: str | None) -> di
     tests = {p: pytest_results(os.path.join(work, f"pytest_{p}.xml"))
              for p in ("mcore016", "mcore019")}
     train = _load(os.path.join(work, "train_check.json"))
-    if train:
-        for stage in train.get("stages", {}).values():
+    train019 = _load(os.path.join(work, "train_check_mcore019.json"))
+    for result in (train, train019):
+        for stage in (result or {}).get("stages", {}).values():
             stage.pop("traceback", None)
     manifest = _load(os.path.join(work, "bundle_manifest.json")) or {}
     missing = [name for name in REQUIRED if by_name.get(name, {}).get("status") != "pass"]
@@ -107,6 +108,7 @@ def summarize(work: str, out: str, seconds: float | None, tag: str | None) -> di
         "mcore019_breaks": second_pass_breaks(tests["mcore016"], tests["mcore019"]),
         "second_pass_ok": by_name.get("pytest_mcore019", {}).get("status") == "pass",
         "train_check": train,
+        "train_check_mcore019": train019,
         "bench": {os.path.basename(p): bench_summary(p)
                   for p in sorted(glob.glob(os.path.join(out, "aot_step_*.json")))},
         "bundle": {k: v for k, v in manifest.items()
@@ -117,6 +119,25 @@ def summarize(work: str, out: str, seconds: float | None, tag: str | None) -> di
     with open(os.path.join(out, "summary.txt"), "w") as f:
         f.write(text(summary))
     return summary
+
+
+def _train_lines(key: str, t: dict | None) -> list:
+    """The train/convert/logits check's lines, naming the megatron-core that gave them."""
+    if not t:
+        return []
+    lines = [f"\n{key} (megatron-core {t.get('megatron_core')}, {t.get('device')}, "
+             f"{t.get('precision')}): {'ok' if t.get('ok') else 'FAILED'}"]
+    for name, st in t.get("stages", {}).items():
+        extra = st.get("error", "")[:300]
+        if name == "train" and st.get("train_loss"):
+            extra = (f"loss {st['train_loss'][0]:.4f} -> {st['train_loss'][-1]:.4f}, "
+                     f"validation {st.get('validation_loss')}, checks {st.get('checks')}")
+        if name == "logits" and "max_abs_diff" in st:
+            extra = (f"max |diff| {st['max_abs_diff']:.2e} (tol {st['tolerance']}), "
+                     f"KL {st['kl']:.2e}, argmax agreement {st['argmax_agreement']:.3f}")
+        state = "ok" if st.get("ok") else "FAILED"
+        lines.append(f"  {state:6s} {name} ({st.get('seconds')} s) {extra}")
+    return lines
 
 
 def text(s: dict) -> str:
@@ -145,20 +166,8 @@ def text(s: dict) -> str:
         lines.append("\nbroken by megatron-core 0.19 (passed under 0.16):")
         for b in s["mcore019_breaks"]:
             lines.append(f"  {b['test']}: {' | '.join(b['error_lines'])[:400]}")
-    t = s["train_check"]
-    if t:
-        lines.append(f"\ntrain_check ({t.get('device')}, {t.get('precision')}): "
-                     f"{'ok' if t.get('ok') else 'FAILED'}")
-        for name, st in t.get("stages", {}).items():
-            extra = st.get("error", "")[:300]
-            if name == "train" and st.get("train_loss"):
-                extra = (f"loss {st['train_loss'][0]:.4f} -> {st['train_loss'][-1]:.4f}, "
-                         f"validation {st.get('validation_loss')}, checks {st.get('checks')}")
-            if name == "logits" and "max_abs_diff" in st:
-                extra = (f"max |diff| {st['max_abs_diff']:.2e} (tol {st['tolerance']}), "
-                         f"KL {st['kl']:.2e}, argmax agreement {st['argmax_agreement']:.3f}")
-            state = "ok" if st.get("ok") else "FAILED"
-            lines.append(f"  {state:6s} {name} ({st.get('seconds')} s) {extra}")
+    for key in ("train_check", "train_check_mcore019"):
+        lines += _train_lines(key, s.get(key))
     for name, b in s["bench"].items():
         lines.append(f"\n{name} ({b['device']}):")
         for v, r in b["variants"].items():

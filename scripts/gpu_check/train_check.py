@@ -42,10 +42,21 @@ def bundled(*parts: str) -> str:
     return os.path.join(os.path.dirname(nemo_aot.__file__), "data", "bundled", *parts)
 
 
+def _megatron_core_version():
+    """Which megatron-core gave this result (the check runs under 0.16 and 0.19)."""
+    try:
+        from importlib import metadata
+
+        return metadata.version("megatron-core")
+    except Exception:  # noqa: BLE001 - recorded as unknown; the import stage reports the error
+        return None
+
+
 class Check:
     def __init__(self, work: str, timeout: float):
         self.work, self.timeout = work, timeout
-        self.result: dict = {"ok": False, "stages": {}, "device": None}
+        self.result: dict = {"ok": False, "stages": {}, "device": None,
+                             "megatron_core": _megatron_core_version()}
 
     def stage(self, name: str, fn, *args, **kwargs):
         started = time.time()

@@ -58,6 +58,8 @@ def test_newest_checkpoint_equals_the_runs_own_export(single, tmp_path):
     assert any(not s4[k].equal(end[k]) for k in end)
 
 
+# Multi-minute (a TP2 run and two multi-rank exports): make test-slow.
+@pytest.mark.slow
 def test_layouts_export_the_same_policy(single, small_data, init_nemo, tmp_path):
     """A TP2 run exported by one process, and the single-process run exported by two
     processes at TP2, give the runs' own .nemo files. The TP2 run's vocabulary (300) is padded

@@ -47,7 +47,9 @@ def _weights(out, step):
             if torch.is_tensor(v) and not k.startswith("optimizer") and "_extra_state" not in k}
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+# The 4-rank layout takes minutes on 2 cores: make test-slow.
+@pytest.mark.parametrize("layout", [pytest.param(k, marks=pytest.mark.slow) if LAYOUTS[k][0] > 2
+                                    else k for k in LAYOUTS])
 def test_overlap_follows_the_plain_run(layout, small_data, init_nemo, tmp_path):
     nproc, parallel, variant = LAYOUTS[layout]
     plain = _run(small_data, init_nemo, tmp_path / "plain", nproc, *parallel)

@@ -7,6 +7,7 @@ and finishes."""
 import os
 import signal
 
+import pytest
 import torch
 
 from conftest import history, train_args
@@ -74,6 +75,8 @@ def _status(path):
         return dict(line.split("=", 1) for line in f.read().splitlines())
 
 
+# Multi-minute (a signal in every phase, each followed by a requeue): make test-slow.
+@pytest.mark.slow
 def test_signals_in_every_phase_then_requeues_finish(small_data, init_nemo, tmp_path):
     out = tmp_path / "run"
     status = str(tmp_path / "launch_status.txt")

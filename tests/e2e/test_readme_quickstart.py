@@ -11,6 +11,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, env
 from multirank import free_port
 
@@ -72,6 +74,8 @@ def _argv(command, hf_dir):
             *rest, *TRAIN_SCALE]
 
 
+# Multi-minute (every quick-start command, a 4-rank run among them): make test-slow.
+@pytest.mark.slow
 def test_quick_start_as_written(tmp_path):
     commands = quickstart_commands()
     assert any(c.startswith("torchrun") for c in commands) and len(commands) >= 5

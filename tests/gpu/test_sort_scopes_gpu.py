@@ -32,7 +32,7 @@ def runs(world: int, device: str) -> list[dict]:
 
 def cpu_reference_possible():
     """The CPU reference needs nemo_aot's CPU execution support, which runs only on the
-    megatron-core versions it was written for (the second pass of the GPU check has 0.19)."""
+    megatron-core versions it was run with (make test-compat)."""
     from nemo_aot.distributed.cpu_support import SUPPORTED_MEGATRON_CORE, megatron_core_version
 
     version = megatron_core_version()

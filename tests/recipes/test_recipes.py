@@ -75,10 +75,12 @@ def scale_down(recipe, data_dir, out_dir):
         f"trainer.micro_batch_size={micro}", f"trainer.global_batch_size={gbs}",
         f"data.max_seq_length={min(raw.data.max_seq_length, CAP_SEQ)}",
         f"logging.output_dir={out_dir}", "logging.progress_bar=false"]
-    if raw.model.num_moe_experts is not None:
+    if raw.model.get("num_moe_experts") is not None:
         overrides += _tiny_moe(raw.model)
     elif "init_from" in required:  # as users pass a large checkpoint: an extracted folder
-        overrides.append(f"init_from={_extracted_tiny(data_dir)}")
+        tiny = _tiny_linear_attention(data_dir) if raw.model.get("linear_attention") else \
+            _tiny_of_family(raw.model, data_dir)
+        overrides.append(f"init_from={tiny}")
     steps_per_epoch = None
     if "data.train_path" in required:
         steps_per_epoch = raw.optim.warmup_steps + EXTRA_STEPS
@@ -108,6 +110,76 @@ def _extracted_tiny(data_dir):
     from nemo_aot.models.nemo_format import extract_nemo
 
     return extract_nemo(resolve_path(TINY), str(data_dir / "tiny_sft"))
+
+
+# Architecture keys that make a family (conversion/families): a recipe whose model sets any of
+# them trains a tiny model with the same ones; window sizes shrink to act at the tiny lengths.
+FAMILY_KEYS = ("qkv_bias", "qk_layernorm", "layernorm_zero_centered_gamma",
+               "post_sublayer_norms", "scale_embeddings", "activation", "softmax_scale",
+               "sliding_window", "window_attn_skip_freq", "rotary_base_local", "rope_scaling",
+               "share_embeddings_and_output_weights")
+TINY_WINDOW, TINY_SKIP_FREQ = 16, 2
+
+
+def _tiny_of_family(model, data_dir):
+    """The tiny policy's size with the recipe model's family options: the bundled tiny policy
+    itself for a Llama-architecture recipe, else the same size freshly initialized with them
+    (extracted .nemo folder)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from nemo_aot.models.config import GPTModelConfig
+    from nemo_aot.models.nemo_format import read_nemo_config
+
+    tiny = _extracted_tiny(data_dir)
+    base, _ = read_nemo_config(tiny)
+    values = OmegaConf.to_container(model, resolve=True)
+    options = {k: values[k] for k in FAMILY_KEYS if k in values}
+    changed = GPTModelConfig.from_dict({**base.to_dict(), **options})
+    if changed == base:
+        return tiny
+    if changed.sliding_window is not None:
+        changed = dataclasses.replace(changed, sliding_window=TINY_WINDOW, window_attn_skip_freq=(
+            None if changed.window_attn_skip_freq is None else TINY_SKIP_FREQ))
+    return _fresh_nemo(changed, tiny, data_dir / "tiny_family")
+
+
+def _fresh_nemo(cfg, tiny_dir, out_dir):
+    """A randomly initialized model of ``cfg`` with the tiny policy's tokenizer, extracted."""
+    from nemo_aot.conversion.convert import single_process_world
+    from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
+    from nemo_aot.models.config import to_transformer_config
+    from nemo_aot.models.gpt import build_model_chunks
+    from nemo_aot.models.nemo_format import TOKENIZER_DIR, extract_nemo, save_nemo
+
+    path = str(data_dir_file(out_dir, "tiny_family.nemo"))
+    with single_process_world():
+        parallel = ParallelConfig()
+        initialize_model_parallel(parallel, cfg)
+        chunks = build_model_chunks(cfg, to_transformer_config(cfg, parallel, "fp32"))
+        save_nemo(path, cfg, chunks, os.path.join(tiny_dir, TOKENIZER_DIR))
+    return extract_nemo(path, str(out_dir / "extracted"))
+
+
+def data_dir_file(directory, name):
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, name)
+
+
+def _tiny_linear_attention(data_dir):
+    """A recipe for a hybrid Gated DeltaNet model starts from a tiny random one of the same
+    family (converted from transformers' Qwen3.5), extracted like the tiny policy."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "unit"))
+    from test_conversion_families import save_hf
+    from test_conversion_qwen35 import build_qwen35_hf
+
+    from nemo_aot.conversion import hf_to_nemo
+    from nemo_aot.models.nemo_format import extract_nemo
+
+    nemo = str(data_dir / "tiny_qwen35.nemo")
+    hf_to_nemo(save_hf(build_qwen35_hf(), data_dir / "tiny_qwen35_hf"), nemo, dtype="fp32")
+    return extract_nemo(nemo, str(data_dir / "tiny_qwen35"))
 
 
 def _bundled(kind, n):

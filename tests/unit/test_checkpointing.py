@@ -202,3 +202,46 @@ def _save(state):
     torch.save(state, buffer)
     buffer.seek(0)
     return buffer
+
+
+class _Fails:
+    """Stands in for model and optimizer: what ``RunCheckpointer._template`` asks of them."""
+
+    def sharded_state_dict(self, *args, **kwargs):
+        return {}
+
+
+def test_a_checkpoint_from_a_newer_megatron_core_that_fails_to_load_says_why(tmp_path,
+                                                                             monkeypatch):
+    """The marker names the megatron-core that wrote the checkpoint; when loading fails and that
+    release is newer than the installed one, the error says so and what to do (an older one,
+    or none recorded, keeps megatron's own error)."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_aot.algorithms import checkpointing as ck
+
+    def broken_load(*args, **kwargs):
+        raise KeyError("optimizer.param_groups: unexpected key in the checkpoint")
+
+    monkeypatch.setattr(dist_checkpointing, "load", broken_load)
+    monkeypatch.setattr(ck, "sharded_rng_state", lambda: {})
+    runner = ck.RunCheckpointer(ck.CheckpointManager(str(tmp_path)), _Fails(), _Fails(), None,
+                                None, config_text="", config_hash="", tokenizer_dir="")
+    installed = ck.megatron_core_version()
+    newer = f"0.{int(installed.split('.')[1]) + 1}.0"
+    saved = ck.SavedCheckpoint(str(tmp_path / "step_00000003"), 3, {"megatron_core": newer})
+    with pytest.raises(RuntimeError, match=rf"written by megatron-core {newer}, and this "
+                                           rf"environment has the older {installed}.*>= {newer}"):
+        runner.restore(saved, trainer=None)
+    for metadata in ({"megatron_core": installed}, {"megatron_core": "0.15.0"}, {}):
+        with pytest.raises(KeyError, match="unexpected key"):
+            runner.restore(ck.SavedCheckpoint(saved.path, 3, metadata), trainer=None)
+
+
+def test_the_recorded_megatron_core_is_the_installed_distribution():
+    from importlib import metadata
+
+    from nemo_aot.algorithms.checkpointing import megatron_core_version
+
+    assert megatron_core_version() == metadata.version("megatron-core")
+    assert "+" not in megatron_core_version()  # no commit of a surrounding git repository

@@ -12,6 +12,7 @@ import torch
 from test_conversion_families import (
     FAMILIES,
     build_hf,
+    hf_class,
     hf_logits,
     megatron_logits,
     random_tokens,
@@ -86,10 +87,14 @@ def test_round_trip_is_bitwise_and_loads_in_transformers(converted, family, tmp_
     with open(os.path.join(back, "config.json")) as f:
         exported = json.load(f)
     # transformers 4.x spelling next to 5.x's, with the same values
-    theta = original.get("rope_parameters", {}).get("rope_theta", original.get("rope_theta"))
+    rope = original["rope_parameters"]
+    if "full_attention" in rope:  # per layer type (Gemma 3): 4.x keys describe the global ones
+        assert exported["rope_local_base_freq"] == rope["sliding_attention"]["rope_theta"]
+        rope = rope["full_attention"]
+    theta = rope.get("rope_theta", original.get("rope_theta"))
     assert exported["rope_theta"] == theta and exported["torch_dtype"] == "float32"
     scaling = exported["rope_scaling"]
-    assert (scaling or {}).get("factor") == original["rope_parameters"].get("factor")
+    assert (scaling or {}).get("factor") == rope.get("factor")
     again = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
     tokens = random_tokens(seed=3)
     assert torch.equal(hf_logits(again, tokens), hf_logits(model, tokens))
@@ -118,7 +123,8 @@ def test_bf16_sharded_source_round_trips_bitwise(tmp_path):
         assert json.load(f).get("dtype", "bfloat16") == "bfloat16"
 
 
-def test_generated_config_when_no_source_config_is_stored(converted, tmp_path):
+@pytest.mark.parametrize("family", ["llama31_rope", "qwen3", "gemma3"])
+def test_generated_config_when_no_source_config_is_stored(converted, family, tmp_path):
     """A .nemo without hf_config/ (trained from scratch) exports a generated config."""
     import tarfile
 
@@ -126,7 +132,7 @@ def test_generated_config_when_no_source_config_is_stored(converted, tmp_path):
 
     from nemo_aot.conversion import nemo_to_hf
 
-    model, _, nemo = converted["llama31_rope"]
+    model, _, nemo = converted[family]
     stripped = str(tmp_path / "stripped.nemo")
     with tarfile.open(nemo) as src, tarfile.open(stripped, "w") as dst:
         for member in src.getmembers():
@@ -135,7 +141,7 @@ def test_generated_config_when_no_source_config_is_stored(converted, tmp_path):
     back = str(tmp_path / "back")
     nemo_to_hf(stripped, back)
     config = transformers.AutoConfig.from_pretrained(back)
-    assert config.architectures == ["LlamaForCausalLM"]
+    assert config.architectures == [hf_class(family)]
     again = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
     tokens = random_tokens(seed=4)
     assert torch.equal(hf_logits(again, tokens), hf_logits(model, tokens))
@@ -162,3 +168,73 @@ def test_cli_converts_and_reports_user_errors(converted, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["convert", "hf-to-nemo", "--hf", hf_dir, "--out", out,
                            "--dtype", "fp16"])
+
+
+@pytest.mark.parametrize("change", [
+    dict(sliding_window=None, window_attn_skip_freq=None, rotary_base_local=None),
+    dict(rotary_base_local=1000000.0), dict(softmax_scale=None), dict(scale_embeddings=False),
+    dict(rope_scaling=None), dict(window_attn_skip_freq=None)], ids=str)
+def test_each_gemma3_option_shows_in_the_logits(converted, change, tmp_path):
+    """The tiny Gemma 3 exercises every option: dropping one moves the logits far past the
+    tolerance (the equality test above could not pass with it mapped wrongly)."""
+    import dataclasses
+
+    from nemo_aot.conversion.convert import build_single_model, single_process_world
+    from nemo_aot.models.nemo_format import extract_nemo, load_nemo_weights, read_nemo_config
+
+    model, _, nemo = converted["gemma3"]
+    cfg, _ = read_nemo_config(nemo)
+    tokens = random_tokens()
+    with single_process_world():
+        wrong = build_single_model(dataclasses.replace(cfg, **change), torch.float32)
+        load_nemo_weights([wrong], extract_nemo(nemo, str(tmp_path / "x")))
+        diff = (megatron_logits(wrong, tokens) - hf_logits(model, tokens)).abs().max().item()
+    assert diff > 100 * TOLERANCE, (change, diff)
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "qwen3", "gemma3"])
+def test_lora_adapters_load_in_peft_with_equal_logits(converted, family, tmp_path):
+    """LoRA on every target of a converted model (adapters with non-zero B), exported in the
+    PEFT layout, loaded by ``peft`` onto the transformers model: equal logits. For Gemma 3 the
+    o_proj/down_proj deltas land before the post-sublayer norms, as in PEFT."""
+    from peft import PeftModel
+
+    from nemo_aot.conversion.convert import single_process_world
+    from nemo_aot.conversion.peft_adapter import adapter_config, write_peft_adapter
+    from nemo_aot.distributed.parallel import ParallelConfig, initialize_model_parallel
+    from nemo_aot.models.config import to_transformer_config
+    from nemo_aot.models.gpt import build_model_chunks
+    from nemo_aot.models.lora import adapted_layers, full_adapters, is_adapter_name
+    from nemo_aot.models.nemo_format import extract_nemo, load_nemo_weights, read_nemo_config
+    from nemo_aot.models.options import PeftConfig
+
+    model, hf_dir, nemo = converted[family]
+    cfg, _ = read_nemo_config(nemo)
+    peft = PeftConfig(scheme="lora", rank=4, alpha=8.0)
+    tokens = random_tokens(seed=5)
+    with single_process_world():
+        parallel = ParallelConfig()
+        initialize_model_parallel(parallel, cfg)
+        (chunk,) = build_model_chunks(cfg, to_transformer_config(cfg, parallel, "fp32"),
+                                      peft=peft, seed=3)
+        load_nemo_weights([chunk], extract_nemo(nemo, str(tmp_path / "x")),
+                          select=lambda name: not is_adapter_name(name))
+        generator = torch.Generator().manual_seed(9)
+        with torch.no_grad():
+            for _, _, module in adapted_layers([chunk]):
+                weight = module.adapter.linear_out.weight
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
+        ours = megatron_logits(chunk.eval(), tokens)
+        adapters = full_adapters([chunk])
+    folder = str(tmp_path / "adapter")
+    write_peft_adapter(folder, adapters, cfg, adapter_config(
+        peft.rank, peft.alpha, 0.0, list(peft.target_modules)))
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    plain = hf_logits(base, tokens)
+    adapted = hf_logits(PeftModel.from_pretrained(base, folder).eval(), tokens)
+    diff = (ours - adapted).abs().max().item()
+    print(f"{family}: LoRA vs PEFT max abs logit diff {diff:.3e}")
+    assert diff <= TOLERANCE
+    assert (adapted - plain).abs().max() > 1e-1  # the adapters change the model

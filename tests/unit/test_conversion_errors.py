@@ -167,3 +167,43 @@ def test_export_refuses_a_non_empty_directory(tmp_path):
     assert leftovers == [], leftovers
     assert torch.__version__  # the conversion left torch.distributed as it found it
     assert not torch.distributed.is_initialized()
+
+
+def test_qwen3_and_gemma3_refuse_what_they_cannot_represent():
+    """By key and value: each refusal names the config field."""
+    from nemo_aot.conversion.architectures import model_config_from_hf
+
+    base = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+            "vocab_size": 100, "max_position_embeddings": 4096}
+    qwen3 = {**base, "architectures": ["Qwen3ForCausalLM"]}
+    assert model_config_from_hf(qwen3)[1].qk_layernorm
+    for changes, match in [
+        ({"attention_bias": True}, "attention_bias=True"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn'"),
+        ({"use_sliding_window": True, "sliding_window": 1024}, "sliding_window=1024"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            model_config_from_hf({**qwen3, **changes})
+    gemma = {**base, "architectures": ["Gemma3ForCausalLM"], "sliding_window": 512,
+             "sliding_window_pattern": 2}
+    cfg = model_config_from_hf(gemma)[1]
+    assert (cfg.window_attn_skip_freq, cfg.sliding_window) == (2, 512)
+    every_third = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    assert model_config_from_hf({**gemma, "num_hidden_layers": 6, "layer_types": every_third}
+                                )[1].window_attn_skip_freq == 3
+    for changes, match in [
+        ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0"),
+        ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0"),
+        ({"hidden_activation": "gelu"}, "hidden_activation='gelu'"),
+        ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        ({"layer_types": ["full_attention", "sliding_attention"] * 2}, "layer_types"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, "'yarn'"),
+        ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                              "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+         "sliding_attention.rope_type='linear'"),
+        ({"architectures": ["Gemma2ForCausalLM"]}, "soft-caps"),
+        ({"architectures": ["Gemma3ForConditionalGeneration"]}, "vision-language"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            model_config_from_hf({**gemma, **changes})

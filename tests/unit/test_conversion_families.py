@@ -29,7 +29,22 @@ FAMILIES = {
     "llama32_tied": ("LlamaConfig", dict(rope_scaling=LLAMA3_ROPE, tie_word_embeddings=True)),
     "mistral": ("MistralConfig", dict(sliding_window=None, head_dim=32)),
     "qwen2": ("Qwen2Config", dict(rope_theta=1000000.0)),
+    # QK norms, head_dim 32 != hidden/heads, tied embeddings (Qwen3-0.6B's shape of things)
+    "qwen3": ("Qwen3Config", dict(rope_theta=1000000.0, head_dim=32, tie_word_embeddings=True)),
+    # (1 + w) norms, post-sublayer norms, GeGLU, embedding scale, query_pre_attn_scalar !=
+    # head_dim, layer 1 sliding (window 8 < 24 tokens, local rope base), layer 2 global (linear
+    # rope scaling): on separate stages at PP=2
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+                                        sliding_window_pattern=2, rope_theta=1000000.0,
+                                        rope_local_base_freq=10000.0,
+                                        rope_scaling={"rope_type": "linear", "factor": 8.0})),
 }
+HF_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM"}
+
+
+def hf_class(family: str) -> str:
+    class_name = FAMILIES[family][0]
+    return HF_CLASSES.get(class_name, class_name.replace("Config", "ForCausalLM"))
 
 
 def build_hf(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -86,14 +101,24 @@ def test_families_translate_to_the_expected_config():
 
     for family, (class_name, extra) in FAMILIES.items():
         hf = getattr(transformers, class_name)(**{**COMMON, **extra}).to_dict()
-        hf["architectures"] = [class_name.replace("Config", "ForCausalLM")]
+        hf["architectures"] = [hf_class(family)]
         arch, cfg = model_config_from_hf(hf, family)
         assert arch.hf_class == hf["architectures"][0]
         assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size) == (2, 64, 176)
         assert (cfg.num_attention_heads, cfg.query_groups, cfg.vocab_size) == (4, 2, VOCAB)
-        assert cfg.head_dim == (32 if family == "mistral" else 16)
+        assert cfg.head_dim == extra.get("head_dim", 16)
         assert cfg.qkv_bias == (family == "qwen2")
-        assert cfg.share_embeddings_and_output_weights == (family == "llama32_tied")
+        assert cfg.share_embeddings_and_output_weights == (family in ("llama32_tied", "qwen3",
+                                                                      "gemma3"))
+        assert cfg.qk_layernorm == (family in ("qwen3", "gemma3"))
         assert (cfg.rope_scaling is not None) == ("rope_scaling" in extra)
         assert cfg.rotary_base == extra.get("rope_theta", 10000.0)
         assert cfg.layernorm_epsilon == 1e-5
+        gemma = family == "gemma3"
+        assert (cfg.layernorm_zero_centered_gamma, cfg.post_sublayer_norms,
+                cfg.scale_embeddings) == (gemma,) * 3
+        assert cfg.activation == ("geglu" if gemma else "swiglu")
+        if gemma:
+            assert (cfg.sliding_window, cfg.window_attn_skip_freq) == (8, 2)
+            assert (cfg.rotary_base_local, cfg.softmax_scale) == (10000.0, 24 ** -0.5)
+            assert (cfg.rope_scaling.rope_type, cfg.rope_scaling.factor) == ("linear", 8.0)

@@ -70,4 +70,24 @@ def test_readme_support_matrix_states_the_ranges():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     matrix = re.search(r"^## Support matrix\n(.*?)(?=^## )", readme, re.M | re.S).group(1)
-    assert ">= 0.15, < 0.17" in matrix and ">= 2.5" in matrix
+    assert ">= 0.16, < 0.20" in matrix and ">= 2.5" in matrix
+
+
+def test_triton_only_where_megatron_core_needs_it_and_unpinned():
+    """megatron-core 0.18+ imports triton without declaring it; 0.17+ needs Python 3.12."""
+    req = _requirements()["triton"]
+    assert not req.specifier, f"triton{req.specifier} could replace an NGC image's build"
+    assert req.marker is not None
+    env = {"sys_platform": "linux", "platform_system": "Linux"}
+    assert req.marker.evaluate({**env, "python_version": "3.12"})
+    assert not req.marker.evaluate({**env, "python_version": "3.11"})
+    assert not req.marker.evaluate({"sys_platform": "darwin", "python_version": "3.12"})
+
+
+def test_python_3_12_is_declared():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    from packaging.specifiers import SpecifierSet
+
+    assert SpecifierSet(project["requires-python"]).contains("3.12")
+    assert "Programming Language :: Python :: 3.12" in project["classifiers"]

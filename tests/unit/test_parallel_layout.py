@@ -102,7 +102,30 @@ def test_cpu_support_refuses_unknown_megatron_versions(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("CPU support is never active with CUDA")
     monkeypatch.setattr(cpu_support, "_ENABLED", False)
-    monkeypatch.setattr(cpu_support, "megatron_core_version", lambda: (0, 9, 0))
-    with pytest.raises(RuntimeError,
-                       match=r"written for megatron-core 0\.15\.x or 0\.16\.x, found 0\.9\.0"):
-        cpu_support.enable_cpu_execution()
+    monkeypatch.delenv(cpu_support.ALLOW_UNTESTED_ENV, raising=False)
+    for version in ((0, 9, 0), (0, 15, 2), (0, 20, 0)):
+        monkeypatch.setattr(cpu_support, "megatron_core_version", lambda v=version: v)
+        found = ".".join(map(str, version)).replace(".", r"\.")
+        env = cpu_support.ALLOW_UNTESTED_ENV
+        with pytest.raises(RuntimeError, match=rf"run with megatron-core 0\.16\.x - 0\.19\.x, "
+                                               rf"found {found}.*{env}=1"):
+            cpu_support.enable_cpu_execution()
+
+
+def test_untested_megatron_is_tried_when_asked_and_warned_about_on_gpu(monkeypatch, caplog):
+    from nemo_aot.distributed import cpu_support
+
+    monkeypatch.setattr(cpu_support, "megatron_core_version", lambda: (0, 20, 1))
+    monkeypatch.setenv(cpu_support.ALLOW_UNTESTED_ENV, "1")
+    with caplog.at_level("WARNING", logger=cpu_support.__name__):
+        assert cpu_support.check_megatron_core(on_cpu=True) == (0, 20, 1)
+    assert "0.20.1 is outside the range nemo_aot was run with (0.16.x - 0.19.x)" in caplog.text
+    monkeypatch.delenv(cpu_support.ALLOW_UNTESTED_ENV)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=cpu_support.__name__):
+        assert cpu_support.check_megatron_core(on_cpu=False) == (0, 20, 1)  # GPU: proceeds
+    assert "proceeding" in caplog.text
+    monkeypatch.setattr(cpu_support, "megatron_core_version", lambda: (0, 17, 0))
+    caplog.clear()
+    assert cpu_support.check_megatron_core(on_cpu=True) == (0, 17, 0)
+    assert not caplog.text

@@ -33,12 +33,13 @@ def instructions(path=DOCKERFILE):
     return result
 
 
-def test_base_image_is_an_ngc_pytorch_tag_chosen_by_build_arg():
+def test_base_image_is_an_ngc_tag_chosen_by_build_arg():
     steps = instructions()
     assert steps[0][0] == "ARG"
     name, _, default = steps[0][1].partition("=")
     assert name == "BASE_IMAGE"
-    assert re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3", default), default
+    ngc = r"nvcr\.io/nvidia/(pytorch:\d\d\.\d\d-py3|nemo:\d\d\.\d\d)"
+    assert re.fullmatch(ngc, default), default
     assert [args for keyword, args in steps if keyword == "FROM"] == ["${BASE_IMAGE}"]
 
 
@@ -67,6 +68,10 @@ def test_snapshot_before_installs_and_verify_after_them():
     assert freeze in runs[snapshot] and "freeze_before.txt" in runs[snapshot]
     assert freeze in runs[verify] and "diff -u /opt/nemo_aot/freeze_before.txt" in runs[verify]
     assert '--megatron-core "${MCORE_VERSION}"' in runs[verify]
+    # an image's own megatron-core (MCORE_VERSION empty) must survive nemo_aot's install too
+    mcore = r"pip freeze | grep -iE '^megatron.core'"
+    assert mcore in runs[snapshot] and "mcore_before.txt" in runs[snapshot]
+    assert mcore in runs[verify] and "diff -u /opt/nemo_aot/mcore_before.txt" in runs[verify]
 
 
 def test_build_context_holds_every_copied_path():

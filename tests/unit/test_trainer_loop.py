@@ -93,10 +93,21 @@ def test_nonfinite_loss_or_grad_norm_is_skipped_and_counted():
     assert [m["skipped_steps"] for s, _, m in logs if s == "train"] == [0, 1, 2, 2]
 
 
+def test_skip_warning_names_the_step_the_metrics_log_names(caplog):
+    # the NaN loss is the 2nd step: metrics.jsonl records it as step 2, the warning must too
+    trainer, _, logs = _trainer([0.7, float("nan"), 0.6], [1.0, 1.0], max_steps=3,
+                                val_check_interval=0)
+    with caplog.at_level("WARNING", logger="nemo_aot.algorithms.trainer"):
+        trainer.fit()
+    skipped = [step for s, step, m in logs if s == "train" and math.isnan(m["loss"])]
+    assert skipped == [2]
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["step 2"]
+
+
 def test_nonfinite_abort_raises_with_advice():
     trainer, _, _ = _trainer([0.7, float("nan")], [1.0, 1.0], max_steps=4, nonfinite="abort",
                              val_check_interval=0)
-    with pytest.raises(FloatingPointError, match="trainer.nonfinite=skip"):
+    with pytest.raises(FloatingPointError, match="^step 2: .*trainer.nonfinite=skip"):
         trainer.fit()
     assert trainer.optimizer.steps == 1
 
