@@ -165,52 +165,38 @@ __all__ = ["MoEFamily", "QWEN3_MOE", "MIXTRAL", "MOE_FAMILIES"]
 
 # ------------------------------------------------------------------------- whole-model tables
 def model_config_from_hf(hf: dict, source: str = "config.json"):
-    """(family, GPTModelConfig) of a Qwen3-MoE or Mixtral config.json. The attention, norms,
-    embeddings and RoPE are read as the Llama table reads them; the experts by the family."""
-    import dataclasses
-
-    from nemo_aot.conversion import architectures
+    """(family, GPTModelConfig) of a Qwen3-MoE or Mixtral config.json, read by its registry
+    family (``nemo_aot.conversion.families``)."""
+    from nemo_aot.conversion.families import family_for_hf
 
     names = hf.get("architectures") or []
     if len(names) != 1 or names[0] not in MOE_FAMILIES:
         raise ValueError(f"{source}: architectures={names!r} is not a mixture-of-experts family "
                          f"here; supported are {sorted(MOE_FAMILIES)}")
-    family = MOE_FAMILIES[names[0]]
-    fields = family.config_fields(hf, source)
-    dense = {k: v for k, v in hf.items() if k not in ("sliding_window", "use_sliding_window")}
-    dense["architectures"] = [architectures.LLAMA.hf_class]
-    _, cfg = architectures.model_config_from_hf(dense, source)
-    cfg = dataclasses.replace(cfg, **fields)
-    cfg.validate(prefix=source)
-    return family, cfg
+    return MOE_FAMILIES[names[0]], family_for_hf(hf, source).config_from_hf(hf, source)
 
 
 def mappings(cfg, family: MoEFamily) -> list[Mapping]:
     """The whole tensor table of a mixture-of-experts model (``{i}`` = layer)."""
-    from nemo_aot.conversion import architectures
+    from nemo_aot.conversion.families import base
 
-    dense = [m for m in architectures.LLAMA.mappings(cfg) if ".mlp." not in m.mcore]
-    return dense + family.mappings(cfg.num_moe_experts)
+    return [base.EMBEDDING, base.FINAL_NORM, *base.LLAMA_NORMS, *base.ATTENTION,
+            *family.mappings(cfg.num_moe_experts), base.output_mapping(cfg)]
 
 
 def hf_shapes(cfg, family: MoEFamily) -> dict[str, tuple[int, ...]]:
-    from nemo_aot.conversion import architectures
+    from nemo_aot.conversion.families import base
 
-    shapes = {k: v for k, v in architectures.hf_shapes(cfg).items() if ".mlp." not in k}
+    shapes = {k: v for k, v in base.llama_shapes(cfg).items() if ".mlp." not in k}
     shapes.update(family.shapes(cfg))
     return shapes
 
 
 def hf_config_from_model(cfg, family: MoEFamily, torch_dtype: str) -> dict:
     """config.json of ``cfg`` as ``family`` (transformers 4.x spelling)."""
-    from nemo_aot.conversion import architectures
+    from nemo_aot.conversion import families
 
-    out = architectures.hf_config_from_model(cfg, architectures.LLAMA, torch_dtype)
-    for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
-        out.pop(key, None)
-    out.update({"architectures": [family.hf_class], "model_type": family.model_type})
-    out.update(family.export_fields(cfg))
-    return out
+    return families.hf_config_from_model(cfg, families.REGISTRY[family.hf_class], torch_dtype)
 
 
 __all__ += ["model_config_from_hf", "mappings", "hf_shapes", "hf_config_from_model"]

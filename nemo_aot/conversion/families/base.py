@@ -202,7 +202,8 @@ def common_hf_config(cfg: GPTModelConfig, family: "Family", torch_dtype: str) ->
 LLAMA_DEFAULTS = dict(qkv_bias=False, qk_layernorm=False, layernorm_zero_centered_gamma=False,
                       post_sublayer_norms=False, scale_embeddings=False, softmax_scale=None,
                       sliding_window=None, window_attn_skip_freq=None, rotary_base_local=None,
-                      activation="swiglu", bias=False, rotary_percent=1.0)
+                      activation="swiglu", bias=False, rotary_percent=1.0,
+                      num_moe_experts=None)
 """The model options of the plain Llama architecture; a family states where it differs."""
 
 
