@@ -149,9 +149,9 @@ def nemo_to_hf(nemo_path: str, out_dir: str, max_shard_bytes: int = MAX_SHARD_BY
         stored = _stored_json(extracted, HF_CONFIG_MEMBER)
         arch = family_for_model(model_cfg, stored)
         if arch.export_as:  # a wrapper layout read for its text model: export that alone
-            logger.warning("%s was converted from %s without its %s; writing the text-only "
-                           "%s", nemo_path, arch.hf_class,
-                           ", ".join(arch.dropped_prefixes), arch.export_as)
+            logger.warning("%s holds only the text model of a %s (its other towers were left "
+                           "out at conversion); writing the text-only %s", nemo_path,
+                           arch.hf_class, arch.export_as)
             arch, stored = REGISTRY[arch.export_as], None
         dtype = nemo_format.checkpoint_dtype(extracted)
         with single_process_world():
