@@ -88,9 +88,14 @@ def test_greedy_matches_transformers_for_each_family(family, prompts_file, tmp_p
     _check_against_hf(rows, hf_dir)
 
 
-@pytest.mark.slow  # ~60 s on 2 shared cores (two gloo ranks)
-def test_greedy_at_tp2_equals_tp1_and_transformers(init_nemo, prompts_file, tmp_path):
-    rows = _generate(init_nemo, prompts_file, tmp_path / "tp2.jsonl", "--tp", "2", nproc=2)
+@pytest.mark.parametrize("layout", [  # ~40 s each on 2 shared cores (two gloo ranks)
+    pytest.param(["--tp", "2"], id="tp2"),
+    pytest.param(["--pp", "2"], id="pp2", marks=pytest.mark.slow),
+    pytest.param([], id="dp2", marks=pytest.mark.slow)])
+def test_greedy_on_two_ranks_matches_transformers(layout, init_nemo, prompts_file, tmp_path):
+    """TP2, PP2 (the token chosen on the last stage sent to the first) and two data-parallel
+    replicas splitting the prompts."""
+    rows = _generate(init_nemo, prompts_file, tmp_path / "out.jsonl", *layout, nproc=2)
     _check_against_hf(rows, init_nemo.parent / "hf")
 
 
