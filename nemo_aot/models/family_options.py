@@ -99,8 +99,10 @@ class LocalRopeSelfAttention(SelfAttention):
         local = local_rotary_base is not None and is_layer_window_attention(
             config.window_size, config.window_attn_skip_freq, self.layer_number)
         self.global_inv0 = global_inv0
-        self.local_inv_freq = (rope_inv_freq(local_rotary_base, config.kv_channels)
-                               if local else None)
+        # a non-persistent buffer: it moves to the rank's device with the module, and the
+        # checkpoint keys stay megatron's
+        self.register_buffer("local_inv_freq", rope_inv_freq(local_rotary_base, config.kv_channels)
+                             if local else None, persistent=False)
 
     def forward(self, *args, rotary_pos_emb=None, **kwargs):
         if self.local_inv_freq is not None and isinstance(rotary_pos_emb, torch.Tensor):
@@ -144,8 +146,9 @@ class _ScaledEmbeddingMixin:
 
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
-        scale = torch.tensor(self.embedding_scale, dtype=torch.float32)  # as transformers
-        return out * scale.to(device=out.device, dtype=out.dtype)
+        # rounded through fp32 as transformers does
+        scale = torch.tensor(self.embedding_scale, dtype=torch.float32, device=out.device)
+        return out * scale.to(dtype=out.dtype)
 
 
 _SCALED_CLASSES: dict = {}

@@ -25,8 +25,8 @@ ALLOWED = {
         "host floats after the step's one device->host copy",
     ("nemo_aot/models/dist_weights.py", "_prepare_request", "empty"):
         "a checkpoint read buffer: whole vocabulary tables are read on the host and re-padded",
-    ("nemo_aot/models/layer_specs.py", "RMSNorm.__init__", "ones"):
-        "a parameter at construction; the module moves to the rank's device with the model",
+    ("nemo_aot/models/family_options.py", "rope_inv_freq", "arange"):
+        "at construction only: a non-persistent buffer that moves with the module",
     ("nemo_aot/models/reference.py", "ReferenceTable.__init__", "full"):
         "the cached reference table is a host table (looked up on the host per batch)",
     ("nemo_aot/models/reference.py", "ReferenceTable.__init__", "zeros"):
