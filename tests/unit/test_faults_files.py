@@ -44,6 +44,8 @@ def _commands(path, tmp_path):
         "score --model": ["score", "--model", str(path), "--data",
                           resolve_path("bundled:paired/validation.jsonl"), "--out",
                           str(tmp_path / "s.jsonl")],
+        "generate --model": ["generate", "--model", str(path), "--prompt", "hi", "--out",
+                             str(tmp_path / "g.jsonl")],
         "convert nemo-to-hf": ["convert", "nemo-to-hf", "--nemo", str(path), "--out",
                                str(tmp_path / "hf_out")],
     }
