@@ -4,7 +4,8 @@ other in a loop. Imports inside functions count too (a lazy import is still a de
 The map (docs/architecture.md, "Who owns what"), lowest first: ``losses`` and ``progress``
 import no other nemo_aot package; ``distributed`` and ``data`` sit on them; ``models`` on
 ``distributed`` and ``losses`` (never on ``data``); ``conversion`` on ``models``;
-``algorithms`` and ``scoring`` on everything below; ``launcher`` and ``cli`` on top.
+``algorithms`` and ``scoring`` on everything below; ``generation`` on ``scoring`` (it restores
+the policy the same way); ``launcher`` and ``cli`` on top.
 """
 
 import ast
@@ -24,8 +25,9 @@ BELOW = {
     "conversion": {"models", "distributed", "losses", "progress"},
 }
 BELOW["algorithms"] = BELOW["scoring"] = {"data", "conversion", *BELOW["conversion"]}
+BELOW["generation"] = {"scoring", *BELOW["scoring"]}
 BELOW["launcher"] = {"algorithms", *BELOW["algorithms"]}
-BELOW["cli"] = {"launcher", "scoring", *BELOW["launcher"]}
+BELOW["cli"] = {"launcher", "scoring", "generation", *BELOW["launcher"]}
 
 
 def _modules() -> dict:
