@@ -49,6 +49,8 @@ def test_megatron_core_range_matches_the_cpu_support_check():
         f"megatron-core{spec} admits {major}.{minor + 1}, which cpu_support refuses")
     major, minor = min(SUPPORTED_MEGATRON_CORE)
     assert minor == 0 or not spec.contains(f"{major}.{minor - 1}.9")
+    # an NGC image that ships a pre-release of the oldest supported minor keeps it
+    assert spec.contains(f"{major}.{minor}.0rc0", prereleases=True)
 
 
 def test_torch_lower_bound_has_sdpa_enable_gqa():
