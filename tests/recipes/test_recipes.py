@@ -245,7 +245,18 @@ def _records(out_dir, split):
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+# The production-shape recipes scale down to 4-rank runs of a minute or more each on 2 cores: they
+# run in make test-slow (CI runs it too); the demo, the paper's and the LoRA recipe stay here.
+SLOW_RECIPES = {"llama3_8b", "llama3_70b", "qwen3_8b", "gemma3_27b", "qwen3_30b_a3b",
+                "mixtral_8x7b", "qwen3_5_9b"}
+
+
+def test_the_slow_recipes_exist():
+    assert SLOW_RECIPES <= set(RECIPES), sorted(SLOW_RECIPES - set(RECIPES))
+
+
+@pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.slow)
+                                    if r in SLOW_RECIPES else r for r in RECIPES])
 def test_recipe_trains_end_to_end(recipe, tmp_path):
     from nemo_aot.algorithms.resolve import compose_config
 

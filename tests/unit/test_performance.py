@@ -47,7 +47,7 @@ def compose(*overrides, world_size=None):
     (["model.num_layers=3", *FULL, "performance.recompute_num_layers=2"],
      r"performance\.recompute_method=uniform needs recompute_num_layers to divide"),
     (["performance.overlap_grad_reduce=true", "performance.ddp_bucket_size=0"],
-     r"performance\.ddp_bucket_size must be a positive integer"),
+     r"performance\.ddp_bucket_size must be an integer >= 1"),
     (["performance.ddp_bucket_size=1000"], r"performance\.ddp_bucket_size only applies"),
     (["performance.overlap_grad_reduce=true", "performance.overlap_param_gather=true"],
      r"overlap_param_gather needs optim\.use_distributed_optimizer=true"),
