@@ -205,3 +205,14 @@ def merge_rows(parts, paired=False):
     chosen = {k: torch.cat([p[k][p["label"]] for p in parts]) for k in keys}
     rejected = {k: torch.cat([p[k][~p["label"]] for p in parts]) for k in keys}
     return {k: torch.cat([chosen[k], rejected[k]]) for k in keys}
+
+
+def nonzero_lora_b(chunks):
+    """Fresh adapters have B = 0, which leaves A without gradient: give B values."""
+    from nemo_aot.models.lora import adapted_layers
+
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, _, module in adapted_layers(chunks):
+            w = module.adapter.linear_out.weight
+            w.copy_(torch.randn(w.shape, generator=g) * 0.1)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import re
@@ -102,13 +101,14 @@ def read_architecture(source: CheckpointSource):
     """The model config (``GPTModelConfig``) of ``source``, from its config alone: a .nemo's
     ``model_config.yaml``, else ``config.json`` (for a hub id that file only is fetched)."""
     from nemo_aot.conversion.architectures import model_config_from_hf
+    from nemo_aot.conversion.hf_io import read_json
     from nemo_aot.models.nemo_format import read_nemo_config
 
     if source.kind == "nemo":
         return read_nemo_config(source.path)[0]
     config = (os.path.join(source.path, "config.json") if source.kind == "hf"
               else _hub_config(source))
-    return model_config_from_hf(_read_json(config), source=config)[1]
+    return model_config_from_hf(read_json(config, "the Hugging Face config"), source=config)[1]
 
 
 def local_nemo(source: CheckpointSource, key: str = "init_from") -> str:
@@ -245,7 +245,9 @@ def _convert(folder: str, target: str, dtype: str, source: CheckpointSource) -> 
 
 
 def _dtype(folder: str) -> str:
-    config = _read_json(os.path.join(folder, "config.json"))
+    from nemo_aot.conversion.hf_io import read_json
+
+    config = read_json(os.path.join(folder, "config.json"), "the Hugging Face config")
     return "fp32" if (config.get("torch_dtype") or config.get("dtype")) == "float32" else "bf16"
 
 
@@ -256,17 +258,6 @@ def _fingerprint(folder: str) -> str:
         stat = os.stat(os.path.join(folder, name))
         digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
     return digest.hexdigest()[:16]
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the Hugging Face config ({err})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: the Hugging Face config must be a JSON object")
-    return value
 
 
 def _safe(name: str) -> str:

@@ -20,21 +20,10 @@ from nemo_aot.models.options import PeftConfig
 PEFT = PeftConfig(scheme="lora", rank=4, alpha=8.0)
 
 
-def _nonzero_b(chunks):
-    """Fresh adapters have B = 0, which leaves A without gradient: give B values."""
-    from nemo_aot.models.lora import adapted_layers
-
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for _, _, module in adapted_layers(chunks):
-            w = module.adapter.linear_out.weight
-            w.copy_(torch.randn(w.shape, generator=g) * 0.1)
-
-
 def _reference(ckpt_dir):
     """One process: its gradients are whole already."""
     chunks, config = mu.setup(peft=PEFT)
-    _nonzero_b(chunks)
+    mu.nonzero_lora_b(chunks)
     mu.save(chunks, ckpt_dir)
     total = mu.train_step(chunks, config, mu.global_batch(), num_microbatches=2)
     module = chunks[0].module

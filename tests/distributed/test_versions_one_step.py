@@ -23,17 +23,6 @@ GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
 LORA = {"scheme": "lora", "rank": 4, "alpha": 8.0}  # test_lora_layouts.py
 
 
-def _nonzero_b(chunks):
-    """Fresh adapters have B = 0, which leaves A without gradient (as test_lora_layouts.py)."""
-    from nemo_aot.models.lora import adapted_layers
-
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for _, _, module in adapted_layers(chunks):
-            w = module.adapter.linear_out.weight
-            w.copy_(torch.randn(w.shape, generator=g) * 0.1)
-
-
 def _one_step(init_dir, peft_options, write_init):
     import mcore_utils as mu
     from nemo_aot.models.options import PeftConfig
@@ -42,7 +31,7 @@ def _one_step(init_dir, peft_options, write_init):
     chunks, config = mu.setup(peft=peft)
     if write_init:
         if peft is not None:
-            _nonzero_b(chunks)
+            mu.nonzero_lora_b(chunks)
         mu.save(chunks, init_dir)
     else:
         mu.load(chunks, init_dir)
