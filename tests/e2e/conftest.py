@@ -123,3 +123,16 @@ def wait_for(predicate, proc, timeout=300):
         time.sleep(0.02)
     proc.kill()
     raise AssertionError("timed out waiting for the run")
+
+
+def readme_bash_commands(heading):
+    """The commands of the first ```bash block after ``heading`` in README.md, as a user
+    types them (continuation lines joined, comments and blank lines dropped)."""
+    import re
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text[text.index(heading):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line.strip() for line in block.replace("\\\n", " ").splitlines()
+            if line.strip() and not line.strip().startswith("#")]

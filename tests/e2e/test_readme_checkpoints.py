@@ -3,7 +3,6 @@ against a hub cache holding only Llama-3.1-8B-Instruct's real config.json (no we
 training and scoring from the hub id against a cache where that id holds a tiny random Llama
 (the 8-GPU node scaled to 2 gloo ranks and a few steps). Every other word is the README's."""
 
-import os
 import re
 import shlex
 import subprocess
@@ -11,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import readme_bash_commands
 from hub_cache import LLAMA31_8B_CONFIG, add_snapshot, offline_env, tiny_llama_folder
 from multirank import free_port
 
@@ -24,12 +23,7 @@ TRAIN_SCALE = ["trainer.devices=2", "trainer.micro_batch_size=2", "trainer.globa
 
 
 def readme_commands():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    section = text[text.index("**Naming a checkpoint.**"):]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    return [line.strip() for line in block.replace("\\\n", " ").splitlines()
-            if line.strip() and not line.strip().startswith("#")]
+    return readme_bash_commands("**Naming a checkpoint.**")
 
 
 def _argv(command):

@@ -3,23 +3,16 @@ tiny random Llama of the e2e runs (converted by the CLI, bundled tokenizer), the
 holds one plain and one conversational prompt. Every other word is the README's."""
 
 import json
-import os
-import re
 import shlex
 import shutil
 import subprocess
 import sys
 
-from conftest import ROOT, env
+from conftest import env, readme_bash_commands
 
 
 def readme_commands():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    section = text[text.index("**Generating text.**"):]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    return [line.strip() for line in block.replace("\\\n", " ").splitlines()
-            if line.strip() and not line.strip().startswith("#")]
+    return readme_bash_commands("**Generating text.**")
 
 
 def test_generating_text_as_written(init_nemo, tmp_path):
