@@ -52,8 +52,12 @@ EOF
     fi
     echo "import site; site.addsitedir('$(site_of "$PY")')" > "$(site_of "$dir/bin/python")/zz_project_venv.pth"
     local got
+    # The release the imported module declares (package_info.VERSION). Not __version__: from
+    # 0.19 that appends the commit of any git repository around the install, and .compat/ sits
+    # inside this one.
     got=$(cd /tmp && "$dir/bin/python" -W ignore -c \
-      'from megatron.core import package_info; print(package_info.__version__)' 2>/dev/null | tail -1)
+      'from megatron.core import package_info as p; print(".".join(map(str, p.VERSION[:3])) + str(p.VERSION[3]))' \
+      2>/dev/null | tail -1)
     if [[ "$got" != "$version" ]]; then
       echo "compat: $dir imports megatron-core '$got', not $version" >&2
       exit 1
