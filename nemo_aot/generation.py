@@ -56,8 +56,8 @@ def register_generate(subparsers) -> None:
     source.add_argument("--prompt", metavar="TEXT", help="one plain-text prompt")
     gen.add_argument("--out", default=None, metavar="FILE.jsonl",
                      help="output completions (default: stdout)")
-    gen.add_argument("--tokenizer", default=None, metavar="DIR",
-                     help="tokenizer folder (default: the one stored with the model)")
+    gen.add_argument("--tokenizer", default=None, metavar="DIR|ORG/NAME",
+                     help="tokenizer folder or hub id (default: the one stored with the model)")
     gen.add_argument("--max-new-tokens", type=int, default=128,
                      help="most tokens generated per prompt (default 128)")
     gen.add_argument("--temperature", type=float, default=0.0,

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import torch
 
-from nemo_aot.conversion.sources import checkpoint_source, local_nemo
+from nemo_aot.conversion.sources import checkpoint_source, local_nemo, local_or_hub_folder
 from nemo_aot.data import DataConfig, load_preference_data, load_tokenizer, make_batches
 from nemo_aot.data.config import resolve_path
 from nemo_aot.data.tokenization import check_tokenizer_fits
@@ -47,8 +47,8 @@ def register_score(subparsers) -> None:
                        help="negatives file, for two-file unpaired data")
     score.add_argument("--out", required=True, metavar="FILE.jsonl", help="output scores")
     score.add_argument("--format", default="auto", help="data format (default: auto-detect)")
-    score.add_argument("--tokenizer", default=None, metavar="DIR",
-                       help="tokenizer folder (default: the one inside the .nemo)")
+    score.add_argument("--tokenizer", default=None, metavar="DIR|ORG/NAME",
+                       help="tokenizer folder or hub id (default: the one inside the .nemo)")
     score.add_argument("--max-seq-length", type=int, default=None,
                        help="longest sequence (default: the model's encoder_seq_length)")
     score.add_argument("--micro-batch-size", type=int, default=4)
@@ -71,6 +71,8 @@ def restored_policy(args) -> Iterator[tuple]:
     initialize_model_parallel(parallel, model_cfg)  # first, so the .nemo is extracted per node
     with open_nemo(model_path) as extracted:
         stored_dir = nemo_artifact(extracted, (full.get("tokenizer") or {}).get("type"))
+        if args.tokenizer:
+            args.tokenizer = local_or_hub_folder(args.tokenizer, "--tokenizer", "tokenizer")
         tokenizer_dir = args.tokenizer or stored_dir
         if tokenizer_dir is None:
             raise ValueError(f"{args.model} carries no tokenizer; pass --tokenizer DIR")

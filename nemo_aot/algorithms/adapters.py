@@ -1,8 +1,9 @@
 """LoRA adapters in and out of a run: ``peft.adapter_from`` and the Hugging Face PEFT export.
 
 ``peft.adapter_from`` names either a Hugging Face PEFT folder (``adapter_config.json``, e.g.
-one a run exported) or a LoRA training checkpoint (a ``step_N`` folder, or a run's folder /
-``checkpoints/`` for its newest complete step); the base weights come from ``init_from``.
+one a run exported, or its hub id ``org/name[@revision]``) or a LoRA training checkpoint (a
+``step_N`` folder, or a run's folder / ``checkpoints/`` for its newest complete step); the base
+weights come from ``init_from``.
 Both load at any TP/PP layout: a PEFT folder holds whole tensors, sliced here to this rank's
 shards; a checkpoint is a megatron dist checkpoint of the adapters, resharded on load.
 
@@ -26,6 +27,7 @@ from nemo_aot.conversion.peft_adapter import (
     read_peft_adapter,
     write_peft_adapter,
 )
+from nemo_aot.conversion.sources import local_or_hub_folder
 from nemo_aot.data.config import resolve_path
 from nemo_aot.distributed import ranks
 
@@ -42,7 +44,8 @@ def load_adapter_from(chunks, cfg) -> str:
     from nemo_aot.models.dist_weights import check_dist_checkpoint, load_dist_weights
     from nemo_aot.models.lora import is_adapter_name, load_full_adapters
 
-    source = resolve_path(cfg.peft.adapter_from)
+    source = local_or_hub_folder(resolve_path(cfg.peft.adapter_from), "peft.adapter_from",
+                                 "adapter")
     if not os.path.isdir(source):
         raise ValueError(f"peft.adapter_from={cfg.peft.adapter_from} is not a folder: give a "
                          "Hugging Face PEFT adapter folder or a LoRA training checkpoint")

@@ -34,6 +34,7 @@ from nemo_aot.algorithms.rules import check_data_kind
 from nemo_aot.algorithms.run_lock import RunLock
 from nemo_aot.algorithms.signals import PreemptionHandler
 from nemo_aot.algorithms.trainer import COMPLETE_REASONS, AOTTrainer, build_optimizer
+from nemo_aot.conversion.sources import local_or_hub_folder
 from nemo_aot.data import load_preference_data, load_tokenizer, make_batches
 from nemo_aot.data.collate import slot_efficiency
 from nemo_aot.data.config import resolve_path
@@ -98,7 +99,8 @@ def policy_tokenizer(run, scratch: str):
             raise ValueError(f"init_from {cfg.init_from} stores no tokenizer; set "
                              "data.tokenizer_path to the policy's Hugging Face tokenizer folder")
         return load_tokenizer(stored_dir), stored_dir
-    given_dir = resolve_path(cfg.data.tokenizer_path)
+    given_dir = local_or_hub_folder(resolve_path(cfg.data.tokenizer_path), "data.tokenizer_path",
+                                    "tokenizer")
     tokenizer = load_tokenizer(given_dir)
     check_tokenizer_fits(
         tokenizer, load_tokenizer(stored_dir) if stored_dir else None, cfg.model.vocab_size,

@@ -9,6 +9,10 @@ score --model``, ``nemo-aot convert hf-to-nemo --hf``) names it one of three way
   ``huggingface_hub``: its cache (``HF_HOME`` / ``HF_HUB_CACHE``), ``HF_HUB_OFFLINE`` and its
   tokens (``HF_TOKEN``, ``hf auth login``). A local path wins over a hub id of the same name.
 
+A tokenizer (``data.tokenizer_path``, ``score``/``generate --tokenizer``) and a PEFT adapter
+(``peft.adapter_from``) may be hub ids too (``local_or_hub_folder``): only their own files are
+fetched.
+
 The architecture alone (``read_architecture``: printing a config, ``--plan``) comes from
 ``config.json``; for a hub id that one file is fetched, never the weights. Loading weights
 (``local_nemo``) converts a Hugging Face source once and keeps the ``.nemo`` in the converted
@@ -48,6 +52,8 @@ CACHE_ENV = "NEMO_AOT_CACHE"
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>[\w./-]+))?$")
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 _DOWNLOAD = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+_KIND_FILES = {"tokenizer": ("*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"),
+               "adapter": ("*.json", "*.safetensors")}
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR",
                "MASTER_PORT")
@@ -153,18 +159,39 @@ def cache_dir() -> str:
 
 def hub_folder(source: CheckpointSource, key: str, weights: bool) -> str:
     """The snapshot folder of a hub id (config, tokenizer and, with ``weights``, safetensors)."""
-    from huggingface_hub import snapshot_download
-
-    lock = os.path.join(cache_dir(), "downloads",
-                        "models--" + source.repo_id.replace("/", "--"))
-    with _hub_errors(source, key), _locked(lock):
-        folder = snapshot_download(source.repo_id, revision=source.revision,
-                                   allow_patterns=list(_DOWNLOAD))
+    folder = _snapshot(source, key, _DOWNLOAD)
     if weights and not any(os.path.isfile(os.path.join(folder, n)) for n in _WEIGHTS):
         raise ValueError(f"{key}: the cached snapshot of {source.repo_id} ({folder}) holds no "
                          f"safetensors weights (only its config was fetched, or the download was "
                          f"cut); fill it with `{_download_command(source)}`")
     return folder
+
+
+def local_or_hub_folder(spec: str, key: str, kind: str) -> str:
+    """A local folder for ``spec``, a tokenizer (``kind="tokenizer"``) or a PEFT adapter
+    (``"adapter"``): the path itself when it exists, or when it is no hub id (the caller's own
+    check then names it); else the snapshot of the hub id ``org/name[@revision]`` holding that
+    kind's files only (never a model's weights), fetched now unless cached or offline."""
+    path = str(spec).strip()
+    match = HUB_ID.match(path)
+    if os.path.exists(path) or not match or path.endswith(".nemo"):
+        return spec
+    source = CheckpointSource(spec, "hub", repo_id=match["repo"], revision=match["revision"])
+    folder = _snapshot(source, key, _KIND_FILES[kind])
+    logger.info("%s: %s is %s", key, source.describe(), folder)
+    return folder
+
+
+def _snapshot(source: CheckpointSource, key: str, patterns) -> str:
+    """``snapshot_download`` of the files matching ``patterns``, one process per node at a
+    time, its errors as one ValueError naming ``key``."""
+    from huggingface_hub import snapshot_download
+
+    lock = os.path.join(cache_dir(), "downloads",
+                        "models--" + source.repo_id.replace("/", "--"))
+    with _hub_errors(source, key), _locked(lock):
+        return snapshot_download(source.repo_id, revision=source.revision,
+                                 allow_patterns=list(patterns))
 
 
 def _hub_config(source: CheckpointSource) -> str:
@@ -265,4 +292,4 @@ def _safe(name: str) -> str:
 
 
 __all__ = ["CheckpointSource", "checkpoint_source", "read_architecture", "local_nemo",
-           "hf_folder", "hub_folder", "cache_dir", "CACHE_ENV"]
+           "hf_folder", "hub_folder", "local_or_hub_folder", "cache_dir", "CACHE_ENV"]

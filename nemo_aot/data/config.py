@@ -75,8 +75,9 @@ class DataConfig:
     chosen_reward, rejected_reward) to the dataset's columns, e.g. {chosen: good_answer}."""
 
     tokenizer_path: Optional[str] = None
-    """Local folder of a Hugging Face tokenizer (tokenizer.json + tokenizer_config.json); null =
-    the tokenizer stored in init_from's .nemo. A tokenizer given here must have the same
+    """Local folder of a Hugging Face tokenizer (tokenizer.json + tokenizer_config.json) or a
+    hub id ``org/name[@revision]`` (its tokenizer files only are fetched); null = the tokenizer
+    stored in init_from's .nemo. A tokenizer given here must have the same
     vocabulary as the stored one (it may differ in chat template and settings)."""
 
     apply_chat_template: str = "auto"

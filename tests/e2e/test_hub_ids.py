@@ -1,7 +1,8 @@
 """``init_from`` as a hub id or a Hugging Face folder, end to end with the network off: a tiny
 random Llama in a hub cache built on local disk (``HF_HUB_OFFLINE=1``) trains exactly as the
-.nemo converted from the same weights does, the converted copy is made once (one process of
-several converts, the others wait) and reused, and ``score`` / ``convert`` take the id too."""
+.nemo converted from the same weights does (its tokenizer named by the hub id too), the
+converted copy is made once (one process of several converts, the others wait) and reused, and
+``score`` / ``convert`` take the id too."""
 
 import json
 import os
@@ -44,8 +45,11 @@ def runs(hub, init_nemo, small_data, tmp_path_factory):
     out = {}
     for name, init in (("nemo", str(init_nemo)), ("hub", REPO), ("folder", folder)):
         output = tmp_path_factory.mktemp(f"run_{name}")
+        # the hub run also names its tokenizer by the hub id
+        tokenizer = [f"data.tokenizer_path={REPO}"] if name == "hub" else []
         _cli(["train", *train_args(small_data, output, f"init_from={init}", "trainer.max_steps=3",
-                                   "trainer.val_check_interval=3", "checkpoint.save_interval=3")],
+                                   "trainer.val_check_interval=3", "checkpoint.save_interval=3",
+                                   *tokenizer)],
              environment)
         out[name] = output
     return out
@@ -124,8 +128,9 @@ def test_score_and_convert_take_a_hub_id(hub, init_nemo, small_data, tmp_path):
     scores = {}
     for name, model in (("hub", f"{REPO}@{COMMIT}"), ("nemo", str(init_nemo))):
         out = tmp_path / f"{name}.jsonl"
+        tokenizer = ["--tokenizer", REPO] if name == "hub" else []
         _cli(["score", "--model", model, "--data", f"{small_data}/train.jsonl", "--out",
-              str(out)], environment)
+              str(out), *tokenizer], environment)
         scores[name] = [json.loads(line) for line in out.read_text().splitlines()]
     assert scores["hub"] == scores["nemo"] and len(scores["hub"]) == 16
     _cli(["convert", "hf-to-nemo", "--hf", REPO, "--out", str(tmp_path / "c.nemo")], environment)

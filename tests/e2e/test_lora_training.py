@@ -120,15 +120,27 @@ def test_merged_hf_export_equals_peft_merge_of_the_adapter(lora_run, init_nemo, 
     ("checkpoints/step_00000008", []),
     ("aot_adapter", ["parallel.tensor_model_parallel_size=2"]),
 ])
-def test_continue_from_an_adapter(source, layout, lora_run, small_data, init_nemo, tmp_path):
+def test_continue_from_an_adapter(source, layout, lora_run, small_data, init_nemo, tmp_path,
+                                  monkeypatch):
     """init_from (the base) + peft.adapter_from: the new run starts at the trained policy (its
-    step-0 validation is the first run's last), from a checkpoint or a PEFT folder, at TP1
-    or TP2."""
-    run_cli(["train", *train_args(small_data, tmp_path, f"init_from={init_nemo}", *LORA,
-                                  f"peft.adapter_from={lora_run / source}", *layout,
-                                  "trainer.max_steps=1", "optim.warmup_steps=0")],
-            nproc=2 if layout else 1)
-    start, end = history(tmp_path, "validation")[0], history(lora_run, "validation")[-1]
+    step-0 validation is the first run's last), from a checkpoint or a PEFT adapter named by
+    its hub id (an offline hub cache holding the exported folder), at TP1 or TP2."""
+    from hub_cache import add_snapshot
+
+    adapter = str(lora_run / source)
+    if source == "aot_adapter":
+        add_snapshot(tmp_path / "hf_home", "tinyorg/tiny-adapter", files_from=adapter)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+        adapter = "tinyorg/tiny-adapter"
+    run = tmp_path / "run"
+    proc = run_cli(["train", *train_args(small_data, run, f"init_from={init_nemo}", *LORA,
+                                         f"peft.adapter_from={adapter}", *layout,
+                                         "trainer.max_steps=1", "optim.warmup_steps=0")],
+                   nproc=2 if layout else 1)
+    if source == "aot_adapter":
+        assert "tinyorg/tiny-adapter@main (Hugging Face hub)" in proc.stdout + proc.stderr
+    start, end = history(run, "validation")[0], history(lora_run, "validation")[-1]
     assert start["step"] == 0 and end["step"] == 8
     for key in ("logps/chosen", "logps/rejected"):
         assert start[key] == pytest.approx(end[key], rel=1e-5), key

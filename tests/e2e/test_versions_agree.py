@@ -30,13 +30,18 @@ DEMO = ["trainer.max_steps=12", "trainer.val_check_interval=6", "checkpoint.save
 # ------------------------------------------------------------- training, resume, the demo
 @pytest.fixture(scope="module")
 def small_records(small_data, tmp_path_factory):
-    """The baseline's init .nemo (written once, by the baseline) and the data."""
+    """The baseline's init .nemo (written once, by the baseline) and the data, at one path
+    for every release: a resumed run must name the data its checkpoint was trained on (a changed
+    data.train_path is a config change the resume refuses)."""
     base = records.baseline()
     init = os.path.join(base, "init", "init.nemo")
     if records.is_baseline() and not os.path.exists(init):
         made = make_init_nemo(Path(base) / "init")
         assert str(made) == init
-    return small_data, init
+    data = os.path.join(records.RECORDS, "data")
+    if not os.path.isdir(data):
+        shutil.copytree(small_data, data)
+    return data, init
 
 
 def _curve_diff(got, ref):

@@ -163,3 +163,28 @@ def test_a_file_system_without_locks_still_converts(tmp_path, monkeypatch, caplo
     with sources._locked(str(tmp_path / "entry.nemo")):
         entered.append(True)
     assert entered and "refuses locks" in caplog.text
+
+
+def test_a_tokenizer_or_an_adapter_may_be_a_hub_id(offline_hub, tmp_path, monkeypatch):
+    """local_or_hub_folder: an existing path (even one spelled like a hub id) is used as is, a
+    hub id becomes its cached snapshot, a missing one offline names the key and the command,
+    and a missing path that is no hub id is handed back for the caller's own error."""
+    from nemo_aot.conversion.sources import local_or_hub_folder
+    from nemo_aot.data import load_tokenizer
+    from nemo_aot.data.config import resolve_path
+
+    bundled = resolve_path("bundled:tokenizer")
+    snapshot = add_snapshot(offline_hub, "tinyorg/tok", files_from=bundled)
+    folder = local_or_hub_folder("tinyorg/tok", "data.tokenizer_path", "tokenizer")
+    assert os.path.samefile(folder, snapshot)
+    assert load_tokenizer(folder).vocab_size == load_tokenizer(bundled).vocab_size
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tinyorg" / "tok").mkdir(parents=True)  # a local folder wins over the hub id
+    assert local_or_hub_folder("tinyorg/tok", "data.tokenizer_path", "tokenizer") == "tinyorg/tok"
+    assert local_or_hub_folder("no_such_dir", "peft.adapter_from", "adapter") == "no_such_dir"
+    with pytest.raises(ValueError) as err:
+        local_or_hub_folder("nobody/adapter@v3", "peft.adapter_from", "adapter")
+    message = str(err.value)
+    assert message.startswith("peft.adapter_from: nobody/adapter@v3 (Hugging Face hub)")
+    assert "no local path nobody/adapter@v3 exists" in message
+    assert "`hf download nobody/adapter --revision v3`" in message
