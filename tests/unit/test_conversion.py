@@ -146,12 +146,19 @@ def test_vision_language_gemma3_exports_its_text_model(converted, family, tmp_pa
     assert diff <= TOLERANCE
 
 
-def test_bf16_sharded_source_round_trips_bitwise(tmp_path):
-    """Many small shards in and out (with an index); bf16 stays bf16 bit for bit."""
+@pytest.mark.parametrize("family", ["qwen2", "qwen3_5"])
+def test_bf16_sharded_source_round_trips_bitwise(family, tmp_path):
+    """Many small shards in and out (with an index); bf16 stays bf16 bit for bit (Qwen3.5: the
+    GDN's A_log, dt_bias and conv1d too)."""
     from nemo_aot.conversion import hf_to_nemo
     from nemo_aot.conversion.convert import nemo_to_hf
 
-    model = build_hf("qwen2", seed=5, dtype=torch.bfloat16)
+    if family == "qwen3_5":
+        from test_conversion_qwen35 import build_qwen35_hf
+
+        model = build_qwen35_hf(seed=5).to(torch.bfloat16)
+    else:
+        model = build_hf(family, seed=5, dtype=torch.bfloat16)
     hf_dir = save_hf(model, tmp_path / "hf", max_shard_size="40KB")
     assert len([n for n in os.listdir(hf_dir) if n.endswith(".safetensors")]) > 3
     nemo = str(tmp_path / "m.nemo")
