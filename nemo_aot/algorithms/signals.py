@@ -11,6 +11,13 @@ the training loop (once per step) the run then saves a checkpoint and exits 0; d
 exits 0 without training. Either way it skips the final export, and the launcher's status file
 says the run is not complete, so the sbatch script requeues the job.
 
+A rank launched by torchrun also stops (saving, as for SIGTERM) when its launcher is gone: torchrun
+starts each worker in a session of its own, so a ``kill -9`` of torchrun alone (by a user, or
+the kernel's out-of-memory killer) reaches no rank, and the orphaned ranks would otherwise train
+on unsupervised, holding their GPUs and the run's lock. Each check (``requested``) compares the
+parent pid with the one at start-up. Ranks started otherwise (``srun``, a plain ``python``, even
+under ``nohup``) are not watched.
+
 Schedulers:
 * SLURM: ``#SBATCH --signal=USR1@300`` (no ``B:``) sends SIGUSR1 to every task 300 s before the
   time limit; at the limit (or on preemption) SLURM sends SIGTERM, then SIGKILL after KillWait
@@ -38,6 +45,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
 SECOND_INTERRUPT_S = 1.0  # a SIGINT this soon after the first is the same Ctrl-C, forwarded
+LAUNCHER_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every worker's environment
 
 
 class PreemptionHandler:
@@ -49,6 +57,9 @@ class PreemptionHandler:
         self.received: Optional[int] = None  # the first signal number received, if any
         self._received_at = 0.0
         self._previous: dict[int, object] = {}
+        self.launcher: Optional[int] = None
+        """torchrun's pid, watched while installed (None: not launched by torchrun)."""
+        self.launcher_gone = False
 
     def install(self) -> "PreemptionHandler":
         if not self.enabled or self._previous:
@@ -59,6 +70,8 @@ class PreemptionHandler:
             return self
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        if LAUNCHER_ENV in os.environ:  # a torchrun worker: its parent is the elastic agent
+            self.launcher = os.getppid()
         return self
 
     def close(self) -> None:
@@ -66,6 +79,7 @@ class PreemptionHandler:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+        self.launcher = None
 
     def __enter__(self) -> "PreemptionHandler":
         return self.install()
@@ -90,12 +104,20 @@ class PreemptionHandler:
 
     @property
     def signal_name(self) -> Optional[str]:
-        return None if self.received is None else signal.Signals(self.received).name
+        """The signal received (``SIGTERM``...), ``launcher exit`` for a lost torchrun, or None."""
+        if self.received is not None:
+            return signal.Signals(self.received).name
+        return "launcher exit" if self.launcher_gone else None
 
     @property
     def requested(self) -> bool:
-        """This rank received a signal (local: agree with ``any_rank`` before acting on it)."""
-        return self.received is not None
+        """This rank received a signal or lost its launcher (local: agree with ``any_rank``
+        before acting on it)."""
+        if self.launcher is not None and not self.launcher_gone and os.getppid() != self.launcher:
+            self.launcher_gone = True
+            log.warning("the launcher (torchrun, pid %d) is gone: stopping at the next agreed "
+                        "point and saving a checkpoint", self.launcher)
+        return self.received is not None or self.launcher_gone
 
     def should_stop(self, group=None) -> bool:
         """True on every rank when any rank has received a signal (one tiny all-reduce)."""

@@ -48,6 +48,62 @@ def test_subprocess_receiving_sigterm_stops_cleanly(tmp_path):
     assert out.split() == ["SIGTERM", "restored"]
 
 
+LAUNCHER = textwrap.dedent("""
+    import os, subprocess, sys, time
+    # as torchrun starts a worker: a session of its own (and torchrun's TORCHELASTIC_RUN_ID)
+    env = dict(os.environ, **dict([sys.argv[3].split("=")]))
+    worker = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], env=env,
+                              stdout=open(sys.argv[2] + ".out", "w"), start_new_session=True)
+    print(worker.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+def _kill_the_launcher(tmp_path, variable, wait_s):
+    """Start LOOP as the worker of a launcher that sets ``variable``, kill -9 the launcher
+    alone; returns (what the worker printed within ``wait_s``, whether it still runs)."""
+    ready, out = tmp_path / "ready", tmp_path / "ready.out"
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, LOOP, str(ready), variable],
+                                stdout=subprocess.PIPE, text=True, env=env)
+    worker = int(launcher.stdout.readline())
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        launcher.kill()
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + wait_s
+        while not out.read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        try:
+            os.kill(worker, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        return out.read_text().split(), alive
+    finally:
+        try:
+            os.kill(worker, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_torchrun_worker_whose_launcher_is_killed_stops_as_for_a_signal(tmp_path):
+    """torchrun starts workers in sessions of their own: a kill -9 of torchrun alone reaches
+    none of them; each stops at its next check (as for SIGTERM: save, exit)."""
+    printed, alive = _kill_the_launcher(tmp_path, "TORCHELASTIC_RUN_ID=none", 30)
+    assert printed == ["launcher", "exit", "restored"]
+
+
+def test_a_process_not_started_by_torchrun_outlives_its_parent(tmp_path):
+    """(a plain ``python`` under ``nohup`` must outlive its shell)"""
+    printed, alive = _kill_the_launcher(tmp_path, "NOT_TORCHRUN=1", 2)
+    assert printed == [] and alive
+
+
 def test_handlers_are_restored_and_flag_records_first_signal():
     calls = []
     previous = signal.signal(signal.SIGUSR1, lambda *a: calls.append(a))
