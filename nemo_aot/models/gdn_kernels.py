@@ -22,6 +22,7 @@ token-by-token recurrence to rounding), and is differentiable by autograd.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Optional
 
 import torch
@@ -122,41 +123,92 @@ def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return (F.silu(y) if activation else y).to(x.dtype)
 
 
+def fla_causal_conv1d(x: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
+                      initial_state: Optional[torch.Tensor] = None,
+                      output_final_state: bool = False,
+                      cu_seqlens: Optional[torch.Tensor] = None, **unused):
+    """Causal depthwise convolution (``fla.modules.convolution.causal_conv1d`` signature, which
+    megatron-core 0.19 calls): x [B, T, D], weight [D, W]; returns (y [B, T, D], None)."""
+    if cu_seqlens is not None or initial_state is not None or output_final_state:
+        raise NotImplementedError("the torch causal conv1d takes neither packed sequences "
+                                  "(cu_seqlens) nor a carried state")
+    y = causal_conv1d_fn(x.transpose(1, 2), weight, bias, activation)
+    return y.transpose(1, 2), None
+
+
 _REPORT: dict[str, str] = {}
+
+
+def _gdn_modules() -> list:
+    """The modules of megatron-core that hold the GDN kernels' names. 0.16-0.18: the module
+    ``ssm.gated_delta_net``. 0.19: a package of that name whose ``common`` holds ``HAVE_FLA``
+    and ``l2norm`` and whose ``gdn`` binds the kernels (``GatedDeltaNet`` reads them there);
+    the package re-exports them (patched too, for code that reads them from it)."""
+    import importlib
+
+    modules = [importlib.import_module("megatron.core.ssm.gated_delta_net")]
+    for part in ("common", "gdn"):
+        try:
+            modules.append(importlib.import_module(f"megatron.core.ssm.gated_delta_net.{part}"))
+        except ImportError:  # 0.16-0.18: a plain module
+            pass
+    return modules
 
 
 def install_gdn_kernels() -> dict[str, str]:
     """Give megatron-core's GatedDeltaNet the torch kernels where ``fla`` / ``causal_conv1d``
     did not import (idempotent; never replaces a kernel that did). Returns {kernel: which
-    implementation runs, and why}."""
-    from megatron.core.ssm import gated_delta_net as gdn
-
+    implementation runs, and why}. Found by name in whichever modules define them (the layout
+    moved in megatron-core 0.19), not by release."""
+    modules = _gdn_modules()
+    gdn_class = next(m for m in reversed(modules) if hasattr(m, "GatedDeltaNet")).GatedDeltaNet
+    # where GatedDeltaNet's code looks the kernels up (0.16 leaves a failed import's names
+    # undefined there): always set in these
+    homes = [sys.modules[k.__module__] for k in gdn_class.__mro__
+             if k.__module__.startswith("megatron.core.ssm")]
     if not _REPORT:
-        fla = getattr(gdn, "chunk_gated_delta_rule", None) is not None and \
-            getattr(gdn, "HAVE_FLA", False)
+        fla = all(getattr(m, "HAVE_FLA", True) for m in modules) and all(
+            getattr(m, "chunk_gated_delta_rule", True) is not None for m in modules)
         _REPORT["gated_delta_rule"] = "fla (triton)" if fla else \
             "torch chunked (nemo_aot.models.gdn_kernels; fla not importable)"
         if not fla:
-            gdn.chunk_gated_delta_rule = chunk_gated_delta_rule
-            gdn.l2norm = l2norm
-            gdn.HAVE_FLA = True  # the module's build-time guard: the kernels are present now
-        conv = getattr(gdn, "causal_conv1d_fn", None) is not None
-        _REPORT["causal_conv1d"] = "causal_conv1d (CUDA)" if conv else \
-            "torch depthwise conv1d (causal_conv1d not importable)"
-        if not conv:
-            gdn.causal_conv1d_fn = causal_conv1d_fn
-        _REPORT["gated_norm"] = _eager_gated_norm_on_cpu(gdn.GatedDeltaNet)
+            _replace(modules, homes, chunk_gated_delta_rule=chunk_gated_delta_rule,
+                     l2norm=l2norm, HAVE_FLA=True)  # HAVE_FLA: the build-time guard
+        # causal_conv1d_fn (Tri Dao's package, 0.16-0.18); causal_conv1d (fla's, 0.19)
+        missing = {name: kernel for name, kernel in (("causal_conv1d_fn", causal_conv1d_fn),
+                                                     ("causal_conv1d", fla_causal_conv1d))
+                   if any(getattr(m, name, False) is None for m in modules)}
+        _REPORT["causal_conv1d"] = "torch depthwise conv1d (causal_conv1d not importable)" \
+            if missing else "causal_conv1d (CUDA)"
+        _replace(modules, homes, **missing)
+        _REPORT["gated_norm"] = _eager_jit_methods_on_cpu(gdn_class)
     return dict(_REPORT)
 
 
-def _eager_gated_norm_on_cpu(module_class) -> str:
-    """megatron wraps the output norm + gate in its JIT fuser (torch.compile): on a host without
-    CUDA that only costs compile time (~30 s per process here), so run it eagerly there."""
-    fn = module_class.__dict__.get("_apply_gated_norm")
-    eager = getattr(fn, "_torchdynamo_orig_callable", None)
-    if torch.cuda.is_available() or eager is None:
-        return "megatron's JIT fuser" if eager is not None else "eager"
-    module_class._apply_gated_norm = eager
+def _replace(modules: list, homes: list, **names) -> None:
+    """Set each of ``names`` in every module that defines it, and in ``homes``."""
+    for module in modules:
+        for name, value in names.items():
+            if hasattr(module, name) or module in homes:
+                setattr(module, name, value)
+
+
+def _eager_jit_methods_on_cpu(module_class) -> str:
+    """megatron wraps the output norm + gate (and, from 0.19, the input preparation) in its JIT
+    fuser (torch.compile): on a host without CUDA that only costs compile time (~30 s per
+    process here), so run them eagerly there. Looked up along the class's bases (0.19 defines
+    them on a base class)."""
+    fused = {}
+    for klass in module_class.__mro__:
+        for name, fn in vars(klass).items():
+            eager = getattr(fn, "_torchdynamo_orig_callable", None)
+            if eager is not None and name not in fused:
+                fused[name] = (klass, eager)
+    if torch.cuda.is_available() or not fused:
+        return "megatron's JIT fuser" if fused else "eager"
+    for name, (klass, eager) in fused.items():
+        setattr(klass, name, eager)
     return "eager (no GPU: torch.compile would only cost compile time)"
 
 
@@ -165,5 +217,5 @@ def describe_gdn_kernels(report: dict[str, str]) -> str:
     return "linear-attention kernels: " + "; ".join(f"{k}: {v}" for k, v in report.items())
 
 
-__all__ = ["chunk_gated_delta_rule", "causal_conv1d_fn", "l2norm", "install_gdn_kernels",
-           "describe_gdn_kernels"]
+__all__ = ["chunk_gated_delta_rule", "causal_conv1d_fn", "fla_causal_conv1d", "l2norm",
+           "install_gdn_kernels", "describe_gdn_kernels"]

@@ -143,7 +143,10 @@ class LoRAAdapter(torch.nn.Module):
             key = f"{prefix}linear_out.weight"
             state[key] = apply_swiglu_sharded_factory(state[key], sharded_offsets)
         if self.sections:
-            from megatron.core.ssm.gated_delta_net import _split_tensor_factory
+            try:  # megatron-core 0.16-0.18; 0.19 moved it to ssm.utils
+                from megatron.core.ssm.gated_delta_net import _split_tensor_factory
+            except ImportError:
+                from megatron.core.ssm.utils import _split_tensor_factory
 
             key, tp = f"{prefix}linear_out.weight", tp_group.size()
             state[key] = _split_tensor_factory(state[key], [n // tp for n in self.sections],
