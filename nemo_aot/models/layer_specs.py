@@ -150,6 +150,10 @@ def _moe_spec_args(model) -> dict:
     """The spec builders' arguments for query/key norms and experts (none without a model)."""
     if model is None:
         return {"num_experts": None, "moe_grouped_gemm": False, "qk_layernorm": False}
+    if model.num_moe_experts is not None:
+        from nemo_aot.models import moe_router
+
+        moe_router.install()  # the z-loss over sequence-parallel shards with padding
     return {"num_experts": model.num_moe_experts, "moe_grouped_gemm": model.moe_grouped_gemm,
             "qk_layernorm": model.qk_layernorm}
 

@@ -53,6 +53,7 @@ class PolicyRunner:
         self.padded_vocab_size = padded_vocab_size
         self.from_hidden = logprobs_from == "hidden_states"
         self.chunk_tokens = logprob_chunk_size
+        self.moe = bool(getattr(transformer_config, "num_moe_experts", None))
 
     def sync_params(self) -> None:
         """Finish the parameter all-gather that overlap_param_gather defers to the next forward
@@ -87,6 +88,27 @@ class PolicyRunner:
         return logps, counts, logit_sums
 
     # ----------------------------------------------------------------- schedule
+    def padding_mask(self, model, mb: MicroBatch) -> torch.Tensor:
+        """[b, s] bool, True at padding positions: the router of a mixture-of-experts model
+        leaves them out of its load-balancing and z losses. Without it the padding - which the
+        layout chooses (sequence parallelism's pad_to_multiple_of, pipeline parallelism's
+        uniform step length) - would enter the router losses and their gradients. megatron
+        scatters the mask over the sequence-parallel ranks on the first pipeline stage only:
+        later stages get it scattered here."""
+        from megatron.core import tensor_parallel
+        from megatron.core.utils import get_attr_wrapped_model
+
+        ids = mb["input_ids"]
+        if "doc_ids" in mb:
+            padding = mb["doc_ids"] < 0
+        else:
+            positions = torch.arange(ids.shape[1], device=ids.device)
+            padding = positions.unsqueeze(0) >= mb["seq_lengths"].to(ids.device).unsqueeze(1)
+        if self.config.sequence_parallel and not get_attr_wrapped_model(model, "pre_process"):
+            padding = tensor_parallel.scatter_to_sequence_parallel_region(
+                padding.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+        return padding
+
     def forward_backward(self, micro_batches: list[MicroBatch], loss_for: LossFor,
                          forward_only: bool) -> list:
         """megatron's forward_backward_func over ``micro_batches``; ``loss_for`` runs on the
@@ -104,8 +126,9 @@ class PolicyRunner:
             mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                   for k, v in mb.items()}
             mask = document_attention_mask(mb["doc_ids"]) if "doc_ids" in mb else None
+            extra = {"padding_mask": self.padding_mask(model, mb)} if self.moe else {}
             with emit_hidden_states(model, on=self.from_hidden):
-                output = model(mb["input_ids"], mb["position_ids"], mask)
+                output = model(mb["input_ids"], mb["position_ids"], mask, **extra)
             return output, lambda out: loss_for(index, mb, out)
 
         def iterator():
