@@ -10,8 +10,12 @@ are initialized per expert-parallel rank). The single process pads each micro-ba
 longest sequence; TP2's sequence parallelism pads to a multiple of 2 and PP2 pads every
 micro-batch of a step to one length, so the router losses must not see padding tokens.
 
-Router top-k is discontinuous: the router weights are drawn large (std 0.5, as in the
-conversion tests) so that rounding differences between layouts cannot flip a token's expert.
+Router top-k is discontinuous: a token whose k-th and (k+1)-th router logits tie within
+rounding could be routed differently by two layouts. The router weights are drawn with std 0.1
+(logits of order 1, apart by far more than the layouts' ~1e-6 rounding differences) and the runs
+are deterministic on CPU; larger weights (0.5) give a router that collapses onto two experts
+within two updates (load-balancing loss 2.0), where expert parallelism would move no tokens
+between ranks - the reference curve is asserted to stay balanced.
 """
 
 import os
@@ -19,7 +23,7 @@ import shutil
 
 import pytest
 
-from conftest import history, run_cli, train_args
+from conftest import curve, history, run_cli, train_args
 
 STEPS = 5
 KEYS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "logps/chosen",
@@ -50,8 +54,8 @@ def moe_init(tmp_path_factory):
     model = Qwen3MoeForCausalLM(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("gate.weight"):  # clear top-k margins
-                p.normal_(0.0, 0.5)
+            if name.endswith("gate.weight"):  # the routers
+                p.normal_(0.0, 0.1)
     model.save_pretrained(hf_dir)
     tok = resolve_path("bundled:tokenizer")
     for name in os.listdir(tok):
@@ -83,12 +87,15 @@ LAYOUTS = {  # name: (overrides, ranks)
 def test_moe_layouts_follow_the_single_process_curve(name, single, small_data, moe_init,
                                                      tmp_path):
     layout, ranks = LAYOUTS[name]
+    ref = history(single)
+    assert [r["step"] for r in ref] == list(range(1, STEPS + 1))
+    assert ref[-1]["loss"] < ref[0]["loss"] - 0.05  # the policy trains: a curve, not a constant
+    # no collapsed router (2.0 = every token on the same two experts): tokens cross EP ranks
+    assert all(r["moe/load_balancing_loss"] < 1.6 for r in ref), curve(ref, KEYS)
     run_cli(["train", *train_args(small_data, tmp_path, f"init_from={moe_init}", *RUN,
                                   *layout)], nproc=ranks, timeout=900)
-    ref, got = history(single), history(tmp_path)
-    assert [r["step"] for r in ref] == list(range(1, STEPS + 1))
+    got = history(tmp_path)
     assert [r["step"] for r in got] == [r["step"] for r in ref]
-    assert ref[-1]["loss"] < ref[0]["loss"]  # the policy trains: a curve, not a constant
     worst = 0.0
     for a, b in zip(ref, got):
         for key in KEYS:
