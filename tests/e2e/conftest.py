@@ -105,10 +105,60 @@ def curve(records, keys=CURVE_KEYS):
     return [(r["step"], *(r.get(k) for k in keys)) for r in records]
 
 
-def start_cli(args):
-    """``nemo-aot ARGS`` in the background (stdout and stderr merged), e.g. to kill it."""
-    return subprocess.Popen([sys.executable, "-m", "nemo_aot.cli", *args], cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start_cli(args, nproc=1):
+    """``nemo-aot ARGS`` in the background (stdout and stderr merged), e.g. to kill it; with
+    ``nproc`` > 1 under torchrun, in a session of its own (see ``kill_job``)."""
+    cmd = [sys.executable, "-m", "nemo_aot.cli", *args]
+    if nproc > 1:
+        from multirank import free_port
+
+        cmd[1:2] = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                    f"--master_port={free_port()}", "-m"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=nproc > 1)
+
+
+def kill_job(proc, timeout=60):
+    """SIGKILL a run started by ``start_cli`` and every process under it at once, as a cluster
+    preemption ends a job. torchrun starts each rank in a session of its own, so the launcher's
+    process group alone would leave the ranks training; every process group of the launcher's
+    tree is killed. Fails if any process of those groups is still alive (not a zombie) after
+    ``timeout`` seconds: nothing of the run may outlive it."""
+    import signal
+
+    import psutil
+
+    assert os.getpgid(proc.pid) == proc.pid, "kill_job needs a run started in its own session"
+    root = psutil.Process(proc.pid)
+    groups = set()
+    for p in (root, *root.children(recursive=True)):
+        try:
+            groups.add(os.getpgid(p.pid))
+        except ProcessLookupError:
+            pass
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.communicate(timeout=timeout)
+
+    def alive():
+        found = []
+        for p in psutil.process_iter(["pid", "status"]):
+            try:
+                if os.getpgid(p.pid) in groups and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    found.append(p.pid)
+            except (ProcessLookupError, psutil.Error):
+                pass
+        return found
+
+    deadline = time.monotonic() + timeout
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = alive()
+    assert not left, f"processes of the killed run still alive: {left}"
+    return sorted(groups)
 
 
 def wait_for(predicate, proc, timeout=300):

@@ -1,16 +1,16 @@
 """A mixture-of-experts policy trained by the CLI under expert parallelism (EP2 on two ranks,
-the distributed optimizer): the router losses are logged beside the AOT loss, a run resumed
-from its step-3 checkpoint matches the uninterrupted run bit for bit, and the final .nemo
+the distributed optimizer): the router losses are logged beside the AOT loss, a run killed
+(kill -9 of the launcher and both ranks) after its step-3 checkpoint and resumed matches the
+uninterrupted run bit for bit, and the final .nemo
 (saved under EP2) exports to Hugging Face Qwen3-MoE tensors whose transformers logits equal the
 megatron model's."""
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from conftest import curve, history, run_cli, train_args
+from conftest import curve, history, kill_job, run_cli, start_cli, train_args, wait_for
 
 MOE = ["init_from=null", "model.num_layers=2", "model.qk_layernorm=true",
        "model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32",
@@ -22,20 +22,32 @@ MOE = ["init_from=null", "model.num_layers=2", "model.qk_layernorm=true",
 
 @pytest.fixture(scope="module")
 def runs(small_data, tmp_path_factory):
+    """The uninterrupted run, and the same run killed (kill -9 of the launcher and both ranks,
+    as a preemption ends a job) after its step-3 checkpoint while step 5 or 6 is being
+    computed, then resumed by the same command."""
     root = tmp_path_factory.mktemp("moe_e2e")
     ref_dir, run_dir = root / "ref", root / "run"
     run_cli(["train", *train_args(small_data, ref_dir, *MOE)], nproc=2, timeout=900)
-    shutil.copytree(ref_dir, run_dir)  # as if stopped right after the step-3 checkpoint
-    shutil.rmtree(run_dir / "checkpoints" / "step_00000006")
-    (run_dir / "aot_policy.nemo").unlink()
-    resumed = run_cli(["train", *train_args(small_data, run_dir, *MOE)], nproc=2, timeout=900)
-    return ref_dir, run_dir, resumed
+    args = ["train", *train_args(small_data, run_dir, *MOE)]
+    proc = start_cli(args, nproc=2)
+    marker = run_dir / "checkpoints" / "step_00000003" / "COMPLETE.json"
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: marker.exists() and metrics.exists() and len(history(run_dir)) >= 4, proc,
+             timeout=900)
+    groups = kill_job(proc)
+    assert len(groups) == 3, groups  # the launcher's and each rank's: all killed
+    killed_at = [r["step"] for r in history(run_dir)]
+    assert not (run_dir / "checkpoints" / "step_00000006").exists(), "finished before the kill"
+    assert not (run_dir / "aot_policy.nemo").exists() and killed_at[-1] < 6, killed_at
+    resumed = run_cli(args, nproc=2, timeout=900)
+    return ref_dir, run_dir, resumed, killed_at
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("moe_e2e")
 def test_router_losses_are_logged_and_resume_is_exact(runs):
-    ref_dir, run_dir, resumed = runs
+    ref_dir, run_dir, resumed, killed_at = runs
+    print(f"killed with steps {killed_at} logged")
     assert "resumed from" in resumed.stdout + resumed.stderr
     ref, got = history(ref_dir), history(run_dir)
     assert [r["step"] for r in got] == list(range(1, 7))
@@ -82,7 +94,7 @@ def _export_and_compare(nemo_path, out_dir):
 @pytest.mark.slow
 @pytest.mark.xdist_group("moe_e2e")
 def test_ep_checkpoint_exports_to_hugging_face(runs, tmp_path):
-    ref_dir, _, _ = runs
+    ref_dir = runs[0]
     diff = _export_and_compare(ref_dir / "aot_policy.nemo", tmp_path)
     print(f"EP2 .nemo -> Qwen3-MoE: max |logit diff| {diff:.2e}")
     assert diff <= 1e-4
