@@ -88,8 +88,9 @@ class PolicyRunner:
         return logps, counts, logit_sums
 
     # ----------------------------------------------------------------- schedule
-    def padding_mask(self, model, mb: MicroBatch) -> torch.Tensor:
-        """[b, s] bool, True at padding positions: the router of a mixture-of-experts model
+    def padding_mask(self, model, mb: MicroBatch):
+        """[b, s] bool, True at padding positions (None for a micro-batch that says nothing of
+        padding: neither ``doc_ids`` nor ``seq_lengths``): the router of a mixture-of-experts model
         leaves them out of its load-balancing and z losses. Without it the padding - which the
         layout chooses (sequence parallelism's pad_to_multiple_of, pipeline parallelism's
         uniform step length) - would enter the router losses and their gradients. megatron
@@ -101,6 +102,8 @@ class PolicyRunner:
         ids = mb["input_ids"]
         if "doc_ids" in mb:
             padding = mb["doc_ids"] < 0
+        elif "seq_lengths" not in mb:
+            return None
         else:
             positions = torch.arange(ids.shape[1], device=ids.device)
             padding = positions.unsqueeze(0) >= mb["seq_lengths"].to(ids.device).unsqueeze(1)
@@ -126,7 +129,8 @@ class PolicyRunner:
             mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                   for k, v in mb.items()}
             mask = document_attention_mask(mb["doc_ids"]) if "doc_ids" in mb else None
-            extra = {"padding_mask": self.padding_mask(model, mb)} if self.moe else {}
+            padding = self.padding_mask(model, mb) if self.moe else None
+            extra = {} if padding is None else {"padding_mask": padding}
             with emit_hidden_states(model, on=self.from_hidden):
                 output = model(mb["input_ids"], mb["position_ids"], mask, **extra)
             return output, lambda out: loss_for(index, mb, out)
