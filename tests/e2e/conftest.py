@@ -136,7 +136,7 @@ def kill_job(proc, timeout=60):
             groups.add(os.getpgid(p.pid))
         except ProcessLookupError:
             pass
-    for group in groups:
+    for group in sorted(groups, key=lambda g: g == proc.pid):  # the ranks', then the launcher's
         try:
             os.killpg(group, signal.SIGKILL)
         except ProcessLookupError:
