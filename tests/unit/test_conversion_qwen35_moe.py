@@ -28,7 +28,7 @@ from test_conversion_families import (
     read_safetensors_dir,
     save_hf,
 )
-from test_conversion_qwen35 import LAYER_TYPES, _logits_of
+from test_conversion_qwen35 import LAYER_TYPES, _logits_of, lora_equals_peft
 
 TOLERANCE = 1e-4
 MIN_GAP = 1e-3  # router logits; the two implementations differ by ~1e-7
@@ -235,6 +235,15 @@ def test_vision_language_layout_reads_the_text_model(converted, tmp_path, caplog
     source, result = read_safetensors_dir(hf_dir), read_safetensors_dir(back)
     assert sorted(source) == sorted(result)
     assert all(torch.equal(source[n], result[n]) for n in source)
+
+
+def test_lora_on_attention_and_gdn_exports_to_peft(converted, tmp_path):
+    """Adapters on every attention and GDN projection of the MoE model (LoRA on routed
+    experts is refused for every MoE model): megatron's logits equal PEFT's over the
+    transformers model, and the folder reads back to the same adapters."""
+    model, _, nemo = converted
+    lora_equals_peft(model, nemo, ["linear_qkv", "linear_proj", "in_proj", "out_proj"],
+                     tmp_path, "qwen3_5_moe")
 
 
 @pytest.mark.parametrize("key, value, match", [
