@@ -238,7 +238,7 @@ def layer_activation_bytes(cfg, tokens: int) -> int:
     m, p = cfg.model, cfg.parallel
     tp, act = p.tensor_model_parallel_size, DTYPE_BYTES[cfg.precision.precision]
     sp = tp if p.sequence_parallel else 1
-    d, nq, h, f = m.head_dim, m.num_attention_heads, m.hidden_size, m.ffn_hidden_size
+    d, nq, h = m.head_dim, m.num_attention_heads, m.hidden_size
     nkv = m.num_query_groups or nq
     replicated = 6 * h * act
     attention = (2 * nq * d) * act + nq * 4
