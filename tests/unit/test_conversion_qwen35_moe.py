@@ -281,3 +281,18 @@ def test_export_refuses_what_the_family_cannot_say(converted):
                                 moe_shared_expert_intermediate_size=None,
                                 moe_shared_expert_gate=False)
     assert family_for_model(dense).hf_class == "Qwen3_5ForCausalLM"
+
+
+def test_recipe_resolves_and_refuses_what_the_hybrid_spec_cannot_build():
+    from nemo_aot.algorithms.resolve import World, resolve_run
+
+    base = ["recipe=qwen3_5_35b_a3b", "init_from=null", "data.train_path=x",
+            "data.validation_path=null", "data.tokenizer_path=bundled:tokenizer"]
+    model = resolve_run(base, world=World.planned()).config.model
+    assert model.linear_attention.pattern(40)[:4] == [1, 1, 1, 0]
+    assert (model.num_moe_experts, model.moe_router_topk, model.moe_shared_expert_gate) == \
+        (256, 8, True)
+    with pytest.raises(ValueError, match="pack_sequences.*GatedDeltaNet takes no document"):
+        resolve_run([*base, "data.pack_sequences=true"], world=World.planned())
+    with pytest.raises(ValueError, match="moe_grouped_gemm.*local spec only"):
+        resolve_run([*base, "model.moe_grouped_gemm=true"], world=World.planned())
