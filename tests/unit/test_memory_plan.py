@@ -20,7 +20,7 @@ SHAPE = dict(num_layers=4, hidden_size=256, ffn_hidden_size=768, num_attention_h
 
 
 def _cfg(tp=1, pp=1, sp=False, tied=False, lora=False, seq=256, mbs=4, precision="fp32",
-         performance=None, distributed=False, hybrid=False):
+         performance=None, distributed=False, hybrid=False, moe=False):
     from nemo_aot.algorithms.config import AOTConfig, DataConfig, OptimConfig, TrainerConfig
     from nemo_aot.distributed.parallel import ParallelConfig
     from nemo_aot.losses.config import AlignmentConfig
@@ -37,6 +37,10 @@ def _cfg(tp=1, pp=1, sp=False, tied=False, lora=False, seq=256, mbs=4, precision
             layernorm_zero_centered_gamma=True, attention_output_gate=True,
             linear_attention=LinearAttention(key_head_dim=32, value_head_dim=32,
                                              num_key_heads=4, num_value_heads=8))
+    if moe:  # Qwen3.5-MoE-style: routed experts and a gated shared expert on every layer
+        model = dataclasses.replace(
+            model, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48,
+            moe_shared_expert_intermediate_size=40, moe_shared_expert_gate=True)
     return AOTConfig(
         model=model, parallel=ParallelConfig(tp, pp, None, sp),
         precision=PrecisionConfig(precision=precision),
@@ -63,7 +67,8 @@ def _count(layout):
 
 @pytest.mark.parametrize("layout", [dict(), dict(tp=2), dict(pp=2), dict(pp=2, tied=True),
                                     dict(tp=2, lora=True), dict(hybrid=True),
-                                    dict(pp=2, hybrid=True)], ids=str)
+                                    dict(pp=2, hybrid=True), dict(hybrid=True, moe=True),
+                                    dict(pp=2, hybrid=True, moe=True)], ids=str)
 def test_stage_params_equal_the_built_model(layout):
     from nemo_aot.algorithms.memory_plan import stage_params
 
