@@ -202,10 +202,10 @@ def test_every_production_recipe_fits_an_80gb_gpu_by_its_plan(recipe):
     assert plan.total + RESERVE_GIB * GIB <= 80 * GIB, (recipe, plan.total / GIB)
 
 
-def _saved_gdn_layer_bytes(rows, seq):
+def _saved_gdn_layer_bytes(rows, seq, moe=False):
     import mcore_utils as mu
 
-    cfg = _cfg(hybrid=True)
+    cfg = _cfg(hybrid=True, moe=moe)
     chunks, _ = mu.setup(model_cfg=cfg.model)
     gpt = chunks[0].module
     storages = {}
@@ -223,13 +223,15 @@ def _saved_gdn_layer_bytes(rows, seq):
     return sum(storages.values())
 
 
-def test_gdn_layer_activation_bytes_bound_what_autograd_saves():
-    """A Gated DeltaNet layer on the torch kernels: the plan's count (recurrent states and conv
-    buffers included) is an upper estimate within 50% of what autograd saves."""
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_gdn_layer_activation_bytes_bound_what_autograd_saves(moe):
+    """A Gated DeltaNet layer on the torch kernels (with a dense or a mixture-of-experts MLP):
+    the plan's count (recurrent states and conv buffers included) is an upper estimate within
+    50% of what autograd saves."""
     from nemo_aot.algorithms.memory_plan import gdn_layer_activation_bytes
 
     rows, seq = 4, 256
-    (measured,) = run_multirank(_saved_gdn_layer_bytes, 1, args=(rows, seq), timeout=240)
-    planned, state = gdn_layer_activation_bytes(_cfg(hybrid=True), rows * seq, rows)
+    (measured,) = run_multirank(_saved_gdn_layer_bytes, 1, args=(rows, seq, moe), timeout=240)
+    planned, state = gdn_layer_activation_bytes(_cfg(hybrid=True, moe=moe), rows * seq, rows)
     print(f"GDN layer: planned {planned} bytes ({state} states + conv), measured {measured}")
     assert measured <= planned <= 1.5 * measured
