@@ -165,9 +165,11 @@ def test_round_trip_is_bitwise_and_loads_in_transformers(converted, tmp_path):
     assert torch.equal(hf_logits(reloaded, tokens), hf_logits(model, tokens))
 
 
-def test_fused_experts_layout_reads_the_same_model(converted, tmp_path):
+@pytest.mark.parametrize("wrapped", [False, True], ids=["text", "vision_language"])
+def test_fused_experts_layout_reads_the_same_model(converted, tmp_path, wrapped):
     """transformers' in-memory layout (experts stacked per layer: gate_up_proj [E, 2I, H],
-    down_proj [E, H, I]) converts to the same .nemo weights."""
+    down_proj [E, H, I]), text-only or under the vision-language wrapper's names, converts to
+    the same model."""
     from safetensors.torch import save_file
     from test_conversion_qwen35 import save_hf_tokenizer
 
@@ -176,12 +178,19 @@ def test_fused_experts_layout_reads_the_same_model(converted, tmp_path):
     model, hf_dir, nemo = converted
     fused = {k: v.contiguous() for k, v in model.state_dict().items()}
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in fused)
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        config = json.load(f)
+    if wrapped:
+        fused = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
+                 for k, v in fused.items()}
+        config = {"architectures": ["Qwen3_5MoeForConditionalGeneration"],
+                  "model_type": "qwen3_5_moe", "text_config": config,
+                  "tie_word_embeddings": False}
     directory = tmp_path / "fused"
     os.makedirs(directory)
     save_file(fused, str(directory / "model.safetensors"))
-    with open(os.path.join(hf_dir, "config.json")) as f, \
-            open(directory / "config.json", "w") as g:
-        g.write(f.read())
+    with open(directory / "config.json", "w") as g:
+        json.dump(config, g)
     save_hf_tokenizer(directory)
     out = str(tmp_path / "fused.nemo")
     hf_to_nemo(str(directory), out, dtype="fp32")
