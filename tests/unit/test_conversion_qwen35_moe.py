@@ -199,6 +199,30 @@ def test_fused_experts_layout_reads_the_same_model(converted, tmp_path, wrapped)
                        _logits_of(nemo, tmp_path / "b", tokens))
 
 
+def test_fused_experts_of_another_orientation_are_refused_by_name(converted, tmp_path):
+    """Experts stacked as [E, H, 2I] (Qwen3-VL-MoE's hub orientation) are not this layout:
+    refused before anything is built, naming the tensor and the shape the config implies."""
+    from safetensors.torch import save_file
+    from test_conversion_qwen35 import save_hf_tokenizer
+
+    from nemo_aot.conversion import hf_to_nemo
+
+    model, hf_dir, _ = converted
+    tensors = {k: (v.transpose(1, 2) if k.endswith("experts.gate_up_proj") else v).contiguous()
+               for k, v in model.state_dict().items()}
+    directory = tmp_path / "transposed"
+    os.makedirs(directory)
+    save_file(tensors, str(directory / "model.safetensors"))
+    with open(os.path.join(hf_dir, "config.json")) as f, \
+            open(directory / "config.json", "w") as g:
+        g.write(f.read())
+    save_hf_tokenizer(directory)
+    with pytest.raises(ValueError, match=r"wrong shapes: model\.layers\.0\.mlp\.experts\."
+                                         r"gate_up_proj \(4, 64, 96\) \(config implies "
+                                         r"\(4, 96, 64\)\)"):
+        hf_to_nemo(str(directory), str(tmp_path / "x.nemo"), dtype="fp32")
+
+
 def test_vision_language_layout_reads_the_text_model(converted, tmp_path, caplog):
     """The published layout, as transformers saves Qwen3_5MoeForConditionalGeneration (a tiny
     vision tower), plus an MTP head: the text model converts, the rest is left out and said

@@ -28,6 +28,7 @@ shared expert's width.
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable, Optional
 
 from nemo_aot.conversion import moe
@@ -67,48 +68,38 @@ class Qwen35Moe(Qwen35):
         return out
 
     # -- tensors
-    def mlp_mappings(self, cfg: GPTModelConfig, hf: str, mc: str) -> list[Mapping]:
-        return self.experts.mappings(cfg.num_moe_experts, hf, mc)
-
-    def mlp_shapes(self, cfg: GPTModelConfig, layer: str) -> dict[str, tuple[int, ...]]:
-        return self.experts.shapes(cfg, layer)
+    fused_experts = False
+    """Read each layer's experts fused: ``mlp.experts.gate_up_proj`` [E, 2I, H] (per expert
+    [gate; up], megatron's linear_fc1 rows) and ``mlp.experts.down_proj`` [E, H, I], expert
+    ``j`` being slice ``j`` of each (import only: export writes per-expert tensors)."""
 
     def for_checkpoint(self, names: Iterable[str]) -> "Qwen35Moe":
-        if any(n.endswith(".mlp.experts.gate_up_proj") for n in names):
-            return _FusedExperts(self)
-        return self
-
-
-class _FusedExperts(Qwen35Moe):
-    """A checkpoint holding each layer's experts fused: ``mlp.experts.gate_up_proj``
-    [E, 2I, H] (per expert [gate; up], megatron's linear_fc1 rows) and ``mlp.experts.down_proj``
-    [E, H, I]; expert ``j`` is slice ``j`` of each (read-only: export writes per-expert
-    tensors)."""
-
-    def __init__(self, base: Qwen35Moe):
-        self.base = base
-        self.prefix, self.dropped_prefixes = base.prefix, base.dropped_prefixes
-        self.hf_classes, self.model_type = base.hf_classes, base.model_type
-
-    def text_config(self, hf: dict, source: str) -> dict:
-        return self.base.text_config(hf, source)
+        if not any(n.endswith(".mlp.experts.gate_up_proj") for n in names):
+            return self
+        fused = copy.copy(self)
+        fused.fused_experts = True
+        return fused
 
     def mlp_mappings(self, cfg: GPTModelConfig, hf: str, mc: str) -> list[Mapping]:
-        table = []
-        for m in self.experts.mappings(cfg.num_moe_experts, hf, mc):
+        table = self.experts.mappings(cfg.num_moe_experts, hf, mc)
+        if not self.fused_experts:
+            return table
+        out = []
+        for m in table:
             if ".local_experts." not in m.mcore:
-                table.append(m)
+                out.append(m)
                 continue
             j = int(m.mcore.split(".local_experts.")[1].split(".")[0])
-            fused = hf + ("mlp.experts.gate_up_proj" if m.kind == "gate_up"
-                          else "mlp.experts.down_proj")
-            table.append(Mapping((fused,), m.mcore, "expert", part=j))
-        return table
+            name = "gate_up_proj" if m.kind == "gate_up" else "down_proj"
+            out.append(Mapping((f"{hf}mlp.experts.{name}",), m.mcore, "expert", part=j))
+        return out
 
     def mlp_shapes(self, cfg: GPTModelConfig, layer: str) -> dict[str, tuple[int, ...]]:
-        shapes = {k: v for k, v in self.experts.shapes(cfg, layer).items()
-                  if ".mlp.experts." not in k}
+        shapes = self.experts.shapes(cfg, layer)
+        if not self.fused_experts:
+            return shapes
         h, f, e = cfg.hidden_size, cfg.expert_ffn_hidden_size, cfg.num_moe_experts
+        shapes = {k: v for k, v in shapes.items() if ".mlp.experts." not in k}
         shapes.update({layer + "mlp.experts.gate_up_proj": (e, 2 * f, h),
                        layer + "mlp.experts.down_proj": (e, h, f)})
         return shapes
