@@ -121,17 +121,22 @@ def _layer_kinds(m) -> list[int]:
 
 
 def _hybrid_layer_params(m, tp: int, linear: bool) -> tuple[int, int]:
-    """(sharded, replicated) parameters of one layer of a linear-attention model."""
+    """(sharded, replicated) parameters of one layer of a linear-attention model, without the
+    routed experts of a mixture-of-experts MLP (``_expert_params``)."""
     h, f, d, nq = m.hidden_size, m.ffn_hidden_size, m.head_dim, m.num_attention_heads
-    mlp = h * 2 * f + f * h
+    mlp, moe = h * 2 * f + f * h, 0
+    if getattr(m, "num_moe_experts", None) is not None:  # shared expert; router and its gate
+        mlp = 3 * h * (m.moe_shared_expert_intermediate_size or 0)
+        moe = m.num_moe_experts * h + (h if m.moe_shared_expert_gate else 0)
     if linear:
         qk, v, nv, _, dv = _gdn_dims(m)
         conv = (2 * qk + v) * m.linear_attention.conv_kernel_dim
-        return (h * (2 * qk + 2 * v + 2 * nv) + conv + 2 * nv + v * h + mlp) // tp, 2 * h + dv
+        return ((h * (2 * qk + 2 * v + 2 * nv) + conv + 2 * nv + v * h + mlp) // tp,
+                2 * h + dv + moe)
     nkv = m.num_query_groups or nq
     q = nq * d * (2 if m.attention_output_gate else 1)
     norms = 2 * d if m.qk_layernorm else 0
-    return (h * (q + 2 * nkv * d) + nq * d * h + mlp) // tp, 2 * h + norms
+    return (h * (q + 2 * nkv * d) + nq * d * h + mlp) // tp, 2 * h + norms + moe
 
 
 def _stage_layer_params(m, p) -> int:
@@ -141,7 +146,8 @@ def _stage_layer_params(m, p) -> int:
     if m.linear_attention is None:
         sharded, replicated = _layer_params(m, tp)
         return layers * (sharded + _expert_params(m, p) + replicated)
-    per_layer = [sum(_hybrid_layer_params(m, tp, bool(k))) for k in _layer_kinds(m)]
+    experts = _expert_params(m, p)
+    per_layer = [sum(_hybrid_layer_params(m, tp, bool(k))) + experts for k in _layer_kinds(m)]
     return max(sum(per_layer[i:i + layers]) for i in range(0, m.num_layers, layers))
 
 
@@ -151,8 +157,9 @@ def gdn_layer_activation_bytes(cfg, tokens: int, rows: int) -> tuple[int, int]:
     (an upper estimate where fla runs). Per token: in TP, the in_proj output, the conv input and
     output (conv buffers), the l2-normed and head-repeated q/k, fp32 copies of q/k/v/g/beta, the
     UT-transformed values and keys, three chunk-square matrices (C per token), the fp32 output,
-    the gated norm's input and gate, the out_proj input and five ffn-sized SwiGLU tensors; outside
-    it, the 6 hidden-sized norm/residual tensors; and per 64-token chunk of a sequence one fp32
+    the gated norm's input and gate, the out_proj input and five ffn-sized SwiGLU tensors (a
+    mixture of experts: as ``layer_activation_bytes`` counts it); outside it, the 6
+    hidden-sized norm/residual tensors; and per 64-token chunk of a sequence one fp32
     recurrent state [value heads, key dim, value dim]."""
     from nemo_aot.models.gdn_kernels import DEFAULT_CHUNK_SIZE as C
 
@@ -163,11 +170,12 @@ def gdn_layer_activation_bytes(cfg, tokens: int, rows: int) -> tuple[int, int]:
     conv = 2 * (2 * qk + v) * act
     kernel = (6 * nv * dk + 4 * v + 2 * nv) * 4 + 6 * nv * C * 4  # fp32, chunk squares
     gated_norm = 5 * v * 4 + 2 * v * act
+    mlp, moe = _mlp_activation(m, act)
     sharded = ((2 * qk + 2 * v + 2 * nv) * act + conv + 2 * qk * act + 2 * nv * dk * act
-               + kernel + gated_norm + 5 * m.ffn_hidden_size * act)
+               + kernel + gated_norm + mlp)
     chunks = rows * -(-(tokens // max(rows, 1)) // C)
     states = chunks * nv * dk * dv * 4 // tp
-    whole = tokens * (6 * m.hidden_size * act // sp + sharded // tp) + states
+    whole = tokens * ((6 * m.hidden_size * act + moe) // sp + sharded // tp) + states
     return whole, states + tokens * conv // tp
 
 
@@ -230,18 +238,12 @@ def layer_activation_bytes(cfg, tokens: int) -> int:
     m, p = cfg.model, cfg.parallel
     tp, act = p.tensor_model_parallel_size, DTYPE_BYTES[cfg.precision.precision]
     sp = tp if p.sequence_parallel else 1
-    d, nq, h, f = m.head_dim, m.num_attention_heads, m.hidden_size, m.ffn_hidden_size
+    d, nq, h = m.head_dim, m.num_attention_heads, m.hidden_size
     nkv = m.num_query_groups or nq
     replicated = 6 * h * act
     attention = (2 * nq * d) * act + nq * 4
-    mlp = 5 * f * act
-    if getattr(m, "num_moe_experts", None) is not None:
-        # balanced routing: top-k copies of each token through experts of width moe_ffn (split
-        # by ETP, counted as TP here), the permuted tokens in and out, fp32 router logits and
-        # probabilities, the shared expert
-        k, fe = m.moe_router_topk, m.expert_ffn_hidden_size
-        mlp = (k * 5 * fe + 5 * (m.moe_shared_expert_intermediate_size or 0)) * act
-        replicated += 2 * k * h * act + 2 * m.num_moe_experts * 4
+    mlp, moe = _mlp_activation(m, act)
+    replicated += moe
     sharded = (2 * (nq + 2 * nkv) * d) * act + mlp + attention
     if getattr(m, "qk_layernorm", False):  # the query/key norms' inputs and outputs
         sharded += 2 * (nq + nkv) * d * act
@@ -255,6 +257,18 @@ def layer_activation_bytes(cfg, tokens: int) -> int:
             sharded -= mlp
             replicated -= h * act
     return tokens * (replicated // sp + sharded // tp)
+
+
+def _mlp_activation(m, act: int) -> tuple[int, int]:
+    """(in the TP region, outside it) bytes per token one layer's MLP saves for backward."""
+    if getattr(m, "num_moe_experts", None) is None:
+        return 5 * m.ffn_hidden_size * act, 0
+    # balanced routing: top-k copies of each token through experts of width moe_ffn (split by
+    # ETP, counted as TP here), the permuted tokens in and out, fp32 router logits and
+    # probabilities, the shared expert
+    k, fe = m.moe_router_topk, m.expert_ffn_hidden_size
+    return ((k * 5 * fe + 5 * (m.moe_shared_expert_intermediate_size or 0)) * act,
+            2 * k * m.hidden_size * act + 2 * m.num_moe_experts * 4)
 
 
 def _in_flight(cfg, num_microbatches: int) -> float:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -39,10 +39,14 @@ class Mapping:
     kind: str = "direct"
     """direct | vocab (pad rows) | qkv (per-group interleave) | gate_up (concat) | tied (an
     optional HF copy of a tied weight: checked equal, produces nothing) | qkv_gated (gated
-    attention's query+gate rows) | concat (rows stacked: Gated DeltaNet's in_proj)."""
+    attention's query+gate rows) | concat (rows stacked: Gated DeltaNet's in_proj) | expert
+    (slice ``part`` of a stacked [experts, ...] tensor; read only)."""
+    part: Optional[int] = None
+    """kind 'expert': the index along the first dimension (one HF tensor feeds many targets)."""
 
     def for_layer(self, i: int) -> "Mapping":
-        return Mapping(tuple(n.format(i=i) for n in self.hf), self.mcore.format(i=i), self.kind)
+        return Mapping(tuple(n.format(i=i) for n in self.hf), self.mcore.format(i=i), self.kind,
+                       self.part)
 
 
 _TO_MCORE: dict[str, Callable[[Sequence[torch.Tensor], GPTModelConfig], torch.Tensor]] = {
@@ -53,6 +57,7 @@ _TO_MCORE: dict[str, Callable[[Sequence[torch.Tensor], GPTModelConfig], torch.Te
     "qkv_gated": lambda ts, cfg: ops.merge_gated_qkv(*ts, cfg.num_attention_heads,
                                                      cfg.query_groups),
     "concat": lambda ts, cfg: torch.cat(list(ts), dim=0),
+    "expert": lambda ts, cfg: ts[0],  # already sliced to the mapping's part
 }
 _TO_HF: dict[str, Callable[[torch.Tensor, GPTModelConfig], Sequence[torch.Tensor]]] = {
     "direct": lambda t, cfg: (t,),
@@ -127,31 +132,34 @@ def load_into(mappings: Sequence[Mapping], tensors: Iterable[tuple[str, torch.Te
         raise RuntimeError(f"mapping table and megatron model disagree: table only "
                            f"{sorted(wanted - set(target))}, model only "
                            f"{sorted(set(target) - wanted)}")
-    by_name = {n: m for m in mappings for n in m.hf}
+    by_name: dict[str, list[Mapping]] = {}
+    for m in mappings:
+        for n in m.hf:
+            by_name.setdefault(n, []).append(m)
     pending: dict[Mapping, dict[str, torch.Tensor]] = {}
     tied: list[tuple[Mapping, torch.Tensor]] = []
     produced: set[str] = set()
     for name, tensor in tensors:
-        mapping = by_name.get(name)
-        if mapping is None:  # an ignorable derived buffer; check_source vetted the rest
-            continue
-        parts = pending.setdefault(mapping, {})
-        parts[name] = tensor
-        if len(parts) < len(mapping.hf):
-            continue
-        del pending[mapping]
-        ordered = [parts[n] for n in mapping.hf]
-        if mapping.kind == "tied":
-            tied.append((mapping, ordered[0]))
-            continue
-        value = _TO_MCORE[mapping.kind](ordered, cfg)
-        dest = target[mapping.mcore]
-        if value.shape != dest.shape:
-            raise ValueError(f"{source}: {mapping.hf} give {tuple(value.shape)} for "
-                             f"{mapping.mcore}, the model needs {tuple(dest.shape)}")
-        with torch.no_grad():
-            dest.copy_(value)
-        produced.add(mapping.mcore)
+        # none: an ignorable derived buffer (check_source vetted the rest); several: the
+        # slices of one stacked tensor
+        for mapping in by_name.get(name, ()):
+            parts = pending.setdefault(mapping, {})
+            parts[name] = tensor if mapping.part is None else tensor[mapping.part]
+            if len(parts) < len(mapping.hf):
+                continue
+            del pending[mapping]
+            ordered = [parts[n] for n in mapping.hf]
+            if mapping.kind == "tied":
+                tied.append((mapping, ordered[0]))
+                continue
+            value = _TO_MCORE[mapping.kind](ordered, cfg)
+            dest = target[mapping.mcore]
+            if value.shape != dest.shape:
+                raise ValueError(f"{source}: {mapping.hf} give {tuple(value.shape)} for "
+                                 f"{mapping.mcore}, the model needs {tuple(dest.shape)}")
+            with torch.no_grad():
+                dest.copy_(value)
+            produced.add(mapping.mcore)
     for mapping, value in tied:
         rows = target[mapping.mcore][: cfg.vocab_size]
         if not torch.equal(value.to(rows.dtype), rows):

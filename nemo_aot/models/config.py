@@ -269,9 +269,10 @@ class GPTModelConfig:
             bad("rotary_percent", f"must be in (0, 1], got {self.rotary_percent}")
         if self.linear_attention is not None:
             self.linear_attention.validate(self.num_layers, bad)
-            if self.num_moe_experts is not None:
-                bad("num_moe_experts", "mixture-of-experts MLPs with model.linear_attention "
-                    "(Qwen3.5-MoE) are not built yet; set num_moe_experts=null")
+            if self.is_moe and self.moe_grouped_gemm:
+                bad("moe_grouped_gemm", "true needs the TransformerEngine layer spec, and "
+                    "model.linear_attention (Gated DeltaNet) is built on the local spec only; "
+                    "set moe_grouped_gemm=false")
 
     def _validate_family_options(self, bad) -> None:
         if self.rope_scaling is not None and self.rope_scaling.rope_type not in ("llama3",

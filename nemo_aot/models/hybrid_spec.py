@@ -6,7 +6,10 @@ megatron-core builds these with ``get_transformer_block_with_experimental_attent
 bridge uses; it is TransformerEngine-only. :func:`hybrid_block_spec` is the same construction
 over the local modules: per layer, ``GatedDeltaNet`` (``ssm/gated_delta_net.py``) where the
 pattern says linear attention, megatron's ``SelfAttention`` (output gate and QK norms from the
-TransformerConfig) elsewhere; SwiGLU MLPs; then the layers of this pipeline stage. The norms are
+TransformerConfig) elsewhere; SwiGLU MLPs, or with ``num_moe_experts`` (Qwen3.5-MoE) megatron's
+``MoELayer`` on every layer of both kinds (router, SwiGLU experts, and the shared expert with its
+sigmoid gate when the config has one: ``SharedExpertMLP``); then the layers of this pipeline
+stage. The norms are
 ours (:mod:`nemo_aot.models.layer_specs`), zero-centred where the model says so; the GDN
 output norm is :class:`HeadSharedRMSNorm`. (megatron's TE spec differs in checkpoint keys and
 zero-centres the GDN output norm, so linear-attention models are built on this spec only.)
@@ -59,7 +62,14 @@ class HeadSharedRMSNorm(RMSNorm):
 def _attention_spec(config: TransformerConfig, attention_backend: str) -> ModuleSpec:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+    experts = config.num_moe_experts
+    if experts is not None and config.moe_grouped_gemm:
+        raise ValueError("model.moe_grouped_gemm=true needs the TransformerEngine layer spec, "
+                         "and model.linear_attention (Gated DeltaNet) is built on the local "
+                         "spec only; set model.moe_grouped_gemm=false (one GEMM per local "
+                         "expert)")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm,
+                                    num_experts=experts, moe_grouped_gemm=False)
     attention = spec.submodules.self_attention
     if config.qk_layernorm:
         attention.submodules.q_layernorm = RMSNorm

@@ -102,7 +102,18 @@ def _tiny_moe(model):
             "model.num_query_groups=2", "model.kv_channels=16", "model.vocab_size=512",
             "model.encoder_seq_length=256", "model.max_position_embeddings=256",
             "model.num_moe_experts=4", f"model.moe_router_topk={min(model.moe_router_topk, 2)}",
-            "model.moe_ffn_hidden_size=32"]
+            "model.moe_ffn_hidden_size=32",
+            *(["model.moe_shared_expert_intermediate_size=24"]
+              if model.get("moe_shared_expert_intermediate_size") else []),
+            *(TINY_LINEAR_ATTENTION if model.get("linear_attention") else [])]
+
+
+# A hybrid (Gated DeltaNet) mixture-of-experts recipe: one GDN and one full-attention layer.
+TINY_LINEAR_ATTENTION = ["model.linear_attention.full_attention_interval=2",
+                         "model.linear_attention.key_head_dim=16",
+                         "model.linear_attention.value_head_dim=8",
+                         "model.linear_attention.num_key_heads=2",
+                         "model.linear_attention.num_value_heads=4"]
 
 
 def _extracted_tiny(data_dir):
@@ -248,7 +259,7 @@ def _records(out_dir, split):
 # The production-shape recipes scale down to 4-rank runs of a minute or more each on 2 cores: they
 # run in make test-slow (CI runs it too); the demo, the paper's and the LoRA recipe stay here.
 SLOW_RECIPES = {"llama3_8b", "llama3_70b", "qwen3_8b", "gemma3_27b", "qwen3_30b_a3b",
-                "mixtral_8x7b", "qwen3_5_9b"}
+                "mixtral_8x7b", "qwen3_5_9b", "qwen3_5_35b_a3b"}
 
 
 def test_the_slow_recipes_exist():

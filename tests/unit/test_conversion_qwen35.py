@@ -197,6 +197,13 @@ def test_lora_on_attention_and_gdn_exports_to_peft(converted, tmp_path):
     """Random (non-zero) adapters on every projection of both layer kinds: megatron's logits
     equal those of PEFT's LoraModel over the transformers model with the exported folder, and
     the folder reads back to the same adapters."""
+    model, _, nemo = converted
+    lora_equals_peft(model, nemo, LORA_TARGETS, tmp_path, "qwen3_5")
+
+
+def lora_equals_peft(model, nemo, targets, tmp_path, name):
+    """Random adapters on ``targets`` of the converted ``nemo``: megatron's logits equal PEFT's
+    over ``model`` with the exported folder, which reads back to the same adapters."""
     import copy
 
     from peft import PeftModel
@@ -214,9 +221,8 @@ def test_lora_on_attention_and_gdn_exports_to_peft(converted, tmp_path):
     from nemo_aot.models.nemo_format import extract_nemo, load_nemo_weights, read_nemo_config
     from nemo_aot.models.options import PeftConfig
 
-    model, _, nemo = converted
     cfg, _ = read_nemo_config(nemo)
-    peft = PeftConfig(scheme="lora", rank=4, alpha=8.0, target_modules=LORA_TARGETS)
+    peft = PeftConfig(scheme="lora", rank=4, alpha=8.0, target_modules=targets)
     tokens = random_tokens(seq=20)
     with single_process_world():
         parallel = ParallelConfig()
@@ -231,18 +237,18 @@ def test_lora_on_attention_and_gdn_exports_to_peft(converted, tmp_path):
                 for w in (layer.adapter.linear_in.weight, layer.adapter.linear_out.weight):
                     w.copy_(torch.randn(w.shape, generator=g) * 0.1)
         kinds = {t for _, t, _ in adapted_layers([chunk])}
-        assert kinds == set(LORA_TARGETS)
+        assert kinds == set(targets)
         ours = megatron_logits(chunk.eval(), tokens)
         adapters = full_adapters([chunk])
     folder = str(tmp_path / "adapter")
-    write_peft_adapter(folder, adapters, cfg, adapter_config(4, 8.0, 0.0, LORA_TARGETS))
+    write_peft_adapter(folder, adapters, cfg, adapter_config(4, 8.0, 0.0, targets))
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), folder).eval()
     ref, base = hf_logits(peft_model, tokens), hf_logits(model, tokens)
     assert (ref - base).abs().max() > 1e-2, "the adapters must change the logits"
     diff = (ours - ref).abs().max().item()
-    print(f"qwen3_5 LoRA: max abs logit diff against PEFT {diff:.3e}")
+    print(f"{name} LoRA: max abs logit diff against PEFT {diff:.3e}")
     assert diff <= TOLERANCE
-    back = read_peft_adapter(folder, cfg, 4, 8.0, LORA_TARGETS)
+    back = read_peft_adapter(folder, cfg, 4, 8.0, targets)
     assert back.keys() == adapters.keys()
     assert all(torch.equal(back[k][i], adapters[k][i]) for k in back for i in (0, 1))
 

@@ -20,7 +20,7 @@ SHAPE = dict(num_layers=4, hidden_size=256, ffn_hidden_size=768, num_attention_h
 
 
 def _cfg(tp=1, pp=1, sp=False, tied=False, lora=False, seq=256, mbs=4, precision="fp32",
-         performance=None, distributed=False, hybrid=False):
+         performance=None, distributed=False, hybrid=False, moe=False):
     from nemo_aot.algorithms.config import AOTConfig, DataConfig, OptimConfig, TrainerConfig
     from nemo_aot.distributed.parallel import ParallelConfig
     from nemo_aot.losses.config import AlignmentConfig
@@ -37,6 +37,10 @@ def _cfg(tp=1, pp=1, sp=False, tied=False, lora=False, seq=256, mbs=4, precision
             layernorm_zero_centered_gamma=True, attention_output_gate=True,
             linear_attention=LinearAttention(key_head_dim=32, value_head_dim=32,
                                              num_key_heads=4, num_value_heads=8))
+    if moe:  # Qwen3.5-MoE-style: routed experts and a gated shared expert on every layer
+        model = dataclasses.replace(
+            model, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48,
+            moe_shared_expert_intermediate_size=40, moe_shared_expert_gate=True)
     return AOTConfig(
         model=model, parallel=ParallelConfig(tp, pp, None, sp),
         precision=PrecisionConfig(precision=precision),
@@ -63,7 +67,8 @@ def _count(layout):
 
 @pytest.mark.parametrize("layout", [dict(), dict(tp=2), dict(pp=2), dict(pp=2, tied=True),
                                     dict(tp=2, lora=True), dict(hybrid=True),
-                                    dict(pp=2, hybrid=True)], ids=str)
+                                    dict(pp=2, hybrid=True), dict(hybrid=True, moe=True),
+                                    dict(pp=2, hybrid=True, moe=True)], ids=str)
 def test_stage_params_equal_the_built_model(layout):
     from nemo_aot.algorithms.memory_plan import stage_params
 
@@ -197,10 +202,10 @@ def test_every_production_recipe_fits_an_80gb_gpu_by_its_plan(recipe):
     assert plan.total + RESERVE_GIB * GIB <= 80 * GIB, (recipe, plan.total / GIB)
 
 
-def _saved_gdn_layer_bytes(rows, seq):
+def _saved_gdn_layer_bytes(rows, seq, moe=False):
     import mcore_utils as mu
 
-    cfg = _cfg(hybrid=True)
+    cfg = _cfg(hybrid=True, moe=moe)
     chunks, _ = mu.setup(model_cfg=cfg.model)
     gpt = chunks[0].module
     storages = {}
@@ -218,13 +223,15 @@ def _saved_gdn_layer_bytes(rows, seq):
     return sum(storages.values())
 
 
-def test_gdn_layer_activation_bytes_bound_what_autograd_saves():
-    """A Gated DeltaNet layer on the torch kernels: the plan's count (recurrent states and conv
-    buffers included) is an upper estimate within 50% of what autograd saves."""
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_gdn_layer_activation_bytes_bound_what_autograd_saves(moe):
+    """A Gated DeltaNet layer on the torch kernels (with a dense or a mixture-of-experts MLP):
+    the plan's count (recurrent states and conv buffers included) is an upper estimate within
+    50% of what autograd saves."""
     from nemo_aot.algorithms.memory_plan import gdn_layer_activation_bytes
 
     rows, seq = 4, 256
-    (measured,) = run_multirank(_saved_gdn_layer_bytes, 1, args=(rows, seq), timeout=240)
-    planned, state = gdn_layer_activation_bytes(_cfg(hybrid=True), rows * seq, rows)
+    (measured,) = run_multirank(_saved_gdn_layer_bytes, 1, args=(rows, seq, moe), timeout=240)
+    planned, state = gdn_layer_activation_bytes(_cfg(hybrid=True, moe=moe), rows * seq, rows)
     print(f"GDN layer: planned {planned} bytes ({state} states + conv), measured {measured}")
     assert measured <= planned <= 1.5 * measured

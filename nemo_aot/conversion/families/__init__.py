@@ -2,7 +2,8 @@
 
 Supported: Llama 2/3/3.x (``llama``), Mistral without an active sliding window (``mistral``),
 Qwen2/2.5 (``qwen2``), Qwen3 dense (``qwen3``), Gemma 3 text (``gemma3``: also the text model
-of the vision-language ``Gemma3ForConditionalGeneration``), Qwen3.5 (``qwen3_5``). The engine
+of the vision-language ``Gemma3ForConditionalGeneration``), Qwen3.5 (``qwen3_5``), Qwen3.5-MoE
+(``qwen3_5_moe``), Qwen3-MoE and Mixtral (``qwen3_moe``, ``mixtral``). The engine
 (:mod:`nemo_aot.conversion.engine`, :mod:`nemo_aot.conversion.convert`) never names a family.
 
 Adding a family is one new file in this package plus tests:

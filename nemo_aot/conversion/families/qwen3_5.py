@@ -80,11 +80,17 @@ class Qwen35(Family):
                for k in _LINEAR_KEYS})
         if types is not None and len(types) != layers:
             refuse(source, "layer_types", f"{len(types)} entries", f"num_hidden_layers={layers}")
-        return common_config(text, source, **self.architecture(), rotary_base=theta,
-                             rotary_percent=partial, linear_attention=linear,
+        text, mlp = self.mlp_config(text, source)
+        return common_config(text, source, **{**self.architecture(), **mlp},
+                             rotary_base=theta, rotary_percent=partial, linear_attention=linear,
                              share_embeddings_and_output_weights=bool(
                                  hf.get("tie_word_embeddings",
                                         text.get("tie_word_embeddings", False))))
+
+    def mlp_config(self, text: dict, source: str) -> tuple[dict, dict]:
+        """(the text config as :func:`common_config` reads it, GPTModelConfig fields of the
+        MLP): a dense SwiGLU MLP's width is intermediate_size, read there."""
+        return text, {}
 
     def check(self, hf: dict, source: str) -> None:
         if hf.get("hidden_act", "silu") != "silu":
@@ -130,26 +136,37 @@ class Qwen35(Family):
         out.update({f"linear_{k}": getattr(la, k) for k in _LINEAR_KEYS})
         return out
 
+    def mlp_mappings(self, cfg: GPTModelConfig, hf: str, mc: str) -> list[Mapping]:
+        """One layer's MLP tensors (``hf``/``mc``: the layer's prefixes)."""
+        return [Mapping((hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
+                        mc + "mlp.linear_fc1.weight", "gate_up"),
+                Mapping((hf + "mlp.down_proj.weight",), mc + "mlp.linear_fc2.weight")]
+
+    def mlp_shapes(self, cfg: GPTModelConfig, layer: str) -> dict[str, tuple[int, ...]]:
+        """Hugging Face shapes of one layer's MLP (``layer``: the template prefix)."""
+        h, f = cfg.hidden_size, cfg.ffn_hidden_size
+        return {layer + "mlp.gate_proj.weight": (f, h), layer + "mlp.up_proj.weight": (f, h),
+                layer + "mlp.down_proj.weight": (h, f)}
+
     # -- tensors
     def mappings(self, cfg: GPTModelConfig) -> list[Mapping]:
         p = self.prefix
         table = [Mapping((p + "embed_tokens.weight",), "embedding.word_embeddings.weight",
                          "vocab")]
         for i, linear in enumerate(cfg.linear_attention.pattern(cfg.num_layers)):
-            table += _layer(f"{p}layers.{i}.", f"decoder.layers.{i}.", bool(linear))
+            hf, mc = f"{p}layers.{i}.", f"decoder.layers.{i}."
+            table += [*_layer(hf, mc, bool(linear)), *self.mlp_mappings(cfg, hf, mc)]
         return [*table, Mapping((p + "norm.weight",), "decoder.final_layernorm.weight"),
                 output_mapping(cfg)]
 
     def hf_shapes(self, cfg: GPTModelConfig) -> dict[str, tuple[int, ...]]:
         la, h, d, p = cfg.linear_attention, cfg.hidden_size, cfg.head_dim, self.prefix
         qk, v = la.num_key_heads * la.key_head_dim, la.num_value_heads * la.value_head_dim
-        q, kv, f, L = cfg.num_attention_heads * d, cfg.query_groups * d, cfg.ffn_hidden_size, \
-            p + "layers.{i}."
+        q, kv, L = cfg.num_attention_heads * d, cfg.query_groups * d, p + "layers.{i}."
         return {
             p + "embed_tokens.weight": (cfg.vocab_size, h), "lm_head.weight": (cfg.vocab_size, h),
             p + "norm.weight": (h,), L + "input_layernorm.weight": (h,),
-            L + "post_attention_layernorm.weight": (h,), L + "mlp.gate_proj.weight": (f, h),
-            L + "mlp.up_proj.weight": (f, h), L + "mlp.down_proj.weight": (h, f),
+            L + "post_attention_layernorm.weight": (h,), **self.mlp_shapes(cfg, L),
             L + "self_attn.q_proj.weight": (2 * q, h), L + "self_attn.k_proj.weight": (kv, h),
             L + "self_attn.v_proj.weight": (kv, h), L + "self_attn.o_proj.weight": (h, q),
             L + "self_attn.q_norm.weight": (d,), L + "self_attn.k_norm.weight": (d,),
@@ -190,26 +207,30 @@ def _layer(hf: str, mc: str, linear: bool) -> list[Mapping]:
         Mapping((hf + "input_layernorm.weight",), mc + "input_layernorm.weight"),
         *mixer,
         Mapping((hf + "post_attention_layernorm.weight",), mc + "pre_mlp_layernorm.weight"),
-        Mapping((hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
-                mc + "mlp.linear_fc1.weight", "gate_up"),
-        Mapping((hf + "mlp.down_proj.weight",), mc + "mlp.linear_fc2.weight"),
     ]
 
 
-class Qwen35VisionLanguage(Qwen35):
-    """The published layout: the text model read out of the vision-language wrapper."""
+class VisionLanguage:
+    """Mixin of the published layouts: the text model read out of the vision-language wrapper
+    (settings under ``text_config``, weights under ``model.language_model.``), exported as the
+    text-only class ``export_as``."""
 
-    hf_classes = ("Qwen3_5ForConditionalGeneration",)
-    model_type = "qwen3_5"
     prefix = "model.language_model."
     dropped_prefixes = ("model.visual.", "mtp.")
-    export_as: Optional[str] = "Qwen3_5ForCausalLM"
 
     def text_config(self, hf: dict, source: str) -> dict:
         text = hf.get("text_config")
         if not isinstance(text, dict):
             raise ValueError(f"{source}: {self.hf_class} needs a text_config section")
         return text
+
+
+class Qwen35VisionLanguage(VisionLanguage, Qwen35):
+    """The published layout: the text model read out of the vision-language wrapper."""
+
+    hf_classes = ("Qwen3_5ForConditionalGeneration",)
+    model_type = "qwen3_5"
+    export_as: Optional[str] = "Qwen3_5ForCausalLM"
 
 
 QWEN3_5 = register(Qwen35())
