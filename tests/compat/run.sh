@@ -96,6 +96,7 @@ LAYOUTS=(
   # transformers at one process, TP2 and PP2, LoRA on the GDN projections
   "tests/unit/test_conversion_qwen35.py"
   "tests/distributed/test_qwen35_layouts.py"
+  "tests/unit/test_conversion_qwen35_moe.py"
 )
 SMOKE_LAYOUTS=(
   "tests/distributed/test_layout_invariance.py::test_layout_matches_single_process[tp2_sp]"
