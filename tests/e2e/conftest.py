@@ -36,19 +36,25 @@ def init_nemo(tmp_path_factory):
 
 def make_init_nemo(root, vocab_size=512):
     """``vocab_size`` 300 pads to 384 rows at TP1 but 512 at TP2 (128 x TP)."""
-    import shutil
-
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from nemo_aot.data.tokenization import resolve_path
-
-    hf_dir = root / "hf"
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=176,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(hf_dir)
+    return convert_to_nemo(LlamaForCausalLM(config), root)
+
+
+def convert_to_nemo(model, root):
+    """``model`` (transformers) saved with the bundled tokenizer into ``root/hf`` and converted
+    by the CLI to ``root/init.nemo`` (fp32); returns that path."""
+    import shutil
+
+    from nemo_aot.data.tokenization import resolve_path
+
+    hf_dir = root / "hf"
+    model.save_pretrained(hf_dir)
     tok = resolve_path("bundled:tokenizer")
     for name in os.listdir(tok):
         shutil.copy(os.path.join(tok, name), hf_dir / name)

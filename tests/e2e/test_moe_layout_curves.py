@@ -18,12 +18,10 @@ within two updates (load-balancing loss 2.0), where expert parallelism would mov
 between ranks - the reference curve is asserted to stay balanced.
 """
 
-import os
-import shutil
 
 import pytest
 
-from conftest import curve, history, run_cli, train_args
+from conftest import convert_to_nemo, curve, history, run_cli, train_args
 
 STEPS = 5
 KEYS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "logps/chosen",
@@ -41,10 +39,6 @@ def moe_init(tmp_path_factory):
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from nemo_aot.data.tokenization import resolve_path
-
-    root = tmp_path_factory.mktemp("moe_init")
-    hf_dir = root / "hf"
     torch.manual_seed(0)
     config = Qwen3MoeConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -56,13 +50,7 @@ def moe_init(tmp_path_factory):
         for name, p in model.named_parameters():
             if name.endswith("gate.weight"):  # the routers
                 p.normal_(0.0, 0.1)
-    model.save_pretrained(hf_dir)
-    tok = resolve_path("bundled:tokenizer")
-    for name in os.listdir(tok):
-        shutil.copy(os.path.join(tok, name), hf_dir / name)
-    out = root / "init.nemo"
-    run_cli(["convert", "hf-to-nemo", "--hf", str(hf_dir), "--out", str(out), "--dtype", "fp32"])
-    return out
+    return convert_to_nemo(model, tmp_path_factory.mktemp("moe_init"))
 
 
 @pytest.fixture(scope="module")

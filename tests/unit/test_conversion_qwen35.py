@@ -53,16 +53,19 @@ def build_qwen35_hf(seed: int = 0):
     return model
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def convert_tiny(model, root):
+    """(model, its saved HF folder, the fp32 .nemo converted from it) under ``root``."""
     from nemo_aot.conversion import hf_to_nemo
 
-    root = tmp_path_factory.mktemp("qwen35")
-    model = build_qwen35_hf()
     hf_dir = save_hf(model, root / "hf")
     nemo = str(root / "model.nemo")
     hf_to_nemo(hf_dir, nemo, dtype="fp32")
     return model, hf_dir, nemo
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    return convert_tiny(build_qwen35_hf(), tmp_path_factory.mktemp("qwen35"))
 
 
 def _logits_of(nemo, tmp_path, tokens):

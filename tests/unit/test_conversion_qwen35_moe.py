@@ -26,9 +26,8 @@ from test_conversion_families import (
     hf_logits,
     random_tokens,
     read_safetensors_dir,
-    save_hf,
 )
-from test_conversion_qwen35 import LAYER_TYPES, _logits_of, lora_equals_peft
+from test_conversion_qwen35 import LAYER_TYPES, _logits_of, convert_tiny, lora_equals_peft
 
 TOLERANCE = 1e-4
 MIN_GAP = 1e-3  # router logits; the two implementations differ by ~1e-7
@@ -80,14 +79,7 @@ def topk_gap(model, tokens, k: int) -> float:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    from nemo_aot.conversion import hf_to_nemo
-
-    root = tmp_path_factory.mktemp("qwen35_moe")
-    model = build_qwen35_moe_hf()
-    hf_dir = save_hf(model, root / "hf")
-    nemo = str(root / "model.nemo")
-    hf_to_nemo(hf_dir, nemo, dtype="fp32")
-    return model, hf_dir, nemo
+    return convert_tiny(build_qwen35_moe_hf(), tmp_path_factory.mktemp("qwen35_moe"))
 
 
 def test_config_both_ways(converted):
