@@ -16,20 +16,12 @@ import time
 
 import pytest
 
-from conftest import ROOT, curve, env, history, run_cli, train_args
-from multirank import free_port
+from conftest import ROOT, curve, env, history, kill_job, run_cli, start_cli, train_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults_chaos")]
 
 EXTRA = ["trainer.max_steps=9", "checkpoint.save_interval=3", "trainer.val_check_interval=100",
          "checkpoint.export_nemo_at_end=false"]
-
-
-def _start(args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "-m", "nemo_aot.cli", *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _steps(out):
@@ -51,12 +43,12 @@ def _interrupt(proc, out, how, after_steps, timeout=300):
     if proc.poll() is not None:
         proc.communicate()
         return None
+    if how == "SIGKILL":
+        kill_job(proc)
+        return proc.returncode
     launcher = psutil.Process(proc.pid)
     run = [launcher, *launcher.children(recursive=True)]
-    if how == "SIGKILL":
-        for member in run:
-            member.kill()
-    elif how == "SIGKILL launcher":
+    if how == "SIGKILL launcher":
         launcher.kill()
     else:
         os.killpg(proc.pid, getattr(signal, how))
@@ -86,7 +78,7 @@ def test_signals_at_random_points_of_a_two_rank_run_then_resume_is_exact(small_d
         # at start-up or after a step, never later than step 7: every interruption meets a run
         # with steps still to train (9 in all), not one that has finished
         after = min(done + rng.randint(0, 2), 7)
-        code = _interrupt(_start(args), run, how, after)
+        code = _interrupt(start_cli(args, nproc=2), run, how, after)
         done = _steps(run)
         print(f"{how} after step {after}: exit {code}, {done} steps logged")
         assert code is not None and done < 9, f"seed {seed}: the run ended before {how}"
