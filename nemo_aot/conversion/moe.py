@@ -123,19 +123,17 @@ class MoEFamily:
         if self.hf_class != QWEN3_5_MOE.hf_class and cfg.qk_layernorm != self.qk_norm:
             _refuse(where, "qk_layernorm", cfg.qk_layernorm, f"{self.hf_class} has "
                     f"qk_layernorm={self.qk_norm}")
+        always_renormalizes = {MIXTRAL.hf_class: "Mixtral", QWEN3_5_MOE.hf_class: "Qwen3.5-MoE"}
+        if self.hf_class in always_renormalizes and not cfg.moe_router_topk_normalize:
+            _refuse(where, "moe_router_topk_normalize", False,
+                    f"{always_renormalizes[self.hf_class]} always renormalizes its top-k weights")
         if self.hf_class == MIXTRAL.hf_class:
-            if not cfg.moe_router_topk_normalize:
-                _refuse(where, "moe_router_topk_normalize", False, "Mixtral always "
-                        "renormalizes its top-k weights")
             return {"num_local_experts": cfg.num_moe_experts,
                     "num_experts_per_tok": cfg.moe_router_topk,
                     "intermediate_size": cfg.expert_ffn_hidden_size,
                     "router_aux_loss_coef": cfg.moe_aux_loss_coeff,
                     "output_router_logits": False, "sliding_window": None}
         if self.hf_class == QWEN3_5_MOE.hf_class:
-            if not cfg.moe_router_topk_normalize:
-                _refuse(where, "moe_router_topk_normalize", False, "Qwen3.5-MoE always "
-                        "renormalizes its top-k weights")
             return {"num_experts": cfg.num_moe_experts,
                     "num_experts_per_tok": cfg.moe_router_topk,
                     "moe_intermediate_size": cfg.expert_ffn_hidden_size,

@@ -161,28 +161,29 @@ def install_gdn_kernels() -> dict[str, str]:
     did not import (idempotent; never replaces a kernel that did). Returns {kernel: which
     implementation runs, and why}. Found by name in whichever modules define them (the layout
     moved in megatron-core 0.19), not by release."""
+    if _REPORT:
+        return dict(_REPORT)
     modules = _gdn_modules()
     gdn_class = next(m for m in reversed(modules) if hasattr(m, "GatedDeltaNet")).GatedDeltaNet
     # where GatedDeltaNet's code looks the kernels up (0.16 leaves a failed import's names
     # undefined there): always set in these
     homes = [sys.modules[k.__module__] for k in gdn_class.__mro__
              if k.__module__.startswith("megatron.core.ssm")]
-    if not _REPORT:
-        fla = all(getattr(m, "HAVE_FLA", True) for m in modules) and all(
-            getattr(m, "chunk_gated_delta_rule", True) is not None for m in modules)
-        _REPORT["gated_delta_rule"] = "fla (triton)" if fla else \
-            "torch chunked (nemo_aot.models.gdn_kernels; fla not importable)"
-        if not fla:
-            _replace(modules, homes, chunk_gated_delta_rule=chunk_gated_delta_rule,
-                     l2norm=l2norm, HAVE_FLA=True)  # HAVE_FLA: the build-time guard
-        # causal_conv1d_fn (Tri Dao's package, 0.16-0.18); causal_conv1d (fla's, 0.19)
-        missing = {name: kernel for name, kernel in (("causal_conv1d_fn", causal_conv1d_fn),
-                                                     ("causal_conv1d", fla_causal_conv1d))
-                   if any(getattr(m, name, False) is None for m in modules)}
-        _REPORT["causal_conv1d"] = "torch depthwise conv1d (causal_conv1d not importable)" \
-            if missing else "causal_conv1d (CUDA)"
-        _replace(modules, homes, **missing)
-        _REPORT["gated_norm"] = _eager_jit_methods_on_cpu(gdn_class)
+    fla = all(getattr(m, "HAVE_FLA", True) for m in modules) and all(
+        getattr(m, "chunk_gated_delta_rule", True) is not None for m in modules)
+    _REPORT["gated_delta_rule"] = "fla (triton)" if fla else \
+        "torch chunked (nemo_aot.models.gdn_kernels; fla not importable)"
+    if not fla:
+        _replace(modules, homes, chunk_gated_delta_rule=chunk_gated_delta_rule,
+                 l2norm=l2norm, HAVE_FLA=True)  # HAVE_FLA: the build-time guard
+    # causal_conv1d_fn (Tri Dao's package, 0.16-0.18); causal_conv1d (fla's, 0.19)
+    missing = {name: kernel for name, kernel in (("causal_conv1d_fn", causal_conv1d_fn),
+                                                 ("causal_conv1d", fla_causal_conv1d))
+               if any(getattr(m, name, False) is None for m in modules)}
+    _REPORT["causal_conv1d"] = "torch depthwise conv1d (causal_conv1d not importable)" \
+        if missing else "causal_conv1d (CUDA)"
+    _replace(modules, homes, **missing)
+    _REPORT["gated_norm"] = _eager_jit_methods_on_cpu(gdn_class)
     return dict(_REPORT)
 
 
