@@ -139,3 +139,13 @@ def test_refusals_name_the_field():
     shared = dataclasses.replace(cfg, moe_shared_expert_intermediate_size=32)
     with pytest.raises(ValueError, match="moe_shared_expert_intermediate_size"):
         moe.hf_config_from_model(shared, moe.QWEN3_MOE, "float32")
+    # Mixtral and Qwen3.5-MoE always renormalize their top-k weights; Qwen3-MoE says so in a key
+    plain = dataclasses.replace(cfg, moe_router_topk_normalize=False, qk_layernorm=False)
+    with pytest.raises(ValueError, match="moe_router_topk_normalize.*Mixtral always renormalizes"):
+        moe.MIXTRAL.export_fields(plain)
+    gated = dataclasses.replace(plain, moe_shared_expert_intermediate_size=32,
+                                moe_shared_expert_gate=True)
+    with pytest.raises(ValueError, match="Qwen3.5-MoE always renormalizes its top-k weights"):
+        moe.QWEN3_5_MOE.export_fields(gated)
+    assert moe.QWEN3_MOE.export_fields(
+        dataclasses.replace(cfg, moe_router_topk_normalize=False))["norm_topk_prob"] is False
