@@ -99,7 +99,9 @@ def test_megatron_logits_equal_hf(converted, tmp_path):
     assert diff <= TOLERANCE
 
 
-def test_round_trip_is_bitwise_and_loads_in_transformers(converted, tmp_path):
+def round_trip(converted, tmp_path, hf_class: str) -> dict:
+    """.nemo -> HF equals the source folder tensor for tensor, and transformers loads it as
+    ``hf_class`` with the source model's logits; returns the exported tensors."""
     import transformers
 
     from nemo_aot.conversion import nemo_to_hf
@@ -112,9 +114,14 @@ def test_round_trip_is_bitwise_and_loads_in_transformers(converted, tmp_path):
     for name, tensor in source.items():
         assert torch.equal(tensor, result[name]), name
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
-    assert type(reloaded).__name__ == "Qwen3_5ForCausalLM"
+    assert type(reloaded).__name__ == hf_class
     tokens = random_tokens()
     assert torch.equal(hf_logits(reloaded, tokens), hf_logits(model, tokens))
+    return result
+
+
+def test_round_trip_is_bitwise_and_loads_in_transformers(converted, tmp_path):
+    round_trip(converted, tmp_path, "Qwen3_5ForCausalLM")
 
 
 def _vision_language_layout(model, directory) -> str:
